@@ -1,0 +1,485 @@
+"""A Llama-family causal language model in Flax (linen), built from a Hugging Face config.json.
+
+Covers Llama 2/3, Mistral (full attention; see `sliding_window` below), Qwen2 (q/k/v biases) and
+SmolLM: RMSNorm, rotary position embeddings (configurable theta; linear and llama3 scaling),
+grouped-query attention, SwiGLU MLP, tied or untied LM head.
+
+Design:
+- Params are a plain pytree (`init_params` returns unboxed arrays) and `forward` is pure.
+- The decoder layers are stacked along a leading "layers" axis and run with `nn.scan`
+  (one compiled layer body, whatever the depth), optionally rematerialized (`cfg.remat`).
+- Every parameter carries logical axis names (`param_logical_axes`), so sharding is data:
+  the training code maps logical names to mesh axes with a rule table.
+- Attention masking is one rule for training, packing and cached decoding:
+  key s is visible from query t iff slot(s) <= slot(t), segment(s) == segment(t) and
+  segment(s) != 0 (segment 0 is padding). `positions` only drive RoPE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
+
+class ConfigError(ValueError):
+    """A model config that this implementation cannot build."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    # ("linear", factor) or ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos)
+    rope_scaling: tuple | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 4096
+    model_type: str = "llama"
+    sliding_window: int | None = None  # informational: attention here is full (exact when T <= window)
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    # numerics / memory, not part of the checkpoint
+    dtype: str = "float32"        # activation/compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"           # "none" | "full" | "dots" (save matmul outputs)
+    source: str = ""              # where the config came from (for error messages)
+
+    @property
+    def num_params(self) -> int:
+        d, f, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        hq, hkv, hd = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        per_layer = d * hd * (hq + 2 * hkv) + hq * hd * d + 3 * d * f + 2 * d
+        if self.qkv_bias:
+            per_layer += hd * (hq + 2 * hkv)
+        head = 0 if self.tie_word_embeddings else d * V
+        return V * d + L * per_layer + d + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM-style: 6 N_matmul + 12 L T H hd.
+
+        N_matmul counts every weight used in a matmul once per token (the LM head included, the
+        embedding lookup not); attention scores are counted for the full (non-causal) square.
+        """
+        d, f, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        hq, hkv, hd = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        n_matmul = L * (d * hd * (hq + 2 * hkv) + hq * hd * d + 3 * d * f) + V * d
+        return 6.0 * n_matmul + 12.0 * L * seq_len * hq * hd
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], source: str = "config.json", **overrides) -> "LlamaConfig":
+        """Build from the fields of a Hugging Face config.json; errors name the file and field."""
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ConfigError(
+                f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
+                f"supported model types: {sorted(SUPPORTED_MODEL_TYPES)}")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            model_type = next(SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES)
+
+        def req(key):
+            if key not in d:
+                raise ConfigError(f"{source}: missing required field {key!r}")
+            return d[key]
+
+        hidden = int(req("hidden_size"))
+        heads = int(req("num_attention_heads"))
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ConfigError(f"{source}: field 'hidden_act'={d['hidden_act']!r}; only silu is supported")
+        head_dim = d.get("head_dim") or hidden // heads
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        rope_theta = float(d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0)
+        scaling = None
+        if rs:
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            if kind == "linear":
+                scaling = ("linear", float(rs["factor"]))
+            elif kind == "llama3":
+                scaling = ("llama3", float(rs["factor"]), float(rs["low_freq_factor"]),
+                           float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+            elif kind != "default":
+                raise ConfigError(f"{source}: field 'rope_scaling' type {kind!r} is not supported "
+                                  "(supported: default, linear, llama3)")
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(int(e) for e in eos)
+        attn_bias = bool(d.get("attention_bias", False))
+        kw = dict(
+            vocab_size=int(req("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(req("intermediate_size")),
+            num_hidden_layers=int(req("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=attn_bias or model_type == "qwen2",
+            o_bias=attn_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            model_type=model_type,
+            sliding_window=d.get("sliding_window") if d.get("use_sliding_window", True) else None,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+            source=source,
+        )
+        kw.update(overrides)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def to_hf_dict(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        out = {
+            "architectures": [arch], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": "float32",
+        }
+        if self.model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        if self.rope_scaling is not None:
+            if self.rope_scaling[0] == "linear":
+                out["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling[1]}
+            else:
+                _, f, lo, hi, orig = self.rope_scaling
+                out["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
+                                       "high_freq_factor": hi, "original_max_position_embeddings": orig}
+        if self.bos_token_id is not None:
+            out["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            out["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        return out
+
+    def validate(self) -> None:
+        src = self.source or "config"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{src}: num_attention_heads={self.num_attention_heads} is not a multiple "
+                              f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{src}: head_dim={self.head_dim} must be even for RoPE")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"{src}: remat={self.remat!r}; expected none, full or dots")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{src}: {f}={getattr(self, f)!r}; expected float32, bfloat16 or float16")
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    """A tiny random Llama for fast tests (GQA, untied head unless asked)."""
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=512)
+    base.update(kw)
+    cfg = LlamaConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    if cfg.rope_scaling[0] == "linear":
+        return (inv / cfg.rope_scaling[1]).astype(np.float32)
+    _, factor, lo, hi, orig = cfg.rope_scaling
+    low_wl, high_wl = orig / lo, orig / hi
+    wl = 2 * math.pi / inv
+    scaled = np.where(wl > low_wl, inv / factor, inv)
+    smooth = (orig / wl - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wl >= high_wl) & (wl <= low_wl)
+    return np.where(is_mid, mid, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [B, T, heads, hd]; positions: [B, T]. Half-split (rotate_half) convention of HF."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,hd/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+def _init(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * xf).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, layer_cache):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        def proj(name, heads, kv: bool):
+            axes = ("embed", "kv_heads" if kv else "q_heads", "head_dim")
+            return nn.DenseGeneral(
+                (heads, hd), axis=-1, use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
+                kernel_init=_init(0.02, axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))(x)
+
+        q = apply_rope(proj("q_proj", H, False), ctx["positions"], ctx["inv_freq"])
+        k = apply_rope(proj("k_proj", KV, True), ctx["positions"], ctx["inv_freq"])
+        v = proj("v_proj", KV, True)
+
+        if layer_cache is not None:  # write this step's keys/values at the cache index
+            idx = ctx["cache_index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx, 1)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        else:
+            new_cache = None
+
+        B, T = q.shape[:2]
+        S = k.shape[1]
+        G = H // KV
+        qg = q.reshape(B, T, KV, G, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(hd))
+        scores = jnp.where(ctx["mask"][:, None, None, :, :], scores, jnp.float32(-1e30))
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
+            kernel_init=_init(0.02, ("q_heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+
+        def dense(name, feat, axes):
+            return nn.DenseGeneral(feat, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
+                                   kernel_init=_init(0.02, axes),
+                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        h, new_cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x), ctx, layer_cache)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x))
+        return x, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, ctx, cache=None, return_hidden=False):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed",
+                         embedding_init=_init(0.02, ("vocab", "embed")))
+        x = embed(input_ids)
+
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                      if cfg.remat == "dots" else None)
+            layer = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, new_cache = stack(cfg, name="layers")(x, cache, ctx)
+        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
+        if return_hidden:
+            return x, new_cache
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                                     name="lm_head", kernel_init=_init(0.02, ("embed", "vocab")))(x)
+        return logits.astype(jnp.float32), new_cache
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functional API
+
+
+def default_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that skip padding (left padding included): cumsum(valid) - 1, clipped at 0."""
+    valid = (segment_ids != 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def attention_mask_from(q_slot, q_seg, k_slot, k_seg) -> jax.Array:
+    """[B, T, S] boolean: causal by slot, same segment, key not padding."""
+    causal = k_slot[:, None, :] <= q_slot[:, :, None]
+    same = q_seg[:, :, None] == k_seg[:, None, :]
+    return causal & same & (k_seg[:, None, :] != 0)
+
+
+def _context(cfg, input_ids, positions, segment_ids, attention_mask):
+    B, T = input_ids.shape
+    if segment_ids is None:
+        segment_ids = (jnp.ones((B, T), jnp.int32) if attention_mask is None
+                       else attention_mask.astype(jnp.int32))
+    if positions is None:
+        positions = default_positions(segment_ids)
+    slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return {"positions": positions, "mask": attention_mask_from(slot, segment_ids, slot, segment_ids),
+            "inv_freq": rope_inv_freq(cfg), "cache_index": jnp.int32(0)}
+
+
+def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array, *, positions=None,
+            segment_ids=None, attention_mask=None, return_hidden: bool = False) -> jax.Array:
+    """Logits [B, T, V] in float32 (or final hidden states [B, T, d] with return_hidden=True).
+
+    segment_ids: [B, T] ints, 0 = padding; equal ids attend to each other (packing).
+    attention_mask: [B, T] 1/0, shorthand for segment_ids when not packing.
+    positions: [B, T] RoPE positions; default counts valid tokens (left padding safe).
+    """
+    ctx = _context(cfg, input_ids, positions, segment_ids, attention_mask)
+    out, _ = LlamaForCausalLM(cfg).apply({"params": params}, input_ids, ctx, None, return_hidden)
+    return out
+
+
+def lm_head_matrix(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """[d, V] output projection (the transposed embedding for tied models)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def embedding_matrix(params: Params) -> jax.Array:
+    """[V, d] input token embeddings."""
+    return params["embed"]["embedding"]
+
+
+# KV cache for decoding --------------------------------------------------------------------
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+    dt = _dt(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "segment": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
+
+
+def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, positions: jax.Array,
+                       segment_ids: jax.Array, cache: dict):
+    """Run T new tokens against the cache; returns (logits [B,T,V], updated cache).
+
+    The new tokens occupy cache slots [index, index + T). segment_ids: [B, T] (0 = padding).
+    """
+    B, T = input_ids.shape
+    S = cache["k"].shape[2]
+    idx = cache["index"]
+    k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, 1)
+    q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
+    k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg), "cache_index": idx,
+           "mask": attention_mask_from(q_slot, segment_ids, k_slot, k_seg)}
+    layer_cache = {"k": cache["k"], "v": cache["v"]}
+    logits, new = LlamaForCausalLM(cfg).apply({"params": params}, input_ids, ctx, layer_cache)
+    return logits, {"k": new["k"], "v": new["v"], "segment": k_seg, "index": idx + T}
+
+
+# Params and their logical axes ------------------------------------------------------------
+
+
+def _boxed_init(cfg: LlamaConfig, key):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    ctx = _context(cfg, ids, None, None, None)
+    return LlamaForCausalLM(cfg).init(key, ids, ctx)["params"]
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random params (normal std 0.02, norms at 1), unboxed plain arrays."""
+    return nn.meta.unbox(_boxed_init(cfg, key))
+
+
+def abstract_params(cfg: LlamaConfig) -> Params:
+    """ShapeDtypeStructs of the params, without allocating anything."""
+    return nn.meta.unbox(jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.PRNGKey(0)))
+
+
+def param_logical_axes(cfg: LlamaConfig) -> Params:
+    """A pytree (same structure as params) of PartitionSpecs holding logical axis names."""
+    boxed = jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)
