@@ -1,0 +1,519 @@
+"""One record schema for every dataset, and readers that turn files into it.
+
+The schema
+----------
+Every example the project trains or evaluates on is a `Record` (frozen dataclass):
+
+    id        str   unique within its source ("advbench:17", "alpaca_eval:803", ...)
+    prompt    str   the user turn (never empty)
+    response  str   the assistant turn; "" for prompt-only data (AdvBench, HarmBench, ...)
+    source    str   the source name (see semloss_jax.sources.SOURCES, or the name a caller gives)
+    split     str   one of SPLITS: "train", "test", "eval" (eval-only data), "unsplit"
+    label     str   one of LABELS (what the record is):
+                      "harmful"      harmful prompt; the response, if any, complies harmfully
+                      "not_harmful"  a response a human/judge rated not harmful (judge data)
+                      "benign"       benign instruction; the response, if any, is a helpful answer
+                      "refusal"      the response refuses / answers safely (SafeInstr, judge data)
+                      "not_refusal"  the response does not refuse (refusal-judge data)
+                      "overrefusal"  a benign prompt that only looks risky (must NOT be refused)
+    score     float | None  a graded label where the source has one (mean human harm score in
+                            [0, 1] for PyRIT scorer rows); None otherwise
+    category  str   the source's own category / harm area, "" when none
+
+Readers
+-------
+`read_records(path, source=..., fields=FieldMap(...))` reads local JSON, JSONL, CSV or Parquet
+through `datasets.load_dataset("json"|"csv"|"parquet", data_files=...)` and maps columns onto
+the schema; `read_hub(name, ...)` does the same for any `datasets` hub name (for real users; the
+project never calls it at run time). Chat-style rows ({"messages": [{"role", "content"}, ...]})
+are read with `FieldMap(messages="messages")`.
+
+Bad input raises `DataError`, whose message names the file, the line (JSONL/CSV: the physical
+line number; JSON arrays: the record index; Parquet: the row index) and the field: malformed
+line, missing field, empty prompt, empty response (when `require_response=True`), unknown role,
+unknown label. With `on_error="skip"` the bad rows are skipped instead and counted, with the
+first few locations, in the returned `ReadSummary`: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+LABELS: tuple[str, ...] = ("harmful", "not_harmful", "benign", "refusal", "not_refusal",
+                           "overrefusal")
+SPLITS: tuple[str, ...] = ("train", "test", "eval", "unsplit")
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "parquet")
+
+
+class DataError(ValueError):
+    """Bad input data; `where` is "file:line", `field` the offending field (or None)."""
+
+    def __init__(self, file: str | os.PathLike | None, line: int | str | None,
+                 field: str | None, message: str):
+        self.file = str(file) if file is not None else "<memory>"
+        self.line = line
+        self.field = field
+        where = self.file if line is None else f"{self.file}:{line}"
+        what = f" field {field!r}:" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example in the project's schema (see the module docstring)."""
+
+    id: str
+    prompt: str
+    response: str
+    source: str
+    split: str = "unsplit"
+    label: str = "benign"
+    score: float | None = None
+    category: str = ""
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise DataError(None, None, "label", f"unknown label {self.label!r} (id {self.id!r}); "
+                            f"expected one of {LABELS}")
+        if self.split not in SPLITS:
+            raise DataError(None, None, "split", f"unknown split {self.split!r} (id {self.id!r}); "
+                            f"expected one of {SPLITS}")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise DataError(None, None, "prompt", f"empty prompt (id {self.id!r})")
+        if not isinstance(self.response, str):
+            raise DataError(None, None, "response", f"response is not a string (id {self.id!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Record":
+        return Record(**{k: d[k] for k in RECORD_FIELDS if k in d})
+
+
+RECORD_FIELDS: tuple[str, ...] = ("id", "prompt", "response", "source", "split", "label",
+                                  "score", "category")
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which column of the input feeds which schema field.
+
+    prompt / response: column names (response=None: prompt-only data, response "").
+    input: an optional column appended to the prompt after a blank line (Alpaca's "input").
+    messages: a chat column [{"role", "content"}, ...] used INSTEAD of prompt/response: the
+      user turn becomes the prompt, the (single, last) assistant turn the response; a system
+      turn is ignored; any other role is an error.
+    id / label / score / category: optional columns; a missing id becomes "<source>:<row>".
+    """
+
+    prompt: str | None = "prompt"
+    response: str | None = "response"
+    input: str | None = None
+    messages: str | None = None
+    id: str | None = None
+    label: str | None = None
+    score: str | None = None
+    category: str | None = None
+
+
+@dataclass
+class ReadSummary:
+    """What a reader kept and what it skipped (reason -> count, with the first locations)."""
+
+    file: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, err: DataError, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(str(err))
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.file}: kept {self.kept}, skipped {self.total_skipped} ({parts})"
+
+
+OnError = Literal["raise", "skip"]
+
+
+def _fmt_of(path: Path, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise DataError(path, None, None, f"unknown format {fmt!r}; expected one of {FORMATS}")
+        return fmt
+    suf = path.suffix.lower()
+    if suf in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suf == ".json":
+        # A JSON file whose first non-blank character is not '[' / '{' then '{' per line is JSONL.
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("{"):
+            first = head.split("\n", 1)[0].strip()
+            try:
+                json.loads(first)
+                return "jsonl"
+            except json.JSONDecodeError:
+                return "json"
+        return "json"
+    if suf in (".csv", ".tsv"):
+        return "csv"
+    if suf in (".parquet", ".pq"):
+        return "parquet"
+    raise DataError(path, None, None, f"cannot tell the format from the suffix {suf!r}; "
+                    f"pass fmt= one of {FORMATS}")
+
+
+def _hf_cache() -> str:
+    from .paths import cache_dir
+    return str(cache_dir() / "hf_datasets")
+
+
+def _load_dataset(kind: str, data_file: Path, **kw):
+    import datasets
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(kind, data_files=str(data_file), split="train",
+                                 cache_dir=_hf_cache(), **kw)
+
+
+def _prevalidate_jsonl(path: Path, on_error: OnError, summary: ReadSummary
+                       ) -> tuple[list[int], Path | None]:
+    """Check every JSONL line parses to an object; return the line numbers of the good lines
+    and, when bad lines were skipped, a temporary file holding only the good lines."""
+    good: list[int] = []
+    bad = False
+    lines_out: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"a JSONL line must be an object, got {type(obj).__name__}")
+            except ValueError as e:  # JSONDecodeError is a ValueError
+                err = DataError(path, lineno, None, f"malformed JSON line: {e}")
+                if on_error == "raise":
+                    raise err from None
+                summary.skip(err, "malformed line")
+                bad = True
+                continue
+            good.append(lineno)
+            lines_out.append(raw if raw.endswith("\n") else raw + "\n")
+    if not bad:
+        return good, None
+    fd, tmp = tempfile.mkstemp(suffix=".jsonl", prefix="semloss_valid_")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(lines_out)
+    return good, Path(tmp)
+
+
+def _csv_layout(path: Path) -> tuple[int, list[str], list[int]]:
+    """Leading '#' comment lines to skip, the header, and the line where each data row starts."""
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    skip = 0
+    while skip < len(lines) and lines[skip].lstrip().startswith("#"):
+        skip += 1
+    starts: list[int] = []
+    reader = csv.reader(lines[skip:])
+    prev_end = skip  # physical line count consumed so far (0-based)
+    header: list[str] = []
+    first = True
+    for row in reader:
+        start = prev_end + 1
+        prev_end = skip + reader.line_num
+        if first:
+            header = row
+            first = False
+            continue
+        if not row or all(not c.strip() for c in row):
+            continue
+        starts.append(start)
+    return skip, header, starts
+
+
+def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnError = "raise",
+               summary: ReadSummary | None = None) -> tuple[Any, list[str]]:
+    """Load a JSON/JSONL/CSV/Parquet file through `datasets`: (rows, one location per row).
+
+    Locations are physical line numbers for JSONL and CSV ('#' comment lines before the header
+    are skipped), "record i" for JSON arrays, "row i" for Parquet."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "file not found")
+    fmt = _fmt_of(path, fmt)
+    summary = summary if summary is not None else ReadSummary(file=str(path))
+    if fmt == "jsonl":
+        good, tmp = _prevalidate_jsonl(path, on_error, summary)
+        if not good:
+            return [], []
+        try:
+            ds = _load_dataset("json", tmp or path)
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        return ds, [str(n) for n in good]
+    if fmt == "json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+        except ValueError as e:
+            raise DataError(path, getattr(e, "lineno", None), None, f"malformed JSON: {e}") from None
+        if not isinstance(obj, list):
+            raise DataError(path, None, None, "a .json file must hold a list of objects "
+                            f"(got {type(obj).__name__}); convert it or use a JSONL file")
+        for i, item in enumerate(obj):
+            if not isinstance(item, dict):
+                err = DataError(path, f"record {i}", None,
+                                f"expected an object, got {type(item).__name__}")
+                raise err
+        if not obj:
+            return [], []
+        ds = _load_dataset("json", path)
+        return ds, [f"record {i}" for i in range(len(ds))]
+    if fmt == "csv":
+        import datasets
+        skip, header, starts = _csv_layout(path)
+        if not header:
+            raise DataError(path, skip + 1, None, "empty CSV (no header line)")
+        if len(set(header)) != len(header) or any(not h.strip() for h in header):
+            raise DataError(path, skip + 1, None, f"bad CSV header {header!r} (empty or repeated "
+                            "column names)")
+        if not starts:
+            return [], []
+        feats = datasets.Features({h: datasets.Value("string") for h in header})
+        ds = _load_dataset("csv", path, skiprows=skip, features=feats, keep_default_na=False)
+        if len(starts) != len(ds):  # should not happen; fall back to row numbers
+            starts = list(range(1, len(ds) + 1))
+            return ds, [f"row {i}" for i in starts]
+        return ds, [str(n) for n in starts]
+    if fmt == "parquet":
+        ds = _load_dataset("parquet", path)
+        return ds, [f"row {i}" for i in range(len(ds))]
+    raise DataError(path, None, None, f"unknown format {fmt!r}")
+
+
+def _text(row: dict, col: str, file: Path | str, loc: str, *, required: bool) -> str:
+    if col not in row:
+        raise DataError(file, loc, col, "missing field")
+    v = row[col]
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        v = ""
+    if not isinstance(v, str):
+        raise DataError(file, loc, col, f"expected text, got {type(v).__name__}")
+    if required and not v.strip():
+        raise DataError(file, loc, col, "empty value")
+    return v
+
+
+def _from_messages(msgs: Any, col: str, file: Path | str, loc: str) -> tuple[str, str]:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(file, loc, col, "expected a non-empty list of {role, content} messages")
+    user: list[str] = []
+    assistant: list[str] = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(file, loc, f"{col}[{j}]", "expected an object with role and content")
+        role = m["role"]
+        if role not in ROLES:
+            raise DataError(file, loc, f"{col}[{j}].role",
+                            f"unknown role {role!r}; expected one of {ROLES}")
+        if role == "user":
+            if assistant:
+                raise DataError(file, loc, f"{col}[{j}]", "multi-turn conversations are not "
+                                "supported (a user turn after an assistant turn)")
+            user.append(m["content"] or "")
+        elif role == "assistant":
+            assistant.append(m["content"] or "")
+    if not user:
+        raise DataError(file, loc, col, "no user message")
+    if len(assistant) > 1:
+        raise DataError(file, loc, col, "more than one assistant message")
+    return "\n\n".join(user), (assistant[0] if assistant else "")
+
+
+def row_to_record(row: dict, *, source: str, fields: FieldMap, file: Path | str, loc: str,
+                  index: int, label: str | None, require_response: bool,
+                  split: str = "unsplit") -> Record:
+    """Map one input row onto the schema; raises DataError naming file, line and field."""
+    if fields.messages is not None:
+        if fields.messages not in row:
+            raise DataError(file, loc, fields.messages, "missing field")
+        prompt, response = _from_messages(row[fields.messages], fields.messages, file, loc)
+        if not prompt.strip():
+            raise DataError(file, loc, f"{fields.messages}.user", "empty value")
+    else:
+        assert fields.prompt is not None, "FieldMap needs prompt= or messages="
+        prompt = _text(row, fields.prompt, file, loc, required=True)
+        if fields.input is not None and fields.input in row:
+            extra = _text(row, fields.input, file, loc, required=False)
+            if extra.strip():
+                prompt = f"{prompt}\n\n{extra}"
+        response = ("" if fields.response is None
+                    else _text(row, fields.response, file, loc, required=False))
+    if require_response and not response.strip():
+        raise DataError(file, loc, fields.messages or fields.response or "response",
+                        "empty response")
+    lab = label
+    if fields.label is not None:
+        lab = _text(row, fields.label, file, loc, required=True).strip()
+    if lab is None:
+        raise DataError(file, loc, "label", "no label column and no default label given")
+    if lab not in LABELS:
+        raise DataError(file, loc, fields.label or "label",
+                        f"unknown label {lab!r}; expected one of {LABELS}")
+    rid = f"{source}:{index}"
+    if fields.id is not None:
+        rid = str(row[fields.id]) if row.get(fields.id) not in (None, "") else rid
+    score = None
+    if fields.score is not None:
+        raw = row.get(fields.score)
+        try:
+            score = None if raw in (None, "") else float(raw)
+        except (TypeError, ValueError):
+            raise DataError(file, loc, fields.score, f"not a number: {raw!r}") from None
+    cat = ""
+    if fields.category is not None and row.get(fields.category) is not None:
+        cat = str(row[fields.category])
+    return Record(id=rid, prompt=prompt, response=response, source=source, split=split,
+                  label=lab, score=score, category=cat)
+
+
+def records_from_rows(rows: Iterable[dict], locs: list[str], *, file: Path | str, source: str,
+                      fields: FieldMap, label: str | None, require_response: bool,
+                      on_error: OnError, summary: ReadSummary) -> list[Record]:
+    out: list[Record] = []
+    for i, (row, loc) in enumerate(zip(rows, locs)):
+        try:
+            out.append(row_to_record(row, source=source, fields=fields, file=file, loc=loc,
+                                     index=i, label=label, require_response=require_response))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            summary.skip(e, _reason(e))
+    summary.kept += len(out)
+    return out
+
+
+def _reason(e: DataError) -> str:
+    msg = str(e)
+    for key in ("missing field", "empty response", "empty value", "unknown role", "unknown label",
+                "malformed", "not a number", "multi-turn", "more than one assistant",
+                "no user message", "expected"):
+        if key in msg:
+            return key
+    return "invalid"
+
+
+def read_records(path: str | os.PathLike, *, source: str, fields: FieldMap = FieldMap(),
+                 label: str | None = "benign", fmt: str | None = None,
+                 require_response: bool = False, on_error: OnError = "raise",
+                 ) -> tuple[list[Record], ReadSummary]:
+    """Read a local JSON / JSONL / CSV / Parquet file into Records (through `datasets`).
+
+    label: the label of every row, unless fields.label names a column.
+    require_response: an empty response is an error (or a counted skip).
+    on_error: "raise" (DataError naming file, line and field) or "skip" (skip and count).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, None, None, "file not found")
+    kind = _fmt_of(p, fmt)
+    summary = ReadSummary(file=str(p))
+    ds, locs = read_table(p, kind, on_error=on_error, summary=summary)
+    if len(locs) and fields.messages is None and fields.prompt is not None:
+        cols = set(ds.column_names)
+        for col in (fields.prompt, fields.response, fields.label):
+            if col is not None and col not in cols:
+                err = DataError(p, locs[0], col, f"missing field (columns: {sorted(cols)})")
+                if on_error == "raise":
+                    raise err
+    recs = records_from_rows(ds, locs, file=p, source=source, fields=fields, label=label,
+                             require_response=require_response, on_error=on_error,
+                             summary=summary)
+    return recs, summary
+
+
+def read_hub(name: str, *, source: str | None = None, split: str = "train",
+             config: str | None = None, fields: FieldMap = FieldMap(),
+             label: str | None = "benign", require_response: bool = False,
+             on_error: OnError = "raise") -> tuple[list[Record], ReadSummary]:
+    """Any `datasets` hub dataset mapped onto the schema (for real users; needs the network or
+    a populated HF cache; the project's tests and pipelines never call it)."""
+    import datasets
+    ds = datasets.load_dataset(name, config, split=split)
+    src = source or name.replace("/", "__")
+    summary = ReadSummary(file=f"hf:{name}[{split}]")
+    locs = [f"row {i}" for i in range(len(ds))]
+    recs = records_from_rows(ds, locs, file=summary.file, source=src, fields=fields, label=label,
+                             require_response=require_response, on_error=on_error,
+                             summary=summary)
+    return recs, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's own JSONL files (built sources, harvested D_harmful)
+# ---------------------------------------------------------------------------------------------
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> int:
+    """Write records as schema JSONL, atomically; returns the count."""
+    from .paths import atomic_write_text
+    lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in records]
+    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise"
+               ) -> tuple[list[Record], ReadSummary]:
+    """Read a schema JSONL file (as written by write_jsonl), validating every line and field."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, None, None, "file not found")
+    summary = ReadSummary(file=str(p))
+    out: list[Record] = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    d = json.loads(raw)
+                except ValueError as e:
+                    raise DataError(p, lineno, None, f"malformed JSON line: {e}") from None
+                if not isinstance(d, dict):
+                    raise DataError(p, lineno, None, "malformed line: not an object")
+                for k in ("id", "prompt", "response", "source", "split", "label"):
+                    if k not in d:
+                        raise DataError(p, lineno, k, "missing field")
+                if d["label"] not in LABELS:
+                    raise DataError(p, lineno, "label", f"unknown label {d['label']!r}")
+                if d["split"] not in SPLITS:
+                    raise DataError(p, lineno, "split", f"unknown split {d['split']!r}")
+                if not isinstance(d["prompt"], str) or not d["prompt"].strip():
+                    raise DataError(p, lineno, "prompt", "empty value")
+                out.append(Record.from_dict(d))
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                summary.skip(e, _reason(e))
+    summary.kept = len(out)
+    return out, summary
