@@ -66,7 +66,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=int(keep_last), create=True,
+                max_to_keep=int(keep_last), create=True, cleanup_tmp_directories=True,
                 enable_async_checkpointing=bool(async_save)))
 
     # -- saving ----------------------------------------------------------------------------

@@ -287,14 +287,16 @@ def _coerce(value: Any, tp: Any, key: str, marks: Marks) -> Any:
             if type(None) in args:
                 return None
             raise marks.error(key, f"must not be null (expected {_type_name(tp)})")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        dcs = [a for a in options if dataclasses.is_dataclass(a)]
+        if len(options) == 1 or (isinstance(value, dict) and len(dcs) == 1):
+            # one candidate: its own (precise) error
+            return _coerce(value, dcs[0] if isinstance(value, dict) and dcs else options[0], key, marks)
+        for a in options:
             try:
                 return _coerce(value, a, key, marks)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise marks.error(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if value is None:
         raise marks.error(key, f"must not be null (expected {_type_name(tp)})")

@@ -78,7 +78,13 @@ def resolve_mesh_shape(sizes: Sequence[int], n_devices: int) -> tuple[int, int, 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh with axes ("data", "fsdp", "tensor") from a config section (data/fsdp/tensor sizes)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = resolve_mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        # an explicit smaller mesh: use the first devices (tests, a 1-device baseline)
+        log.warning("mesh %s uses %d of %d devices", dict(zip(MESH_AXES, sizes)), math.prod(sizes),
+                    len(devices))
+        devices = devices[:math.prod(sizes)]
+    shape = resolve_mesh_shape(sizes, len(devices))
     try:  # topology-aware device order on TPU/GPU; plain order otherwise
         from jax.experimental import mesh_utils
         arr = mesh_utils.create_device_mesh(shape, devices=devices)

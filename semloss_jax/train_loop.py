@@ -285,11 +285,12 @@ def _put_params(host_params, shardings):
 
 
 def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = None,
-          max_steps_this_run: int | None = None) -> TrainResult:
+          max_steps_this_run: int | None = None, tokenizer=None) -> TrainResult:
     """Run (or resume) the training described by cfg; returns figures and where things are.
 
     max_steps_this_run: stop after this many steps of this invocation (tests), checkpointing
-    as configured; None runs to cfg.run.steps.
+    as configured; None runs to cfg.run.steps. tokenizer: an already loaded ChatTokenizer for
+    cfg's tokenizer path (saves reloading it when one process runs several trainings).
     """
     echo = echo or (lambda s: print(s, flush=True))
     say = (lambda s: echo(s)) if _is_main() else (lambda s: None)
@@ -308,8 +309,10 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     # --- model, tokenizer, data -----------------------------------------------------------
     t0 = time.perf_counter()
     model_cfg, host_params = build_model(cfg)
-    from .tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer_path(cfg))
+    if tokenizer is None:
+        from .tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer_path(cfg))
+    tok = tokenizer
     if tok.vocab_size > model_cfg.vocab_size:
         raise TrainError(f"tokenizer {tokenizer_path(cfg)} has {tok.vocab_size} tokens but the model's "
                          f"vocab_size is {model_cfg.vocab_size}")
@@ -320,23 +323,12 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     # --- mesh, state, shardings ------------------------------------------------------------
     mesh = sharding.make_mesh(cfg.mesh)
     ocfg, obj = cfg.optim, cfg.objective
-    optimizer = optim_lib.make_optimizer(ocfg)
     key = jax.random.PRNGKey(cfg.run.seed)
     k_init, k_state = jax.random.split(key)
-    abstract_params = model_lib.abstract_params(model_cfg)
-    fallbacks: list[str] = []
-    param_specs = sharding.tree_specs(abstract_params, model_lib.param_logical_axes(model_cfg), mesh,
-                                      fallbacks=fallbacks)
-    param_sh = sharding.named(mesh, param_specs)
-
-    def init_state(p, k):
-        return optim_lib.init_train_state(p, model_cfg, ocfg, optimizer, k)
-
-    abstract_state = jax.eval_shape(init_state, abstract_params, k_state)
-    logical_state = optim_lib.train_state_logical_axes(model_cfg, ocfg, optimizer)
-    state_specs = _state_specs(abstract_state, logical_state, mesh, fallbacks)
-    state_sh = sharding.named(mesh, state_specs)
-    for f in sorted(set(fallbacks)):
+    plan = plan_state(cfg, model_cfg, mesh, k_state)
+    optimizer, init_state = plan.optimizer, plan.init_state
+    param_sh, state_sh = plan.param_shardings, plan.state_shardings
+    for f in sorted(set(plan.fallbacks)):
         log.info("sharding fallback: %s", f)
 
     if host_params is None:  # random init, created directly in its shards
@@ -348,7 +340,7 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     # Ê from the INITIAL embeddings, once; never recomputed from trained params
     E_hat = jax.jit(lambda p: cost.unit_embeddings(model_lib.embedding_matrix(p)),
                     out_shardings=E_sh)(params)
-    state = jax.jit(init_state, out_shardings=state_sh)(params, k_state)
+    state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=(0,))(params, k_state)
     del params
     say(f"model: {model_cfg.num_params / 1e6:.1f}M params, {model_cfg.num_hidden_layers} layers, "
         f"vocab {model_cfg.vocab_size}; trainable={ocfg.trainable}; mesh "
@@ -465,6 +457,10 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if ckpt.should_save(step, total):
+                if not bool(_params_finite(state["params"])):
+                    stopped = (f"non-finite parameters after step {step}: stopping; the last good "
+                               f"checkpoint is step {last_good_ckpt} in {ckpt_dir}")
+                    break
                 meta = {"data": {n: s.position() for n, s in streams.items()},
                         "config": ckpt_lib.config_fingerprint(config_lib.to_yaml(cfg))}
                 ckpt.save(step, state, meta)
@@ -510,6 +506,41 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     return res
 
 
+@dataclasses.dataclass
+class StatePlan:
+    optimizer: Any
+    init_state: Callable            # (params, key) -> train state
+    abstract_params: Any
+    param_specs: Any
+    param_shardings: Any
+    abstract_state: Any
+    state_specs: Any
+    state_shardings: Any
+    fallbacks: list
+
+
+def plan_state(cfg: config_lib.TrainConfig, model_cfg: model_lib.LlamaConfig, mesh,
+               key: jax.Array | None = None) -> StatePlan:
+    """Optimizer, abstract train state and its shardings: no array is allocated (eval_shape)."""
+    ocfg = cfg.optim
+    optimizer = optim_lib.make_optimizer(ocfg)
+    key = jax.random.PRNGKey(0) if key is None else key
+    fallbacks: list[str] = []
+    abstract_params = model_lib.abstract_params(model_cfg)
+    param_specs = sharding.tree_specs(abstract_params, model_lib.param_logical_axes(model_cfg), mesh,
+                                      fallbacks=fallbacks)
+
+    def init_state(p, k):
+        return optim_lib.init_train_state(p, model_cfg, ocfg, optimizer, k)
+
+    abstract_state = jax.eval_shape(init_state, abstract_params, key)
+    logical_state = optim_lib.train_state_logical_axes(model_cfg, ocfg, optimizer)
+    state_specs = _state_specs(abstract_state, logical_state, mesh, fallbacks)
+    return StatePlan(optimizer, init_state, abstract_params, param_specs,
+                     sharding.named(mesh, param_specs), abstract_state, state_specs,
+                     sharding.named(mesh, state_specs), fallbacks)
+
+
 def _state_specs(abstract_state, logical_state, mesh, fallbacks):
     """PartitionSpecs of the whole train state from optim.train_state_logical_axes."""
     P = jax.sharding.PartitionSpec
@@ -526,6 +557,12 @@ def _state_specs(abstract_state, logical_state, mesh, fallbacks):
         else:
             specs[k] = sharding.tree_specs(sub, lg, mesh, fallbacks=fallbacks)
     return specs
+
+
+@jax.jit
+def _params_finite(params) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(params)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _write_metric(f, rec: dict) -> None:
