@@ -114,37 +114,52 @@ def generate_responses(params, cfg, tok, prompts: Sequence[str], *, max_new_toke
     from tqdm import tqdm
 
     from .generation import generate
-    out: list[str] = []
     with tqdm(total=len(prompts), desc="harvest", unit="prompt", disable=not progress,
               file=sys.stderr) as bar:
-        for k in range(0, len(prompts), batch_size):
-            chunk = list(prompts[k:k + batch_size])
-            out.extend(generate(params, cfg, tok, chunk, max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed + k, system=system,
-                                batch_size=batch_size))
-            bar.update(len(chunk))
-    return out
+        return generate(params, cfg, tok, list(prompts), max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=seed, system=system,
+                        batch_size=batch_size, progress=bar)
 
 
 def response_mu(params, cfg, tok, records: Sequence[Record], *, system: str | None = None,
-                progress: bool = True) -> list[np.ndarray]:
+                batch_size: int = 4, progress: bool = True) -> list[np.ndarray]:
     """mu(q) per response token: the generating model's next-token distribution along
-    tok.response_ids(response) (teacher-forced), mapped to its mean unit embedding."""
+    tok.response_ids(response) (teacher-forced), mapped to its mean unit embedding
+    (emd.mean_embedding). Returns one float32 [len(tok.response_ids(response)), d] per record."""
+    import jax
     import jax.numpy as jnp
     from tqdm import tqdm
 
+    from .batching import make_batches, tokenize_records
     from .cost import unit_embeddings
     from .emd import mean_embedding
     from .model import embedding_matrix, forward
+    if not records:
+        return []
+    seq_len = max(len(tok.prompt_ids(r.prompt, system)) + len(tok.response_ids(r.response)) - 1
+                  for r in records)
+    exs, stats = tokenize_records(records, tok, seq_len=seq_len, system=system)
+    if stats.kept != len(records):
+        raise DataError(None, None, "response", f"mu(q) needs a response for every record: {stats}")
     E_hat = unit_embeddings(embedding_matrix(params))
-    out = []
-    for rec in tqdm(records, desc="mu(q)", disable=not progress, file=sys.stderr):
-        p = tok.prompt_ids(rec.prompt, system)
-        r = tok.response_ids(rec.response)
-        ids = jnp.asarray([p + r[:-1]], jnp.int32)
-        logits = forward(params, cfg, ids)[0, len(p) - 1:]      # [len(r), V]
-        out.append(np.asarray(mean_embedding(logits, E_hat), np.float32))
-    return out
+
+    @jax.jit
+    def mu_of(p, ids, pos, seg):
+        return mean_embedding(forward(p, cfg, ids, positions=pos, segment_ids=seg), E_hat)
+
+    out: list[np.ndarray | None] = [None] * len(exs)
+    batches = list(make_batches(exs, batch_size=batch_size, seq_len=seq_len, pad_id=tok.pad_id,
+                                seed=None))
+    for b in tqdm(batches, desc="mu(q)", disable=not progress, file=sys.stderr):
+        mu = np.asarray(mu_of(params, jnp.asarray(b["input_ids"]), jnp.asarray(b["positions"]),
+                              jnp.asarray(b["segment_ids"])), np.float32)
+        for row in range(mu.shape[0]):
+            on = b["loss_mask"][row] > 0
+            if on.any():
+                i = int(b["example_index"][row][on][0])
+                out[i] = mu[row][on]
+    assert all(m is not None for m in out)
+    return out  # type: ignore[return-value]
 
 
 def save_response_mu(out: str | Path, mus: Sequence[np.ndarray]) -> None:
