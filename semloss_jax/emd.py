@@ -1,0 +1,193 @@
+"""The per-position semantic EMD math of METHOD.md, written once. Pure and jittable.
+
+Shapes: predictions are logits z [..., V] (usually [B, T, V]); Ê = E_hat [V, d] holds the
+frozen unit token embeddings (cost.unit_embeddings). Per-position results have the
+leading shape [...] (usually [B, T]).
+
+    p = softmax(z)                       (fp32)
+    μ(p) = Σ_v p_v ê_v = p @ Ê           (a d-vector; one [N, V] @ [V, d] product)
+    LB(p, q) = ½ ||μ(p) - μ(q)||²        (Jensen)                  <= EMD(p, q)
+    UB(p, q) = 1 - μ(p) · μ(q)           (independent coupling)    >= EMD(p, q)
+    one-hot q = δ_y:  EMD = UB = 1 - μ(p) · ê_y,   LB = EMD - ½ (1 - ||μ(p)||²)
+
+Nothing here is V x V: for one-hot targets only μ(p) and the gathered rows ê_y are needed;
+for soft targets only μ(q) (another [N, V] @ [V, d] product, or given precomputed).
+
+Targets (`kind`):
+  "onehot"  int token ids [...]             μ(q) = ê_y  (a gather)
+  "logits"  float [..., V]                  μ(q) = softmax(target) @ Ê
+  "probs"   float [..., V], rows sum to 1   μ(q) = target @ Ê
+  "mean"    float [..., d], μ(q) precomputed
+
+Masks: every per-position function takes an optional boolean `mask` [...]; masked-out
+positions return exactly 0 (and carry no gradient). Reduce with `masked_sum`, which
+returns (sum, count) so callers form token means over non-masked tokens themselves.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+TARGET_KINDS = ("onehot", "logits", "probs", "mean")
+DIVERGENCES = ("lower_bound", "exact_onehot", "upper_bound")
+
+# fp32 throughout; HIGHEST keeps accelerators from using reduced-precision matmuls,
+# which would swamp small differences ||μ(p) - μ(q)||.
+_PREC = jax.lax.Precision.HIGHEST
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """Cast to at least float32 (bf16/fp16 -> fp32; float64 stays float64 under x64, for tests)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_E(E_hat: jax.Array) -> None:
+    if E_hat.ndim != 2:
+        raise ValueError(f"E_hat must be [V, d] (unit embeddings), got shape {E_hat.shape}")
+
+
+def _apply_mask(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return values
+    mask = jnp.asarray(mask)
+    if mask.shape != values.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match per-position shape {values.shape}")
+    return jnp.where(mask.astype(bool), values, jnp.zeros_like(values))
+
+
+def probs_from_logits(logits: jax.Array) -> jax.Array:
+    """p = softmax(z) over the last axis, computed in float32 (at least)."""
+    return jax.nn.softmax(_f32(logits), axis=-1)
+
+
+def mean_embedding_from_probs(probs: jax.Array, E_hat: jax.Array) -> jax.Array:
+    """μ(p) = p @ Ê : [..., V] x [V, d] -> [..., d] (float32)."""
+    _check_E(E_hat)
+    probs = _f32(probs)
+    if probs.shape[-1] != E_hat.shape[0]:
+        raise ValueError(f"distribution over {probs.shape[-1]} tokens but E_hat has V = {E_hat.shape[0]} rows")
+    return jnp.einsum("...v,vd->...d", probs, _f32(E_hat), precision=_PREC)
+
+
+def mean_embedding(logits: jax.Array, E_hat: jax.Array) -> jax.Array:
+    """μ(p) = softmax(z) @ Ê, softmax in float32: logits [..., V] -> [..., d]."""
+    return mean_embedding_from_probs(probs_from_logits(logits), E_hat)
+
+
+def target_mean(target: jax.Array, E_hat: jax.Array, kind: str = "onehot", mask: jax.Array | None = None) -> jax.Array:
+    """μ(q) for a target given as token ids, logits, probabilities or a precomputed mean.
+
+    For one-hot ids at masked-out positions (e.g. padding with id -100) the id is replaced
+    by 0 before the gather, so any value is allowed there.
+    """
+    _check_E(E_hat)
+    target = jnp.asarray(target)
+    if kind == "onehot":
+        if not jnp.issubdtype(target.dtype, jnp.integer):
+            raise ValueError(f"one-hot targets must be integer token ids, got dtype {target.dtype}")
+        if mask is not None:
+            target = jnp.where(jnp.asarray(mask).astype(bool), target, 0)
+        return _f32(E_hat)[target]
+    if kind == "logits":
+        return mean_embedding(target, E_hat)
+    if kind == "probs":
+        return mean_embedding_from_probs(target, E_hat)
+    if kind == "mean":
+        if target.shape[-1] != E_hat.shape[1]:
+            raise ValueError(f"precomputed μ(q) has dim {target.shape[-1]}, E_hat has d = {E_hat.shape[1]}")
+        return _f32(target)
+    raise ValueError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+
+
+def lower_bound_from_means(mu_p: jax.Array, mu_q: jax.Array) -> jax.Array:
+    """LB = ½ ||μ(p) - μ(q)||²  (per position, over the last axis)."""
+    diff = mu_p - mu_q
+    return 0.5 * jnp.sum(diff * diff, axis=-1)
+
+
+def upper_bound_from_means(mu_p: jax.Array, mu_q: jax.Array) -> jax.Array:
+    """UB = 1 - μ(p) · μ(q)  (per position, over the last axis)."""
+    return 1.0 - jnp.sum(mu_p * mu_q, axis=-1)
+
+
+def _check_mask(logits: jax.Array, mask: jax.Array | None) -> None:
+    if mask is not None and jnp.shape(mask) != logits.shape[:-1]:
+        raise ValueError(f"mask shape {jnp.shape(mask)} does not match per-position shape {logits.shape[:-1]}")
+
+
+def _leading_shape_check(logits: jax.Array, mu_q: jax.Array) -> None:
+    if logits.shape[:-1] != mu_q.shape[:-1]:
+        raise ValueError(f"logits positions {logits.shape[:-1]} and target positions {mu_q.shape[:-1]} differ")
+
+
+def onehot_emd(logits: jax.Array, targets: jax.Array, E_hat: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Exact EMD to a one-hot target q = δ_y (closed form): EMD = Σ_u p_u c(u, y) = 1 - μ(p) · ê_y.
+
+    logits [..., V], targets int [...] -> [...]. Equal to UB for one-hot targets.
+    """
+    logits = jnp.asarray(logits)
+    _check_mask(logits, mask)
+    mu_p = mean_embedding(logits, E_hat)
+    e_y = target_mean(targets, E_hat, "onehot", mask)
+    _leading_shape_check(logits, e_y)
+    return _apply_mask(upper_bound_from_means(mu_p, e_y), mask)
+
+
+def lower_bound(logits: jax.Array, target: jax.Array, E_hat: jax.Array, *, kind: str = "onehot",
+                mask: jax.Array | None = None) -> jax.Array:
+    """LB(p, q) = ½ ||μ(p) - μ(q)||² <= EMD(p, q), with p = softmax(logits) and q given by `kind`.
+
+    For one-hot q = δ_y this equals EMD - ½ (1 - ||μ(p)||²).
+    """
+    logits = jnp.asarray(logits)
+    _check_mask(logits, mask)
+    mu_q = target_mean(target, E_hat, kind, mask)
+    _leading_shape_check(logits, mu_q)
+    return _apply_mask(lower_bound_from_means(mean_embedding(logits, E_hat), mu_q), mask)
+
+
+def upper_bound(logits: jax.Array, target: jax.Array, E_hat: jax.Array, *, kind: str = "onehot",
+                mask: jax.Array | None = None) -> jax.Array:
+    """UB(p, q) = 1 - μ(p) · μ(q) >= EMD(p, q) (the cost of the independent coupling p ⊗ q).
+
+    For one-hot q = δ_y this IS the exact EMD (onehot_emd).
+    """
+    logits = jnp.asarray(logits)
+    _check_mask(logits, mask)
+    mu_q = target_mean(target, E_hat, kind, mask)
+    _leading_shape_check(logits, mu_q)
+    return _apply_mask(upper_bound_from_means(mean_embedding(logits, E_hat), mu_q), mask)
+
+
+def divergence(name: str, logits: jax.Array, target: jax.Array, E_hat: jax.Array, *, kind: str = "onehot",
+               mask: jax.Array | None = None) -> jax.Array:
+    """Per-position D(p, q) for the training objective, D in {"lower_bound", "exact_onehot", "upper_bound"}.
+
+    Returns values [...] in [0, 2], 0 at masked-out positions. "exact_onehot" needs
+    kind="onehot" (the exact EMD to a soft target has no closed form: see ot_exact.py).
+    """
+    if name == "lower_bound":
+        return lower_bound(logits, target, E_hat, kind=kind, mask=mask)
+    if name == "upper_bound":
+        return upper_bound(logits, target, E_hat, kind=kind, mask=mask)
+    if name == "exact_onehot":
+        if kind != "onehot":
+            raise ValueError(f"divergence 'exact_onehot' needs one-hot targets (kind='onehot'), got kind={kind!r}")
+        return onehot_emd(logits, target, E_hat, mask=mask)
+    raise ValueError(f"unknown divergence {name!r}; expected one of {DIVERGENCES}")
+
+
+def masked_sum(values: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(Σ over non-masked positions of values, number of non-masked positions) as scalars
+    (float32; float64 for float64 input).
+
+    Masked-out positions contribute 0 to both, whatever their value (NaN included).
+    """
+    values = _f32(values)
+    if mask is None:
+        return jnp.sum(values), jnp.asarray(values.size, values.dtype)
+    mask = jnp.asarray(mask).astype(bool)
+    if mask.shape != values.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match values shape {values.shape}")
+    return jnp.sum(jnp.where(mask, values, 0.0)), jnp.sum(mask.astype(values.dtype))
