@@ -59,7 +59,7 @@ class DataError(ValueError):
     def __init__(self, file: str | os.PathLike | None, line: int | str | None,
                  field: str | None, message: str):
         self.file = str(file) if file is not None else "<memory>"
-        self.line = line
+        self.line = None if line is None else str(line)  # "12", "record 3", "row 7"
         self.field = field
         where = self.file if line is None else f"{self.file}:{line}"
         what = f" field {field!r}:" if field else ""
@@ -192,10 +192,11 @@ def _load_dataset(kind: str, data_file: Path, **kw):
 
 
 def _prevalidate_jsonl(path: Path, on_error: OnError, summary: ReadSummary
-                       ) -> tuple[list[int], Path | None]:
-    """Check every JSONL line parses to an object; return the line numbers of the good lines
-    and, when bad lines were skipped, a temporary file holding only the good lines."""
+                       ) -> tuple[list[int], list[set], Path | None]:
+    """Check every JSONL line parses to an object; return the line numbers and key sets of the
+    good lines and, when bad lines were skipped, a temporary file holding only the good lines."""
     good: list[int] = []
+    keys: list[set] = []
     bad = False
     lines_out: list[str] = []
     with open(path, encoding="utf-8") as f:
@@ -214,17 +215,44 @@ def _prevalidate_jsonl(path: Path, on_error: OnError, summary: ReadSummary
                 bad = True
                 continue
             good.append(lineno)
+            keys.append(set(obj))
             lines_out.append(raw if raw.endswith("\n") else raw + "\n")
     if not bad:
-        return good, None
-    fd, tmp = tempfile.mkstemp(suffix=".jsonl", prefix="semloss_valid_")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines_out)
-    return good, Path(tmp)
+        return good, keys, None
+    return good, keys, _temp_file(".jsonl", lines_out)
 
 
-def _csv_layout(path: Path) -> tuple[int, list[str], list[int]]:
-    """Leading '#' comment lines to skip, the header, and the line where each data row starts."""
+def _temp_file(suffix: str, lines: list[str]) -> Path:
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="semloss_valid_")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.writelines(lines)
+    return Path(tmp)
+
+
+def _jsonl_type_conflict(path: Path, lines: list[int]) -> tuple[int, str, str] | None:
+    """The first (line, field, message) whose JSON type differs from the field's first type."""
+    first: dict[str, tuple[str, int]] = {}
+    wanted = set(lines)
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno not in wanted:
+                continue
+            for k, v in json.loads(raw).items():
+                if v is None:
+                    continue
+                t = type(v).__name__
+                if k not in first:
+                    first[k] = (t, lineno)
+                elif first[k][0] != t and {first[k][0], t} != {"int", "float"}:
+                    return lineno, k, (f"{t} value where line {first[k][1]} has "
+                                       f"{first[k][0]}")
+    return None
+
+
+def _csv_layout(path: Path, on_error: OnError, summary: ReadSummary
+                ) -> tuple[int, list[str], list[int], Path | None]:
+    """Leading '#' comment lines to skip, the header, the line where each good data row starts,
+    and (when rows with the wrong number of fields were skipped) a temporary cleaned file."""
     with open(path, encoding="utf-8", newline="") as f:
         text = f.read()
     lines = text.splitlines(keepends=True)
@@ -236,17 +264,53 @@ def _csv_layout(path: Path) -> tuple[int, list[str], list[int]]:
     prev_end = skip  # physical line count consumed so far (0-based)
     header: list[str] = []
     first = True
-    for row in reader:
-        start = prev_end + 1
-        prev_end = skip + reader.line_num
-        if first:
-            header = row
-            first = False
-            continue
-        if not row or all(not c.strip() for c in row):
-            continue
-        starts.append(start)
-    return skip, header, starts
+    bad = False
+    keep: list[list[str]] = []
+    try:
+        for row in reader:
+            start = prev_end + 1
+            prev_end = skip + reader.line_num
+            if first:
+                header = row
+                first = False
+                continue
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                err = DataError(path, start, None, f"malformed CSV row: {len(row)} fields, the "
+                                f"header has {len(header)}")
+                if on_error == "raise":
+                    raise err
+                summary.skip(err, "malformed line")
+                bad = True
+                continue
+            starts.append(start)
+            keep.append(row)
+    except csv.Error as e:
+        raise DataError(path, prev_end + 1, None, f"malformed CSV: {e}") from None
+    if not bad:
+        return skip, header, starts, None
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(keep)
+    return 0, header, starts, _temp_file(".csv", [buf.getvalue()])
+
+
+class _Rows:
+    """Dataset rows with the keys a JSONL line did not have removed (so they read as missing)."""
+
+    def __init__(self, ds, keys: list[set]):
+        self.ds, self.keys = ds, keys
+        self.column_names = ds.column_names
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __iter__(self):
+        for row, k in zip(self.ds, self.keys):
+            yield {c: v for c, v in row.items() if c in k}
 
 
 def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnError = "raise",
@@ -261,15 +325,20 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
     fmt = _fmt_of(path, fmt)
     summary = summary if summary is not None else ReadSummary(file=str(path))
     if fmt == "jsonl":
-        good, tmp = _prevalidate_jsonl(path, on_error, summary)
+        good, keys, tmp = _prevalidate_jsonl(path, on_error, summary)
         if not good:
             return [], []
         try:
             ds = _load_dataset("json", tmp or path)
+        except Exception as e:  # arrow type errors carry no line number: find it ourselves
+            hit = _jsonl_type_conflict(path, good)
+            if hit is not None:
+                raise DataError(path, hit[0], hit[1], hit[2]) from None
+            raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-        return ds, [str(n) for n in good]
+        return _Rows(ds, keys), [str(n) for n in good]
     if fmt == "json":
         try:
             with open(path, encoding="utf-8") as f:
@@ -281,16 +350,18 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
                             f"(got {type(obj).__name__}); convert it or use a JSONL file")
         for i, item in enumerate(obj):
             if not isinstance(item, dict):
-                err = DataError(path, f"record {i}", None,
+                raise DataError(path, f"record {i}", None,
                                 f"expected an object, got {type(item).__name__}")
-                raise err
         if not obj:
             return [], []
-        ds = _load_dataset("json", path)
-        return ds, [f"record {i}" for i in range(len(ds))]
+        try:
+            ds = _load_dataset("json", path)
+        except Exception as e:
+            raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
+        return _Rows(ds, [set(item) for item in obj]), [f"record {i}" for i in range(len(ds))]
     if fmt == "csv":
         import datasets
-        skip, header, starts = _csv_layout(path)
+        skip, header, starts, tmp = _csv_layout(path, on_error, summary)
         if not header:
             raise DataError(path, skip + 1, None, "empty CSV (no header line)")
         if len(set(header)) != len(header) or any(not h.strip() for h in header):
@@ -299,13 +370,23 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
         if not starts:
             return [], []
         feats = datasets.Features({h: datasets.Value("string") for h in header})
-        ds = _load_dataset("csv", path, skiprows=skip, features=feats, keep_default_na=False)
-        if len(starts) != len(ds):  # should not happen; fall back to row numbers
-            starts = list(range(1, len(ds) + 1))
-            return ds, [f"row {i}" for i in starts]
+        try:
+            ds = _load_dataset("csv", tmp or path, skiprows=skip, features=feats,
+                               keep_default_na=False)
+        except Exception as e:
+            raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if len(starts) != len(ds):
+            raise DataError(path, None, None, f"datasets read {len(ds)} rows where the CSV "
+                            f"parser found {len(starts)}")
         return ds, [str(n) for n in starts]
     if fmt == "parquet":
-        ds = _load_dataset("parquet", path)
+        try:
+            ds = _load_dataset("parquet", path)
+        except Exception as e:
+            raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
         return ds, [f"row {i}" for i in range(len(ds))]
     raise DataError(path, None, None, f"unknown format {fmt!r}")
 

@@ -172,7 +172,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
                  '{"prompt": "d", "response": "e"}\n')
     with pytest.raises(DataError) as e:
         read_records(p, source="s")
-    assert e.value.file == str(p) and e.value.line == 3
+    assert e.value.file == str(p) and e.value.line == "3"
     assert f"{p}:3:" in str(e.value) and "malformed" in str(e.value)
 
 
@@ -229,8 +229,9 @@ def test_skip_mode_counts_every_bad_row(tmp_path):
     assert [r.prompt for r in recs] == ["a", "d"]
     assert s.kept == 2 and s.total_skipped == 5
     assert s.skipped["malformed line"] == 2
-    assert s.skipped["empty response"] == 2  # "c" has "", "f" has no response column value
-    assert s.skipped["empty value"] == 1
+    assert s.skipped["empty response"] == 1  # "c"
+    assert s.skipped["missing field"] == 1   # "f" has no response key
+    assert s.skipped["empty value"] == 1     # "" prompt
     assert s.kept + s.total_skipped == 7
     assert any(":2:" in x for x in s.examples) and any(":3:" in x for x in s.examples)
     assert "kept 2, skipped 5" in str(s)
@@ -264,3 +265,35 @@ def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         read_records(tmp_path / "none.jsonl", source="s")
     assert not os.path.exists(tmp_path / "none.jsonl")
+
+
+def test_jsonl_key_absent_on_one_line_is_a_missing_field(tmp_path):
+    p = tmp_path / "k.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"response": "c"}\n')
+    with pytest.raises(DataError, match=r"k\.jsonl:2: field 'prompt': missing field"):
+        read_records(p, source="s")
+
+
+def test_jsonl_type_conflict_names_line_and_field(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'
+                 '{"prompt": {"nested": 1}, "response": "e"}\n')
+    with pytest.raises(DataError) as e:
+        read_records(p, source="s")
+    assert (e.value.line, e.value.field) == ("3", "prompt")
+
+
+def test_csv_row_with_wrong_field_count(tmp_path):
+    p = tmp_path / "w.csv"
+    p.write_text('prompt,response\na,b\n"c\nd",e,extra\nf,g\n')
+    with pytest.raises(DataError, match=r"w\.csv:3: malformed CSV row: 3 fields"):
+        read_records(p, source="s")
+    recs, s = read_records(p, source="s", on_error="skip")
+    assert [r.prompt for r in recs] == ["a", "f"]
+    assert s.skipped == {"malformed line": 1} and s.kept == 2
+    p.write_text('prompt,response\na,b\n"c\nd",e,extra\nf,\n')
+    recs, s = read_records(p, source="s", require_response=True, on_error="skip")
+    assert [r.prompt for r in recs] == ["a"]
+    assert s.skipped == {"malformed line": 1, "empty response": 1}
+    # physical line numbers survive the skipped multi-line row: "f," is on line 5
+    assert any(x.startswith(f"{p}:5: field 'response'") for x in s.examples)
