@@ -1,0 +1,234 @@
+"""Mesh, rule table, shardings of the train state; multi-device equivalence on 8 fake CPU devices.
+
+The multi-device checks run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(the flag must be set before jax is imported, and this pytest process has imported jax already).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from semloss_jax import model as M
+from semloss_jax import sharding as S
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _mesh(d, f, t):
+    return AbstractMesh((d, f, t), S.MESH_AXES)
+
+
+def test_resolve_mesh_shape():
+    assert S.resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
+    assert S.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+    assert S.resolve_mesh_shape((2, 4, 1), 8) == (2, 4, 1)
+    with pytest.raises(S.ShardingError, match="not a multiple"):
+        S.resolve_mesh_shape((3, -1, 1), 8)
+    with pytest.raises(S.ShardingError, match="needs 4 devices"):
+        S.resolve_mesh_shape((2, 2, 1), 8)
+    with pytest.raises(S.ShardingError, match="at most one"):
+        S.resolve_mesh_shape((-1, -1, 1), 8)
+
+
+def test_make_mesh_single_device():
+    mesh = S.make_mesh(NS(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
+    assert mesh.axis_names == S.MESH_AXES and mesh.devices.shape == (1, 1, 1)
+
+
+def test_rule_table_and_divisibility_fallback():
+    mesh = _mesh(2, 2, 2)
+    fb: list[str] = []
+    # q_proj kernel [layers, embed, q_heads, head_dim]
+    assert S.spec_for(("layers", "embed", "q_heads", "head_dim"), (4, 64, 4, 16), mesh, fallbacks=fb) \
+        == P(None, "fsdp", "tensor")
+    assert S.spec_for(("vocab", "embed"), (49152, 64), mesh, fallbacks=fb) == P("tensor", "fsdp")
+    assert fb == []
+    # 3 kv heads do not divide by tensor=2 -> replicated along that dim, logged
+    assert S.spec_for(("layers", "embed", "kv_heads", "head_dim"), (4, 64, 3, 16), mesh, name="k",
+                      fallbacks=fb) == P(None, "fsdp")
+    assert len(fb) == 1 and "kv_heads=3" in fb[0] and "not divisible" in fb[0]
+    # a mesh axis used twice in one array: the second use is replicated
+    fb.clear()
+    assert S.spec_for(("mlp", "vocab"), (128, 256), mesh, fallbacks=fb) == P("tensor")
+    assert len(fb) == 1 and "already used" in fb[0]
+    # size-1 mesh axes shard nothing
+    assert S.spec_for(("vocab", "embed"), (49152, 64), _mesh(8, 1, 1)) == P()
+    with pytest.raises(S.ShardingError, match="no rule"):
+        S.spec_for(("bogus",), (4,), mesh)
+    with pytest.raises(S.ShardingError, match="do not match"):
+        S.spec_for(("vocab", "embed"), (4,), mesh)
+
+
+def test_tree_specs_cover_the_model_and_optimizer_mirrors_params():
+    cfg = M.tiny_config(vocab_size=512)
+    mesh = _mesh(1, 4, 2)
+    abstract = M.abstract_params(cfg)
+    specs = S.tree_specs(abstract, M.param_logical_axes(cfg), mesh)
+    assert jax.tree_util.tree_structure(specs, is_leaf=lambda x: isinstance(x, P)) == \
+        jax.tree_util.tree_structure(abstract)
+    assert specs["embed"]["embedding"] == P("tensor", "fsdp")
+    assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
+    assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["final_norm"]["scale"] == P()
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    o_abs = jax.eval_shape(opt.init, abstract)
+    o_specs = S.opt_state_specs(opt, o_abs, specs)
+    adam = o_specs[1][0]
+    assert adam.mu == specs and adam.nu == specs
+    assert adam.count == P()
+
+
+def test_batch_shardings_and_divisibility():
+    mesh = _mesh(2, 2, 2)
+    b = {"input_ids": np.zeros((1, 8, 16), np.int32)}
+    sh = S.batch_shardings(jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), S.MESH_AXES), b)
+    assert sh["input_ids"].spec == P(None, ("data", "fsdp"), None)
+    assert S.batch_spec(3, leading=1) == P(None, ("data", "fsdp"), None)
+    with pytest.raises(S.ShardingError, match="not divisible"):
+        S.batch_shardings(mesh, {"input_ids": np.zeros((1, 6, 16), np.int32)})
+
+
+def test_distributed_not_initialized_without_request():
+    assert S.maybe_initialize_distributed(NS(enabled=False, coordinator_address="", num_processes=0,
+                                             process_id=-1), environ={}) is False
+
+
+def test_process_rows_single_process():
+    assert S.process_rows(8) == slice(0, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8 fake devices, in a subprocess
+
+
+def _run8(script: str, timeout: int = 900) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+EVAL_SHAPE_SCRIPT = r"""
+import json, math
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from semloss_jax import config, sharding, train_loop
+assert jax.device_count() == 8
+out = {}
+for name in ["llama2_7b_tpu", "llama2_7b_8gpu", "llama3_8b_tpu", "llama3_8b_8gpu",
+             "mistral_7b_tpu", "mistral_7b_8gpu"]:
+    cfg = config.load_config(f"configs/{name}.yaml")
+    mcfg = train_loop.model_config_of(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    plan = train_loop.plan_state(cfg, mcfg, mesh)
+    st, specs = plan.abstract_state, plan.state_specs
+    is_p = lambda x: isinstance(x, P)
+    leaves = jax.tree_util.tree_leaves(st["params"])
+    n_params = sum(math.prod(x.shape) for x in leaves)
+    adam = [s for s in jax.tree_util.tree_leaves(st["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")][0]
+    adam_specs = [s for s in jax.tree_util.tree_leaves(specs["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+                  if hasattr(s, "mu")][0]
+    same_shapes = (jax.tree_util.tree_map(lambda a: a.shape, adam.mu) == jax.tree_util.tree_map(lambda a: a.shape, st["params"])
+                   and jax.tree_util.tree_map(lambda a: a.shape, adam.nu) == jax.tree_util.tree_map(lambda a: a.shape, st["params"]))
+    same_specs = adam_specs.mu == specs["params"] and adam_specs.nu == specs["params"]
+    # bytes per device of the whole state
+    def per_dev(tree, stree):
+        tot = 0
+        for a, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(stree, is_leaf=is_p)):
+            shards = 1
+            for ax in s:
+                for n in (ax if isinstance(ax, tuple) else (ax,)):
+                    if n is not None:
+                        shards *= mesh.shape[n]
+            tot += math.prod(a.shape) * np.dtype(a.dtype).itemsize / shards
+        return tot
+    state_bytes = per_dev({k: st[k] for k in ("params", "opt_state")},
+                          {k: specs[k] for k in ("params", "opt_state")})
+    total_bytes = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
+                      for a in jax.tree_util.tree_leaves({k: st[k] for k in ("params", "opt_state")}))
+    # every weight matrix is sharded over fsdp
+    unsharded = [jax.tree_util.keystr(p) for p, s in jax.tree_util.tree_flatten_with_path(specs["params"], is_leaf=is_p)[0]
+                 if "scale" not in jax.tree_util.keystr(p) and "fsdp" not in [a for a in s]]
+    out[name] = dict(n_params=n_params, num_params=mcfg.num_params, same_shapes=same_shapes,
+                     same_specs=same_specs, state_gib_per_device=state_bytes / 2**30,
+                     total_gib=total_bytes / 2**30, mesh=dict(mesh.shape), fallbacks=plan.fallbacks,
+                     unsharded=unsharded, embed=str(specs["params"]["embed"]["embedding"]),
+                     q=str(specs["params"]["layers"]["attn"]["q_proj"]["kernel"]),
+                     dtype=str(leaves[0].dtype),
+                     batch_ok=(cfg.data.benign_batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+                               and cfg.data.harmful_batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0))
+print(json.dumps(out))
+"""
+
+EXPECTED_PARAMS = {"llama2_7b": 6.74e9, "llama3_8b": 8.03e9, "mistral_7b": 7.24e9}
+
+
+def test_real_configs_eval_shape_on_fake_mesh():
+    res = _run8(EVAL_SHAPE_SCRIPT)
+    assert len(res) == 6
+    for name, r in res.items():
+        exp = EXPECTED_PARAMS[name.rsplit("_", 1)[0]]
+        assert r["n_params"] == r["num_params"]
+        assert abs(r["n_params"] - exp) / exp < 0.01, (name, r["n_params"])
+        assert r["same_shapes"] and r["same_specs"], name
+        assert r["dtype"] == "float32"               # fp32 master weights
+        assert r["fallbacks"] == [], (name, r["fallbacks"])
+        assert r["unsharded"] == [], (name, r["unsharded"])
+        assert r["batch_ok"], name
+        # params + AdamW moments (3 x 4 bytes x N) spread over 8 devices
+        assert r["total_gib"] == pytest.approx(3 * 4 * r["n_params"] / 2**30, rel=1e-3)
+        assert r["state_gib_per_device"] == pytest.approx(r["total_gib"] / 8, rel=0.02), (name, r)
+    assert res["llama3_8b_tpu"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert res["llama3_8b_tpu"]["embed"] == "P('tensor', 'fsdp')"
+    assert res["llama2_7b_8gpu"]["q"] == "P(None, 'fsdp')"
+
+
+MESH_SCRIPT = r"""
+import json, shutil, tempfile
+import jax
+from semloss_jax import config, train_loop
+from semloss_jax.tokenizer import load_tokenizer
+assert jax.device_count() == 8
+tmp = tempfile.mkdtemp()
+base = config.load_config("configs/smoke.yaml", ["run.steps=3", "run.progress=false",
+                                                   "run.tensorboard=false", "run.export_hf=false",
+                                                   "run.checkpoint_every=0"])
+tok = load_tokenizer(train_loop.tokenizer_path(base))
+out = {}
+for mesh in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    cfg = config.replace(base, mesh=config.MeshSection(*mesh),
+                         run=config.dataclasses.replace(base.run, output_dir=f"{tmp}/{'x'.join(map(str, mesh))}"))
+    r = train_loop.train(cfg, tokenizer=tok, echo=lambda s: None)
+    out["x".join(map(str, mesh))] = {"loss": [m["loss"] for m in r.metrics],
+                                     "ce": [m["ce"] for m in r.metrics],
+                                     "emd_lower": [m["emd_lower"] for m in r.metrics],
+                                     "compiles": r.compiles, "cache_size": r.cache_size}
+shutil.rmtree(tmp)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_meshes_match_single_device_losses():
+    res = _run8(MESH_SCRIPT)
+    ref = res.pop("1x1x1")
+    assert len(ref["loss"]) == 3 and ref["compiles"] == 1 and ref["cache_size"] == 1
+    assert ref["loss"][0] != ref["loss"][2]  # training moved: the comparison is not trivial
+    for name, r in res.items():
+        assert r["compiles"] == 1 and r["cache_size"] == 1, name
+        for key in ("loss", "ce", "emd_lower"):
+            np.testing.assert_allclose(r[key], ref[key], rtol=1e-5, atol=0, err_msg=f"{name} {key}")
