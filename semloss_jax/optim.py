@@ -366,7 +366,7 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
             g0 = jax.tree_util.tree_map(jnp.zeros_like, params)
             (grads, sums), _ = jax.lax.scan(body, (g0, zero_sums), (benign_micro, harmful_micro))
             grads = _mask_grads(grads, mask)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
             new_params = _apply(params, updates, mask)
         else:
