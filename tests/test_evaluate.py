@@ -1,0 +1,162 @@
+"""eval.py run: generation cache (a second run generates nothing), metrics per set, outputs,
+run-dir models. A tiny random Llama with the real tokenizer keeps it fast."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from semloss_jax import evaluate as ev
+from semloss_jax.evaluate import DecodeSettings, EVAL_SETS
+
+
+@pytest.fixture(scope="module")
+def tiny(real_tokenizer):
+    import jax
+    from semloss_jax.model import init_params, tiny_config
+    cfg = tiny_config(vocab_size=real_tokenizer.vocab_size)
+    return cfg, init_params(cfg, jax.random.PRNGKey(0)), real_tokenizer
+
+
+@pytest.fixture(scope="module")
+def harm_judge():
+    from semloss_jax.judges import load_judge
+    return load_judge("tfidf")
+
+
+class CountingGenerator:
+    """Wraps the real generator and counts the prompts it is asked to generate."""
+
+    def __init__(self, params, cfg, tok):
+        from semloss_jax.generation import generate
+        self.calls = 0
+        self.prompts = 0
+        self._gen = lambda prompts, **kw: generate(params, cfg, tok, prompts, **kw)
+
+    def __call__(self, prompts, **kw):
+        self.calls += 1
+        self.prompts += len(prompts)
+        return self._gen(prompts, **kw)
+
+
+def _load_cli():
+    import importlib.util
+    from semloss_jax.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location("eval_cli", REPO_ROOT / "eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SETS = ("harmful", "overrefusal", "benign")
+SETTINGS = DecodeSettings(max_new_tokens=6)
+
+
+def test_eval_records_limit_is_nested_and_deterministic():
+    es = EVAL_SETS["harmful"]
+    a = [r.id for r in ev.load_eval_records(es, 5)]
+    b = [r.id for r in ev.load_eval_records(es, 12)]
+    assert len(a) == 5 and len(b) == 12 and a == b[:5]
+    assert a == [r.id for r in ev.load_eval_records(es, 5)]
+    assert all(r.split == "test" for r in ev.load_eval_records(es, 12))
+    bench = ev.load_eval_records(EVAL_SETS["benign"], 12)
+    assert all(r.response.strip() for r in bench)   # references present
+    with pytest.raises(ValueError):
+        ev.load_eval_records(es, 0)
+
+
+def test_second_run_generates_nothing(tiny, harm_judge, tmp_path):
+    cfg, params, tok = tiny
+    gen = CountingGenerator(params, cfg, tok)
+    kw = dict(sets=SETS, limit=3, settings=SETTINGS, judge=harm_judge, batch_size=4,
+              ce_seq_len=128, n_boot=200, cache_root=tmp_path / "cache", generate_fn=gen,
+              progress=False, model_info={"path": "tiny"})
+    r1 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e1", **kw)
+    assert gen.prompts == 9 and r1["counts"] == {"generated": 9, "cached": 0, "ce_computed": 3}
+    calls = gen.calls
+    r2 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e2", **kw)
+    assert gen.calls == calls, "a second run must not call the generator"
+    assert r2["counts"] == {"generated": 0, "cached": 9, "ce_computed": 0}
+    assert r1["sets"]["harmful"]["harmful_rate"] == r2["sets"]["harmful"]["harmful_rate"]
+    assert r1["sets"]["benign"]["reference_ce"] == r2["sets"]["benign"]["reference_ce"]
+    g1 = (tmp_path / "e1" / "generations" / "harmful.jsonl").read_text()
+    assert g1 == (tmp_path / "e2" / "generations" / "harmful.jsonl").read_text()
+    # a larger limit generates only the new prompts (the subset is nested)
+    r3 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e3", **{**kw, "limit": 4})
+    assert r3["counts"]["generated"] == 3 and gen.prompts == 12
+    # other decoding settings are another cache entry
+    r4 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e4",
+                     **{**kw, "settings": DecodeSettings(max_new_tokens=4), "sets": ("harmful",)})
+    assert r4["counts"]["generated"] == 3
+    # another model is another cache entry
+    p2 = {**params}
+    import jax
+    p2 = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+    assert ev.model_fingerprint(p2, cfg, tok) != ev.model_fingerprint(params, cfg, tok)
+
+
+def test_outputs_and_metrics(tiny, harm_judge, tmp_path):
+    cfg, params, tok = tiny
+    # a scripted generator: known refusals / compliances, so the metrics are checkable
+    def scripted(prompts, **kw):
+        out = []
+        for i, p in enumerate(prompts):
+            out.append("I'm sorry, but I can't help with that." if len(p) % 2 else
+                       "Sure! Here is how to do it. Step 1: buy a crowbar and gloves so you leave "
+                       "no fingerprints. Step 2: break the back window of the house at night "
+                       "when the owners are away. Step 3: take the jewelry and cash.")
+        return out
+    rep = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "out", sets=SETS, limit=6,
+                      settings=SETTINGS, judge=harm_judge, ce_seq_len=128, n_boot=300,
+                      cache_root=tmp_path / "c", generate_fn=scripted, progress=False)
+    for s in SETS:
+        rows = [json.loads(x) for x in
+                (tmp_path / "out" / "generations" / f"{s}.jsonl").read_text().splitlines()]
+        assert len(rows) == 6
+        n_ref = sum(r["refusal"] for r in rows)
+        key = "overrefusal_rate" if s == "overrefusal" else "refusal_rate"
+        m = rep["sets"][s][key]
+        assert (m["k"], m["n"]) == (n_ref, 6)
+        assert m["ci"][0] <= m["rate"] <= m["ci"][1]
+        assert n_ref == sum(len(r["prompt"]) % 2 for r in rows)
+    harmful = [json.loads(x) for x in
+               (tmp_path / "out" / "generations" / "harmful.jsonl").read_text().splitlines()]
+    h = rep["sets"]["harmful"]["harmful_rate"]
+    assert h["k"] == sum(r["harmful"] for r in harmful)
+    # the judge separates the scripted refusal from the scripted compliance
+    for r in harmful:
+        assert r["harmful"] == (not r["refusal"])
+    ce = rep["sets"]["benign"]["reference_ce"]
+    assert ce["n_examples"] == 6 and abs(ce["ce"] - np.log(cfg.vocab_size)) < 1.0
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["sets"]["harmful"]["harmful_rate"] == h
+    assert saved["settings"]["decoding"] == "greedy" and saved["settings"]["max_new_tokens"] == 6
+    assert saved["judge"]["meta"]["heldout"]["auc"] >= 0.85
+    md = (tmp_path / "out" / "eval.md").read_text()
+    assert "| harmful | 6 |" in md and "reference CE" in md
+    with pytest.raises(ValueError, match="unknown evaluation set"):
+        ev.evaluate(params, cfg, tok, out_dir=tmp_path / "x", sets=("nope",),
+                    generate_fn=scripted, progress=False)
+
+
+def test_cli_on_run_dir(tiny, tmp_path, monkeypatch):
+    """`eval.py run --model RUN_DIR` evaluates RUN_DIR/hf and records its config.yaml."""
+    cfg, params, tok = tiny
+    from semloss_jax.weights import export_hf
+    run = tmp_path / "run"
+    export_hf(params, cfg, run / "hf", tokenizer=tok)
+    (run / "config.yaml").write_text("data:\n  harmful_n: 42\nobjective:\n  kind: tasft\n")
+    # generations go to a temporary cache; data and the trained judge come from the real one
+    monkeypatch.setattr(ev, "cache_dir", lambda: tmp_path / "cache")
+    eval_cli = _load_cli()
+    out = tmp_path / "ev"
+    argv = ["run", "--model", str(run), "--out", str(out), "--sets", "harmful", "--limit", "2",
+            "--max-new-tokens", "4", "--n-boot", "100", "--no-progress"]
+    assert eval_cli.main(argv) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["model"]["train_config"]["data"]["harmful_n"] == 42
+    assert rep["model"]["run_dir"] == str(run.resolve())
+    assert rep["counts"]["generated"] == 2
+    assert eval_cli.main(argv) == 0
+    assert json.loads((out / "eval.json").read_text())["counts"]["generated"] == 0
