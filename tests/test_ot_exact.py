@@ -1,0 +1,146 @@
+"""Exact EMD with OTT-JAX on top-k supports (ot_exact.py) against the LP and the closed forms."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from semloss_jax import cost, emd, ot_exact
+
+CFG = ot_exact.SinkhornConfig()  # the defaults the report uses
+N_SUP = 6  # fixed tiny support size: one compilation for all hypothesis examples
+
+
+@pytest.fixture(scope="module")
+def sinkhorn_jit():
+    return jax.jit(lambda a, b, C: ot_exact.sinkhorn_emd(a, b, C, CFG))
+
+
+def _tiny(seed: int, temp: float, zeros: int):
+    rng = np.random.default_rng(seed)
+    X = cost.unit_embeddings(rng.normal(size=(N_SUP, 4)))
+    C = cost.cost_matrix(X, jnp.arange(N_SUP))
+
+    def dist():
+        w = np.exp(rng.normal(size=N_SUP) * temp)
+        w[rng.permutation(N_SUP)[:zeros]] = 0.0
+        return w / w.sum()
+    return dist(), dist(), C
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), temp=st.sampled_from([0.3, 1.0, 3.0]), zeros=st.integers(0, 2))
+def test_ott_matches_lp_on_tiny_supports(sinkhorn_jit, seed, temp, zeros):
+    a, b, C = _tiny(seed, temp, zeros)
+    lp = ot_exact.emd_lp(a, b, np.asarray(C, np.float64))
+    out = sinkhorn_jit(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), C)
+    assert abs(float(out["cost"]) - lp) < 1e-3, (float(out["cost"]), lp)
+    # the rounded plan is feasible, so its cost cannot be below the LP optimum (fp32 slack)
+    assert float(out["cost"]) >= lp - 1e-5
+    assert float(out["marginal_error"]) < 1e-2
+
+
+def test_emd_lp_known_values():
+    X = cost.unit_embeddings(np.array([[1.0, 0], [0, 1.0], [-1.0, 0]]))
+    C = np.asarray(cost.cost_matrix(X, jnp.arange(3)), np.float64)
+    assert ot_exact.emd_lp(np.array([1.0, 0, 0]), np.array([0, 0, 1.0]), C) == pytest.approx(2.0)
+    assert ot_exact.emd_lp(np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), C) == pytest.approx(1.0)
+    a = np.array([0.2, 0.5, 0.3])
+    assert ot_exact.emd_lp(a, a, C) == pytest.approx(0.0, abs=1e-12)
+    # either 0.5 moves 0 -> 2 (cost 2) or 0.5 moves 0 -> 1 and 0.5 moves 1 -> 2 (cost 1 each): 1.0
+    assert ot_exact.emd_lp(np.array([0.5, 0.5, 0]), np.array([0, 0.5, 0.5]), C) == pytest.approx(1.0)
+    # the orthogonal point is cheaper than the antipode: 0.5 (0 -> 1) + 0 = 0.5
+    assert ot_exact.emd_lp(np.array([0.5, 0.5, 0]), np.array([0, 1.0, 0]), C) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="do not match"):
+        ot_exact.emd_lp(a, a[:2], C)
+
+
+def test_round_to_coupling_is_feasible():
+    rng = np.random.default_rng(0)
+    a = rng.dirichlet(np.ones(7))
+    b = rng.dirichlet(np.ones(5))
+    P = jnp.asarray(np.outer(a, b) * rng.uniform(0.5, 1.5, size=(7, 5)), jnp.float32)
+    R = ot_exact.round_to_coupling(P, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    assert float(R.min()) >= 0
+    np.testing.assert_allclose(R.sum(1), a, atol=1e-6)
+    np.testing.assert_allclose(R.sum(0), b, atol=1e-6)
+    # a feasible plan is left unchanged
+    Q = jnp.asarray(np.outer(a, b), jnp.float32)
+    np.testing.assert_allclose(ot_exact.round_to_coupling(Q, jnp.asarray(a), jnp.asarray(b)), Q, atol=1e-6)
+
+
+def test_union_support_and_restrict():
+    ids, valid = ot_exact.union_support(jnp.array([5, 1, 9]), jnp.array([9, 2, 5]))
+    ids, valid = np.asarray(ids), np.asarray(valid)
+    assert ids.shape == (6,)
+    assert sorted(ids[valid].tolist()) == [1, 2, 5, 9]
+    p = jax.nn.softmax(jnp.arange(12.0) / 3)
+    w, mass = ot_exact.restrict(p, jnp.asarray(ids), jnp.asarray(valid))
+    assert float(jnp.sum(w)) == pytest.approx(1.0, abs=1e-6)
+    assert float(mass) == pytest.approx(float(p[jnp.array([1, 2, 5, 9])].sum()), rel=1e-6)
+    assert np.all(np.asarray(w)[~valid] == 0)
+
+
+def _real_like(seed, V=200, d=12, N=5):
+    rng = np.random.default_rng(seed)
+    E_hat = cost.unit_embeddings(rng.normal(size=(V, d)))
+    zp = jnp.asarray(rng.normal(size=(N, V)) * 3, jnp.float32)
+    zq = zp + jnp.asarray(rng.normal(size=(N, V)) * 1.5, jnp.float32)
+    return E_hat, zp, zq
+
+
+def test_topk_emd_between_bounds_and_equal_to_lp():
+    E_hat, zp, zq = _real_like(1)
+    k = 6
+    r = ot_exact.batched_topk_emd(zp, zq, E_hat, k=k)
+    assert r["exact"].shape == (5,)
+    assert np.all(np.asarray(r["marginal_error"]) < 1e-3)  # Sinkhorn's plan before rounding
+    assert np.all(np.asarray(r["lower"]) <= np.asarray(r["exact"]) + 1e-5)
+    assert np.all(np.asarray(r["exact"]) <= np.asarray(r["upper"]) + 1e-5)
+    assert np.all((np.asarray(r["mass_p"]) > 0) & (np.asarray(r["mass_p"]) <= 1 + 1e-6))
+    for i in range(5):
+        lp = ot_exact.lp_on_support(zp[i], zq[i], E_hat, k)
+        assert abs(float(r["exact"][i]) - lp) < 1e-3
+    # the per-position function agrees with the batched one
+    one = ot_exact.topk_emd(zp[2], zq[2], E_hat, k)
+    assert float(one["exact"]) == pytest.approx(float(r["exact"][2]), abs=1e-5)
+
+
+def test_full_support_reproduces_full_vocab_bounds():
+    """With k = V nothing is truncated: the support bounds equal emd.py's full-vocab bounds."""
+    E_hat, zp, zq = _real_like(2, V=10, d=4, N=3)
+    r = ot_exact.batched_topk_emd(zp, zq, E_hat, k=10)
+    np.testing.assert_allclose(r["mass_p"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(r["lower"], emd.lower_bound(zp, zq, E_hat, kind="logits"), atol=1e-5)
+    np.testing.assert_allclose(r["upper"], emd.upper_bound(zp, zq, E_hat, kind="logits"), atol=1e-5)
+    C = np.clip(1 - np.asarray(E_hat, np.float64) @ np.asarray(E_hat, np.float64).T, 0, 2)
+    for i in range(3):
+        lp = ot_exact.emd_lp(np.asarray(jax.nn.softmax(zp[i]), np.float64),
+                             np.asarray(jax.nn.softmax(zq[i]), np.float64), C)
+        assert abs(float(r["exact"][i]) - lp) < 1e-3
+
+
+def test_onehot_mode_reproduces_closed_form():
+    E_hat, zp, zq = _real_like(3, N=7)
+    y = jnp.argmax(zq, -1).at[0].set(int(jnp.argmin(zp[0])))  # position 0: y outside top-k(p)
+    r = ot_exact.batched_topk_onehot_emd(zp, y, E_hat, k=8, cfg=ot_exact.SinkhornConfig(batch_size=3))
+    np.testing.assert_allclose(r["exact"], r["closed"], atol=1e-4)
+    assert np.all(np.asarray(r["converged"]))
+    np.testing.assert_allclose(r["closed_full"], emd.onehot_emd(zp, y, E_hat), atol=1e-6)
+    # no truncation (k = V): OTT equals the full-vocabulary closed form
+    E_small, zs, _ = _real_like(5, V=40, N=3)
+    ys = jnp.array([0, 17, 39])
+    r_full = ot_exact.batched_topk_onehot_emd(zs, ys, E_small, k=40)
+    np.testing.assert_allclose(r_full["exact"], emd.onehot_emd(zs, ys, E_small), atol=1e-4)
+    np.testing.assert_allclose(r_full["mass_p"], 1.0, atol=1e-5)
+
+
+def test_batch_size_not_dividing_positions():
+    E_hat, zp, zq = _real_like(4, N=5)
+    a = ot_exact.batched_topk_emd(zp, zq, E_hat, k=4, cfg=ot_exact.SinkhornConfig(batch_size=2))
+    b = ot_exact.batched_topk_emd(zp, zq, E_hat, k=4, cfg=ot_exact.SinkhornConfig(batch_size=8))
+    for key in ("exact", "lower", "upper"):
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5)
