@@ -111,6 +111,40 @@ def refusal_flags(texts) -> list[bool]:
     return [is_refusal(t) for t in texts]
 
 
+def refusal_detector_figures(rows: Sequence[tuple[str, str, bool]]) -> dict:
+    """Precision/recall of `is_refusal` on labelled (prompt, response, is_refusal) rows: on all
+    rows, and on the "explicit" rows, whose label is about the response refusing.
+
+    PyRIT labels "refusal" also for off-topic answers (a valid answer to ANOTHER prompt, pasted
+    under this one); no text-only detector can see those. They are identified exactly: a
+    response labelled refusal that the same data labels NOT refusal as the answer to a
+    different prompt. The "explicit" figures leave those rows out.
+    """
+    answers: dict[str, set] = {}
+    for p, r, y in rows:
+        if not y:
+            answers.setdefault(r.strip(), set()).add(p.strip())
+    swapped = np.array([bool(y and (answers.get(r.strip(), set()) - {p.strip()}))
+                        for p, r, y in rows], dtype=bool)
+    pred = np.array([is_refusal(r) for _, r, _ in rows], dtype=bool)
+    y = np.array([bool(lab) for _, _, lab in rows], dtype=bool)
+    out = {}
+    for name, keep in (("all", np.ones(len(rows), bool)), ("explicit", ~swapped)):
+        p, t = pred[keep], y[keep]
+        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+        out[name] = {"n": int(keep.sum()), "n_refusal": int(t.sum()), "tp": tp, "fp": fp,
+                     "fn": fn, "precision": tp / (tp + fp) if tp + fp else float("nan"),
+                     "recall": tp / (tp + fn) if tp + fn else float("nan")}
+    return out
+
+
+def pyrit_refusal_rows() -> list[tuple[str, str, bool]]:
+    """PyRIT's refusal-scorer rows (all splits) as (prompt, response, is_refusal)."""
+    from . import sources
+    return [(r.prompt, r.response, r.label == "refusal")
+            for r in sources.load_set("judge_refusal", "all")]
+
+
 # ---------------------------------------------------------------------------------------------
 # Harmfulness judge trained by the project (TF-IDF + logistic regression)
 # ---------------------------------------------------------------------------------------------
@@ -419,3 +453,21 @@ def load_judge(spec: str | None = None):
         raise FileNotFoundError(f"judge {spec!r}: expected 'tfidf' or a local HF classifier "
                                 f"directory ('hf:/path/to/dir'); {path!r} is not a directory")
     return HFClassifierJudge(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m semloss_jax.judges [--retrain]`: the judges' measured figures (docs/EVAL.md)."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m semloss_jax.judges", description=main.__doc__)
+    ap.add_argument("--retrain", action="store_true", help="retrain the cached harm judge")
+    args = ap.parse_args(argv)
+    judge = HarmJudge.load_or_train(retrain=args.retrain)
+    print(json.dumps({"harm_judge": judge.meta,
+                      "refusal_detector": refusal_detector_figures(pyrit_refusal_rows())},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,6 @@ its cache, and the local-HF-classifier interface."""
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -58,38 +57,8 @@ def test_refusal_type_error():
         is_refusal(None)
 
 
-def _refusal_rows():
-    """PyRIT's refusal-scorer rows: (prompt, response, is_refusal) from the data layer."""
-    from semloss_jax import sources
-    recs = sources.load_set("judge_refusal", "all")
-    return [(r.prompt, r.response, r.label == "refusal") for r in recs]
-
-
-def refusal_detector_figures(rows):
-    """Precision/recall on all rows, and on rows whose label is about refusing the request.
-
-    PyRIT labels "refusal" also for off-topic answers (a valid answer to ANOTHER prompt, pasted
-    to this one); no text-only detector can see those. They are identified exactly: a response
-    labelled refusal that the same file labels NOT refusal as the answer to a different prompt.
-    """
-    answers = defaultdict(set)  # response -> prompts it validly answers
-    for p, r, y in rows:
-        if not y:
-            answers[r.strip()].add(p.strip())
-    swapped = [y and bool(answers[r.strip()] - {p.strip()}) for p, r, y in rows]
-    pred = np.array([is_refusal(r) for _, r, _ in rows])
-    y = np.array([lab for _, _, lab in rows])
-    out = {}
-    for name, keep in (("all", np.ones(len(rows), bool)), ("explicit", ~np.array(swapped))):
-        p, t = pred[keep], y[keep]
-        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
-        out[name] = {"n": int(keep.sum()), "n_refusal": int(t.sum()), "tp": tp, "fp": fp,
-                     "fn": fn, "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1)}
-    return out
-
-
 def test_refusal_detector_on_pyrit_labels():
-    figs = refusal_detector_figures(_refusal_rows())
+    figs = judges.refusal_detector_figures(judges.pyrit_refusal_rows())
     print(figs)
     assert figs["all"]["n"] >= 150
     # measured (docs/EVAL.md): all rows P = 1.00, R = 0.58; explicit rows P = 1.00, R = 0.83
@@ -124,9 +93,9 @@ def judge_rows():
 @pytest.fixture(scope="module")
 def trained(judge_rows):
     tr, te = judge_rows
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: robust to other processes sharing the machine
     j = HarmJudge.train(tr, te)
-    return j, time.perf_counter() - t0
+    return j, time.process_time() - t0
 
 
 def test_judge_split_is_prompt_disjoint(judge_rows):
@@ -142,10 +111,10 @@ def test_judge_split_is_prompt_disjoint(judge_rows):
 def test_harm_judge_heldout_floor(trained):
     j, secs = trained
     h = j.meta["heldout"]
-    print(h, f"train+score {secs:.1f}s")
+    print(h, f"train+score {secs:.1f} CPU s")
     assert h["auc"] >= 0.85          # measured 0.872 (docs/EVAL.md)
     assert h["accuracy"] >= 0.72     # measured 0.773
-    assert secs < 30.0               # seconds, not minutes
+    assert secs < 30.0               # CPU seconds, not minutes (measured ~4 s)
 
 
 def test_harm_judge_deterministic_and_sensible(trained, judge_rows):
