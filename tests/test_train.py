@@ -1,0 +1,162 @@
+"""train.py end to end on configs/smoke.yaml: run directory, metrics, one compilation,
+exact resume after SIGKILL, NaN stop, CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+REQUIRED = ("step", "loss", "ce", "emd_lower", "emd_upper", "tokens_per_s")
+
+
+def _train(args, timeout=600, **kw):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    proc = _train(["--config", str(SMOKE), f"output_dir={run}", "--quiet"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run, proc
+
+
+def test_smoke_run_directory(smoke_run):
+    run, proc = smoke_run
+    from semloss_jax import config as C
+    cfg = C.load_config(run / "config.yaml")
+    assert cfg == C.load_config(SMOKE, [f"output_dir={run}", "run.progress=false"])
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, cfg.run.steps + 1))
+    for r in rows:
+        for k in REQUIRED:
+            assert k in r and r[k] is not None, k
+        assert 0.0 <= r["emd_lower"] <= r["emd_upper"] <= 2.0
+        assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it trains
+    # Orbax: every 2 steps, keep the last 2
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6]
+    hf = run / "hf"
+    assert (hf / "config.json").exists() and (hf / "model.safetensors").exists()
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 49152
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    out = proc.stdout
+    assert str(run / "metrics.jsonl") in out and str(run / "checkpoints") in out and str(hf) in out
+    assert "model FLOPs per step" in out and "tokens/s" in out and "MFU n/a" in out
+
+
+def test_step_compiles_once(smoke_run):
+    _, proc = smoke_run
+    assert "step compiled 1 time(s)" in proc.stdout
+
+
+def test_exported_model_equals_final_checkpoint(smoke_run):
+    """hf/ reloads (weights.load_model) to exactly the params of the last checkpoint."""
+    import jax
+    import numpy as np
+    from semloss_jax import checkpoint as CK, config as C, sharding, train_loop, weights
+    run, _ = smoke_run
+    cfg = C.load_config(run / "config.yaml")
+    mcfg, exported = weights.load_model(run / "hf")
+    assert (mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.vocab_size) == (2, 64, 49152)
+    plan = train_loop.plan_state(cfg, train_loop.model_config_of(cfg),
+                                 sharding.make_mesh(C.MeshSection(1, 1, 1)))
+    ck = CK.Checkpointer(run / "checkpoints", every=2, keep_last=2)
+    saved, meta = ck.restore(plan.abstract_state)
+    ck.close()
+    assert meta["step"] == cfg.run.steps
+    a = jax.tree_util.tree_leaves_with_path(saved["params"])
+    b = dict(jax.tree_util.tree_leaves_with_path(exported))
+    assert len(a) == len(b)
+    for path, x in a:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(b[path]), err_msg=str(path))
+
+
+def test_sigkill_then_resume_logs_the_same_losses(smoke_run, tmp_path):
+    ref_run, _ = smoke_run
+    ref = {r["step"]: r["loss"] for r in _metrics(ref_run)}
+    run = tmp_path / "run"
+    args = ["--config", str(SMOKE), f"output_dir={run}", "--quiet"]
+    child = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ck2 = run / "checkpoints" / "2"
+    deadline = time.time() + 600
+    while not ck2.is_dir() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)   # right after the first checkpoint is finalized
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stdout.read()[-3000:]
+    killed_at = len(_metrics(run))
+    assert 2 <= killed_at < 6, killed_at
+    proc = _train(args + ["--resume"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "resume: restored step" in proc.stdout
+    got = {r["step"]: r["loss"] for r in _metrics(run)}
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=0), (s, got[s], ref[s])
+
+
+def test_resume_refuses_to_mix_runs(smoke_run):
+    run, _ = smoke_run
+    proc = _train(["--config", str(SMOKE), f"output_dir={run}", "--quiet"])
+    assert proc.returncode == 1 and "--resume" in proc.stderr
+
+
+def test_cli_config_error_names_key(tmp_path):
+    proc = _train(["--config", str(SMOKE), f"output_dir={tmp_path}", "objective.lamda=0.5"], timeout=120)
+    assert proc.returncode == 2
+    assert "objective.lamda" in proc.stderr and "<command line>" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from semloss_jax import config as C, train_loop
+    cfg = C.load_config(SMOKE, [f"output_dir={tmp_path}", "optim.lr=1e30", "optim.clip_norm=null",
+                                "run.checkpoint_every=1", "run.steps=6", "run.progress=false",
+                                "run.tensorboard=false", "run.async_checkpoint=false"])
+    with pytest.raises(train_loop.NonFiniteLoss) as ei:
+        train_loop.train(cfg, echo=lambda s: None)
+    msg = str(ei.value)
+    assert "non-finite" in msg and "last good checkpoint" in msg
+    bad_step = int(re.search(r"(?:at|after) step (\d+)", msg).group(1))
+    assert bad_step < 6
+    rows = _metrics(tmp_path)
+    assert rows[-1]["step"] == bad_step
+    if "stopped" in rows[-1]:  # a non-finite loss is logged with the reason
+        assert not math.isfinite(rows[-1]["loss"])
+    good_steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert good_steps and max(good_steps) < bad_step  # nothing saved from the bad state
+    assert msg.endswith(f"step {max(good_steps)} in {tmp_path / 'checkpoints'}")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_default_config_two_steps(tmp_path):
+    """configs/default.yaml (real SmolLM2-135M, LoRA, real data), shortened to 2 steps."""
+    from semloss_jax.paths import default_model_path
+    if not default_model_path().exists():
+        pytest.skip("the SmolLM2 GGUF is not fetched (make fetch)")
+    proc = _train([f"output_dir={tmp_path}", "run.steps=2", "--quiet"], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["ce"] < 6.0 for r in rows)  # a pretrained model, not a random one (ln V = 10.8)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
