@@ -35,11 +35,13 @@ from semloss_jax.cost import cost_matrix
 
 @dataclass(frozen=True)
 class SinkhornConfig:
-    """Sinkhorn settings. epsilon is absolute (costs lie in [0, 2]); threshold is the L1
-    marginal error at which Sinkhorn stops. At epsilon 3e-3 the rounded cost is within
-    ~1e-4 of the LP even when a hard problem stops at max_iterations unconverged (the
-    `converged` flag reports it); smaller epsilon needs many more iterations."""
-    epsilon: float = 3e-3
+    """Sinkhorn settings. epsilon is absolute (costs lie in [0, 2], typical token-pair costs
+    0.5 - 1); threshold is the L1 marginal error at which Sinkhorn stops. Measured on 64 real
+    SmolLM2 positions (top-32 union supports): epsilon 1e-2 converged on 95% of positions with
+    the rounded cost within 6.4e-5 of the LP on average (max 6.9e-4); epsilon 3e-3 was no more
+    accurate after rounding (mean 6.1e-5, max 8.7e-4) but converged on only 66% within 10k
+    iterations; 1e-3 converged on 34% (mean error 4.1e-4)."""
+    epsilon: float = 1e-2
     threshold: float = 1e-5
     max_iterations: int = 10000
     batch_size: int = 256  # positions per vmapped chunk (bounds memory)
@@ -127,13 +129,12 @@ def emd_lp(a: np.ndarray, b: np.ndarray, C: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- per position
 
-def topk_emd(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int,
-             cfg: SinkhornConfig = SinkhornConfig()) -> dict:
-    """One position, soft target: exact EMD (OTT) on S = top-k(p) ∪ top-k(q), mass renormalized,
-    and the bounds LB / UB of emd.py on the SAME truncated distributions.
+def topk_problem(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int) -> dict:
+    """One position, soft target: the truncated problem on S = top-k(p) ∪ top-k(q) and the
+    bounds LB / UB of emd.py on these SAME truncated (renormalized) distributions.
 
-    p_logits, q_logits [V]. Returns scalars: exact, lower, upper, mass_p, mass_q (mass kept
-    by the truncation), converged, n_iters, marginal_error; and support ids/valid/a/b.
+    p_logits, q_logits [V]. Returns ids/valid [2k] (the support), a/b [2k] (the weights),
+    mass_p/mass_q (mass kept by the truncation), lower, upper.
     """
     p = emd.probs_from_logits(p_logits)
     q = emd.probs_from_logits(q_logits)
@@ -143,15 +144,20 @@ def topk_emd(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int,
     E_s = E_hat[ids]
     mu_a = emd.mean_embedding_from_probs(a, E_s)
     mu_b = emd.mean_embedding_from_probs(b, E_s)
-    out = sinkhorn_emd(a, b, cost_matrix(E_hat, ids), cfg)
-    return {
-        "exact": out["cost"],
-        "lower": emd.lower_bound_from_means(mu_a, mu_b),
-        "upper": emd.upper_bound_from_means(mu_a, mu_b),
-        "mass_p": mass_p, "mass_q": mass_q,
-        "converged": out["converged"], "n_iters": out["n_iters"], "marginal_error": out["marginal_error"],
-        "ids": ids, "valid": valid, "a": a, "b": b,
-    }
+    return {"ids": ids, "valid": valid, "a": a, "b": b, "mass_p": mass_p, "mass_q": mass_q,
+            "lower": emd.lower_bound_from_means(mu_a, mu_b), "upper": emd.upper_bound_from_means(mu_a, mu_b)}
+
+
+def topk_emd(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int,
+             cfg: SinkhornConfig = SinkhornConfig()) -> dict:
+    """One position, soft target: exact EMD (OTT) on the topk_problem support, plus its bounds.
+
+    Returns topk_problem's entries and exact, converged, n_iters, marginal_error.
+    """
+    prob = topk_problem(p_logits, q_logits, E_hat, k)
+    out = sinkhorn_emd(prob["a"], prob["b"], cost_matrix(E_hat, prob["ids"]), cfg)
+    return {**prob, "exact": out["cost"], "converged": out["converged"], "n_iters": out["n_iters"],
+            "marginal_error": out["marginal_error"]}
 
 
 def topk_onehot_emd(p_logits: jax.Array, y: jax.Array, E_hat: jax.Array, k: int,
@@ -206,10 +212,28 @@ def batched_topk_onehot_emd(p_logits: jax.Array, y: jax.Array, E_hat: jax.Array,
     return jax.lax.map(one, (p_logits, y), batch_size=cfg.batch_size)
 
 
+@partial(jax.jit, static_argnames=("k",))
+def batched_topk_bounds(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, *, k: int) -> dict:
+    """LB / UB on the top-k union support only (no OT): p_logits, q_logits [N, V] -> dict of [N]."""
+    def one(pl, ql):
+        r = topk_problem(pl, ql, E_hat, k)
+        return {key: r[key] for key in ("lower", "upper", "mass_p", "mass_q")}
+    return jax.vmap(one)(p_logits, q_logits)
+
+
+def lp_from_problem(prob: dict, E_hat: jax.Array) -> float:
+    """The exact LP value of one truncated problem (a topk_problem dict for one position)."""
+    keep = np.asarray(prob["valid"])
+    ids = np.asarray(prob["ids"])[keep]
+    E_s = np.asarray(E_hat[jnp.asarray(ids)], np.float64)
+    C = np.clip(1.0 - E_s @ E_s.T, 0.0, 2.0)  # c(u, v) = 1 - ê_u·ê_v, as cost.cost_matrix
+    return emd_lp(np.asarray(prob["a"])[keep], np.asarray(prob["b"])[keep], C)
+
+
+_topk_problem_jit = jax.jit(topk_problem, static_argnames=("k",))
+
+
 def lp_on_support(p_logits, q_logits, E_hat, k: int) -> float:
     """The exact LP value on the same truncated problem topk_emd solves (for cross-checks)."""
-    r = topk_emd(jnp.asarray(p_logits), jnp.asarray(q_logits), E_hat, k)
-    keep = np.asarray(r["valid"])
-    ids = np.asarray(r["ids"])[keep]
-    C = np.asarray(cost_matrix(E_hat, jnp.asarray(ids)), np.float64)
-    return emd_lp(np.asarray(r["a"])[keep], np.asarray(r["b"])[keep], C)
+    prob = dict(_topk_problem_jit(jnp.asarray(p_logits), jnp.asarray(q_logits), E_hat, k))
+    return lp_from_problem(prob, E_hat)
