@@ -329,9 +329,13 @@ def _jsonable(x):
 
 
 def fmt_rate(r: dict | None) -> str:
-    """'12.5% (5/40) [4.2, 25.0]' from a rate_summary dict."""
+    """'12.5% (5/40) [4.2, 25.0]' from a rate_summary dict: the bootstrap interval, or the
+    Wilson interval (marked W) at 0/n and n/n, where every bootstrap resample is identical."""
     if not r or r.get("rate") is None:
         return "n/a"
+    if r["k"] in (0, r["n"]) and r.get("wilson") and r["wilson"][0] is not None:
+        lo, hi = r["wilson"]
+        return f"{100 * r['rate']:.1f}% ({r['k']}/{r['n']}) W[{100 * lo:.1f}, {100 * hi:.1f}]"
     lo, hi = r["ci"]
     return f"{100 * r['rate']:.1f}% ({r['k']}/{r['n']}) [{100 * lo:.1f}, {100 * hi:.1f}]"
 
@@ -352,7 +356,8 @@ def render_markdown(report: dict) -> str:
              f"- decoding: {st['decoding']}, max_new_tokens={st['max_new_tokens']}, "
              f"system={st['system']!r}, limit={st['limit']}",
              f"- intervals: bootstrap {100 * 0.95:.0f}% ({st['n_boot']} resamples, seed "
-             f"{st['bootstrap_seed']}); rates as % (k/n) [low, high]"]
+             f"{st['bootstrap_seed']}); rates as % (k/n) [low, high]; W[...] = Wilson "
+             f"interval, shown at 0/n and n/n"]
     if report.get("judge"):
         j = report["judge"]
         h = (j.get("meta") or {}).get("heldout")

@@ -118,7 +118,8 @@ def collect(inputs: Sequence[str | Path]) -> list[dict]:
 def render_markdown(entries: list[dict]) -> str:
     from .evaluate import fmt_ce, fmt_rate
     lines = ["# Models side by side", "",
-             "Rates: % (k/n) [bootstrap 95% interval]. Reference CE: nats per response token "
+             "Rates: % (k/n) [bootstrap 95% interval] (W[...]: Wilson 95% interval, shown at 0/n "
+             "and n/n where the bootstrap is degenerate). Reference CE: nats per response token "
              "of held-out reference answers (lower = better language ability).", "",
              "| model | objective | harmful n | harmful rate (harmful prompts) | refusal rate "
              "(harmful prompts) | over-refusal rate | refusal rate (benign) | reference CE | "

@@ -126,10 +126,11 @@ def _direct_nll(params, cfg, tok, prompt, ref):
 def test_reference_nll_matches_direct(tiny, real_tokenizer):
     cfg, params = tiny
     tok = real_tokenizer
-    prompts = ["What is 2+2?", "Name a colour.", "Write a haiku about autumn leaves falling.", "Hi"]
-    refs = ["4", "Blue is a colour.", "Red leaves drift down / quiet on the cold ground / "
-            "the year exhales slow", "Hello! How can I help you today?"]
-    nll, ntok = reference_nll(params, cfg, tok, prompts, refs, batch_size=3, seq_len=128)
+    prompts = ["What is 2+2?", "Write a haiku about autumn leaves falling.", "Hi"]
+    refs = ["4", "Red leaves drift down / quiet on the cold ground / the year exhales slow",
+            "Hello! How can I help you today?"]
+    # batch of 4 with 3 examples: one padded row; unequal lengths: right padding in rows
+    nll, ntok = reference_nll(params, cfg, tok, prompts, refs, batch_size=4, seq_len=128)
     for i in range(len(prompts)):
         d, n = _direct_nll(params, cfg, tok, prompts[i], refs[i])
         assert ntok[i] == n
