@@ -331,17 +331,21 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     for f in sorted(set(plan.fallbacks)):
         log.info("sharding fallback: %s", f)
 
-    if host_params is None:  # random init, created directly in its shards
-        params = jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=param_sh)(k_init)
+    E_sh = param_sh["embed"]["embedding"]
+
+    def init_all(p, k):
+        # Ê from the INITIAL embeddings, once; never recomputed from the trained params
+        E_hat = cost.unit_embeddings(model_lib.embedding_matrix(p))
+        return init_state(p, k), E_hat
+
+    if host_params is None:  # random init, created directly in its shards (one compiled program)
+        state, E_hat = jax.jit(lambda ki, ks: init_all(model_lib.init_params(model_cfg, ki), ks),
+                               out_shardings=(state_sh, E_sh))(k_init, k_state)
     else:
         params = _put_params(host_params, param_sh)
         host_params = None
-    E_sh = param_sh["embed"]["embedding"]
-    # Ê from the INITIAL embeddings, once; never recomputed from trained params
-    E_hat = jax.jit(lambda p: cost.unit_embeddings(model_lib.embedding_matrix(p)),
-                    out_shardings=E_sh)(params)
-    state = jax.jit(init_state, out_shardings=state_sh, donate_argnums=(0,))(params, k_state)
-    del params
+        state, E_hat = jax.jit(init_all, out_shardings=(state_sh, E_sh), donate_argnums=(0,))(params, k_state)
+        del params
     say(f"model: {model_cfg.num_params / 1e6:.1f}M params, {model_cfg.num_hidden_layers} layers, "
         f"vocab {model_cfg.vocab_size}; trainable={ocfg.trainable}; mesh "
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
@@ -351,6 +355,7 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=cfg.run.checkpoint_every, keep_last=cfg.run.keep_last,
                                  async_save=cfg.run.async_checkpoint)
     start_step, resumed_from = 0, None
+    fingerprint = _fingerprint(cfg)
     if cfg.run.resume:
         latest = ckpt.latest_step()
         if latest is None:
@@ -362,6 +367,9 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
                 if name in streams:
                     streams[name].seek(pos)
             start_step = resumed_from = int(meta["step"])
+            if meta.get("config") not in (None, fingerprint):
+                say("resume: WARNING the config differs from the one that wrote the checkpoint "
+                    "(the continuation is not the uninterrupted run of either config)")
             if int(jax.device_get(state["step"])) != start_step:
                 raise TrainError(f"checkpoint {latest}: state step {int(state['step'])} != meta step {start_step}")
             if _is_main():
@@ -461,8 +469,7 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
                     stopped = (f"non-finite parameters after step {step}: stopping; the last good "
                                f"checkpoint is step {last_good_ckpt} in {ckpt_dir}")
                     break
-                meta = {"data": {n: s.position() for n, s in streams.items()},
-                        "config": ckpt_lib.config_fingerprint(config_lib.to_yaml(cfg))}
+                meta = {"data": {n: s.position() for n, s in streams.items()}, "config": fingerprint}
                 ckpt.save(step, state, meta)
                 last_good_ckpt = step
     finally:
@@ -557,6 +564,13 @@ def _state_specs(abstract_state, logical_state, mesh, fallbacks):
         else:
             specs[k] = sharding.tree_specs(sub, lg, mesh, fallbacks=fallbacks)
     return specs
+
+
+def _fingerprint(cfg: config_lib.TrainConfig) -> str:
+    """A hash of what determines the trajectory (not resume/progress/logging switches)."""
+    run = dataclasses.replace(cfg.run, resume=False, progress=True, tensorboard=True,
+                              async_checkpoint=True, output_dir="", export_hf=True)
+    return ckpt_lib.config_fingerprint(config_lib.to_yaml(dataclasses.replace(cfg, run=run)))
 
 
 @jax.jit

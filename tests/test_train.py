@@ -89,6 +89,7 @@ def test_exported_model_equals_final_checkpoint(smoke_run):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(b[path]), err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_logs_the_same_losses(smoke_run, tmp_path):
     ref_run, _ = smoke_run
     ref = {r["step"]: r["loss"] for r in _metrics(ref_run)}
