@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
@@ -151,8 +150,6 @@ def pyrit_refusal_rows() -> list[tuple[str, str, bool]]:
 
 JUDGE_VERSION = "harm-tfidf-lr-v1"  # bump when features/model/labels change: the cache key uses it
 HARM_LABEL_THRESHOLD = 0.5  # a row is "harmful" when its mean human harm score is >= this
-HARM_SPLIT_SEED = 0
-HARM_TEST_FRAC = 0.2
 
 
 @dataclass(frozen=True)
@@ -168,76 +165,16 @@ class JudgeRow:
         return self.score >= HARM_LABEL_THRESHOLD
 
 
-def pyrit_scorer_dir() -> Path:
-    return cache_dir() / "pyrit-1.1.0" / "pyrit" / "datasets" / "scorer_evals"
-
-
-def read_scorer_csv(path: Path) -> list[dict]:
-    """Rows of a PyRIT scorer-eval CSV (leading '# ...' metadata lines skipped), with 'where'."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    skip = 0
-    while skip < len(lines) and lines[skip].startswith("#"):
-        skip += 1
-    reader = csv.DictReader(io.StringIO("".join(lines[skip:])))
-    out = []
-    for row in reader:
-        row = {k: v for k, v in row.items() if k is not None}
-        row["where"] = f"{path}:{skip + reader.line_num}"
-        out.append(row)
-    return out
-
-
-def _row_score(row: dict) -> float:
-    cols = sorted(k for k in row if k.startswith("human_score"))
-    if not cols:
-        raise ValueError(f"{row['where']}: no human_score column")
-    vals = []
-    for c in cols:
-        try:
-            v = float(row[c])
-        except (TypeError, ValueError):
-            raise ValueError(f"{row['where']}: field {c!r}: not a number: {row[c]!r}") from None
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{row['where']}: field {c!r}: {v} outside [0, 1]")
-        vals.append(v)
-    return float(sum(vals) / len(vals))
-
-
 def _prompt_key(prompt: str) -> str:
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", prompt).casefold()).strip()
-
-
-def _hash_split(prompt: str) -> str:
-    h = hashlib.sha256(f"{HARM_SPLIT_SEED}\x00{_prompt_key(prompt)}".encode("utf-8")).digest()
-    return "test" if int.from_bytes(h[:8], "big") / 2.0**64 < HARM_TEST_FRAC else "train"
-
-
-def pyrit_harm_rows(split: str | None = None, root: Path | None = None) -> list[JudgeRow]:
-    """PyRIT's human-labelled harm/*.csv and objective/*.csv rows, split by prompt hash."""
-    root = Path(root) if root else pyrit_scorer_dir()
-    files = sorted((root / "harm").glob("*.csv")) + sorted((root / "objective").glob("*.csv"))
-    if not files:
-        raise FileNotFoundError(f"no PyRIT scorer CSVs under {root}; run "
-                                f"`python -m semloss_jax.fetch all`")
-    rows = []
-    for f in files:
-        for r in read_scorer_csv(f):
-            for fld in ("objective", "assistant_response"):
-                if not (r.get(fld) or "").strip():
-                    raise ValueError(f"{r['where']}: field {fld!r} is empty")
-            jr = JudgeRow(r["objective"], r["assistant_response"], _row_score(r), r["where"])
-            if split is None or _hash_split(jr.prompt) == split:
-                rows.append(jr)
-    return rows
+    from .splits import normalize
+    return normalize(prompt)
 
 
 def harm_rows(split: str) -> list[JudgeRow]:
-    """Judge data for `split` ("train"/"test"): the project's data sources when available."""
-    try:
-        from . import sources  # the data engineer's loader (same rows, same prompt-hash split)
-    except ImportError:
-        return pyrit_harm_rows(split)
+    """Judge data for `split` ("train"/"test"/"all"): PyRIT's human-labelled harm/*.csv and
+    objective/*.csv rows through the project's data layer (`judge_harm` set; split by
+    normalized-prompt hash, so no prompt is in both train and test)."""
+    from . import sources
     recs = sources.load_set("judge_harm", split)
     return [JudgeRow(r.prompt, r.response, float(r.score), r.id) for r in recs]
 
@@ -348,15 +285,25 @@ class HarmJudge:
         return judge
 
     @staticmethod
-    def cache_path() -> Path:
+    def cache_path(train_rows: Sequence[JudgeRow], test_rows: Sequence[JudgeRow]) -> Path:
+        """Keyed by the judge version, the sklearn version and the exact training/test rows."""
         import sklearn
-        return cache_dir() / "judges" / f"{JUDGE_VERSION}-sklearn{sklearn.__version__}.joblib"
+        h = hashlib.sha256()
+        for tag, rows in (("train", train_rows), ("test", test_rows)):
+            for r in rows:
+                h.update(f"{tag}\x00{r.prompt}\x00{r.response}\x00{r.score!r}\x01".encode())
+        return (cache_dir() / "judges" /
+                f"{JUDGE_VERSION}-{h.hexdigest()[:12]}-sklearn{sklearn.__version__}.joblib")
 
     @classmethod
     def load_or_train(cls, path: Path | None = None, *, retrain: bool = False) -> "HarmJudge":
-        """Load the cached judge; train (a few seconds) and cache it when missing or unreadable."""
+        """Load the cached judge; train (seconds) and cache it when missing or unreadable."""
         import joblib
-        path = Path(path) if path else cls.cache_path()
+        train_rows = test_rows = None
+        if path is None:
+            train_rows, test_rows = harm_rows("train"), harm_rows("test")
+            path = cls.cache_path(train_rows, test_rows)
+        path = Path(path)
         if path.exists() and not retrain:
             try:
                 obj = joblib.load(path)
@@ -364,7 +311,7 @@ class HarmJudge:
             except Exception as e:  # stale/corrupt cache: retrain rather than fail
                 print(f"judges: cached judge {path} unreadable ({e}); retraining",
                       file=sys.stderr)
-        judge = cls.train()
+        judge = cls.train(train_rows, test_rows)
         buf = io.BytesIO()
         joblib.dump({"pipeline": judge.pipeline, "meta": judge.meta}, buf)
         atomic_write_bytes(path, buf.getvalue())
