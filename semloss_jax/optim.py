@@ -347,12 +347,8 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
         counts = obj_lib.global_counts(benign_micro, harmful_micro)
         E_hat = jax.lax.stop_gradient(E_hat) if E_hat is not None else None
 
-        def first(x):
-            return jax.tree_util.tree_map(lambda a: a[0], x)
-
-        sums_shape = jax.eval_shape(lambda p: loss_fn(p, frozen, first(benign_micro), first(harmful_micro),
-                                                      E_hat, counts, mask)[1], params)
-        zero_sums = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+        sum_keys = obj_lib.SUM_KEYS_BENIGN + (obj_lib.SUM_KEYS_HARMFUL if harmful_micro is not None else ())
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
 
         if train:
             def body(carry, xs):

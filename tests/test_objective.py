@@ -133,7 +133,8 @@ def test_values_match_numpy_reference(setup, model_case, obj):
     loss = float(ob.combine(sums, counts, obj))
     mu_q = np.asarray(harmful["target_mu"], np.float64) if obj.target == "soft" else None
     ref, ref_loss = np_reference(np.asarray(b_logits), benign, np.asarray(h_logits), harmful, E_hat64, obj, mu_q)
-    assert set(sums) == set(ref)
+    assert set(sums) == set(ref) == set(ob.SUM_KEYS_BENIGN + ob.SUM_KEYS_HARMFUL)
+    assert all(v.shape == () and v.dtype == jnp.float32 for v in sums.values())
     for k, v in ref.items():
         np.testing.assert_allclose(float(sums[k]), v, rtol=2e-5, atol=2e-5, err_msg=k)
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-5)
