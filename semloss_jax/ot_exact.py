@@ -44,7 +44,7 @@ class SinkhornConfig:
     epsilon: float = 1e-2
     threshold: float = 1e-5
     max_iterations: int = 10000
-    batch_size: int = 256  # positions per vmapped chunk (bounds memory)
+    batch_size: int = 32  # positions per vmapped chunk: bounds memory; a chunk runs as long as its slowest position
 
 
 # ----------------------------------------------------------------------------- supports
