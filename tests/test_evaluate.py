@@ -90,7 +90,6 @@ def test_second_run_generates_nothing(tiny, harm_judge, tmp_path):
                      **{**kw, "settings": DecodeSettings(max_new_tokens=4), "sets": ("harmful",)})
     assert r4["counts"]["generated"] == 3
     # another model is another cache entry
-    p2 = {**params}
     import jax
     p2 = jax.tree_util.tree_map(lambda x: x * 1.01, params)
     assert ev.model_fingerprint(p2, cfg, tok) != ev.model_fingerprint(params, cfg, tok)
