@@ -36,6 +36,7 @@ def tiny_models(tmp_path_factory):
     return _tiny_dir(root, 0), _tiny_dir(root, 1)
 
 
+@pytest.mark.slow  # ~30-50 s on a busy 2-core CPU (two tiny exports, compiles)
 @pytest.mark.real_model  # reads the tokenizer out of the real GGUF
 def test_bounds_subcommand_end_to_end(tiny_models, tmp_path, capsys):
     import eval as eval_cli
