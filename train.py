@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import os
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # reruns skip XLA compilation
+        import jax
+        from semloss_jax.paths import cache_dir
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compile"))
     from semloss_jax import config as config_lib
     from semloss_jax import train_loop
 

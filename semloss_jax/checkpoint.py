@@ -118,11 +118,23 @@ class Checkpointer:
         self.manager.close()
 
 
+def to_host(tree):
+    """numpy copies of (possibly multi-process sharded) arrays; call it on EVERY process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return jax.tree_util.tree_map(
+            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
 def export_final(params, model_cfg, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write the final (merged) params as a Hugging Face safetensors directory."""
+    """Write the final (merged) params as a Hugging Face safetensors directory (process 0 writes;
+    every process must call it: the gather is collective)."""
     from . import weights
 
-    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    host = to_host(params)
+    if jax.process_index() != 0:
+        return Path(out_dir)
     try:
         return weights.export_hf(host, model_cfg, out_dir, tokenizer=tokenizer)
     except TypeError:  # an export_hf without the tokenizer argument

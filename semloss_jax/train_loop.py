@@ -292,9 +292,10 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     as configured; None runs to cfg.run.steps. tokenizer: an already loaded ChatTokenizer for
     cfg's tokenizer path (saves reloading it when one process runs several trainings).
     """
+    # first: jax.distributed must be initialized before anything touches the backend
+    sharding.maybe_initialize_distributed(cfg.distributed)
     echo = echo or (lambda s: print(s, flush=True))
     say = (lambda s: echo(s)) if _is_main() else (lambda s: None)
-    sharding.maybe_initialize_distributed(cfg.distributed)
     out = Path(cfg.run.output_dir).absolute()
     ckpt_dir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
@@ -494,8 +495,7 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     export_dir = None
     if step >= total and cfg.run.export_hf:
         final = optim_lib.export_params(state, ocfg)
-        if _is_main():
-            export_dir = ckpt_lib.export_final(final, model_cfg, out / "hf", tokenizer=tok)
+        export_dir = ckpt_lib.export_final(final, model_cfg, out / "hf", tokenizer=tok)
     ckpt.close()
 
     step_time = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else None)

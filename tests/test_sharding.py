@@ -232,3 +232,58 @@ def test_meshes_match_single_device_losses():
         assert r["compiles"] == 1 and r["cache_size"] == 1, name
         for key in ("loss", "ce", "emd_lower"):
             np.testing.assert_allclose(r[key], ref[key], rtol=1e-5, atol=0, err_msg=f"{name} {key}")
+
+
+MULTIHOST_SCRIPT = r"""
+import json, sys
+from semloss_jax import config, train_loop
+out = sys.argv[1]
+cfg = config.load_config("configs/smoke.yaml", ["run.steps=3", "run.progress=false",
+                                                 "run.tensorboard=false", "run.checkpoint_every=2",
+                                                 f"run.output_dir={out}", "mesh.data=-1"])
+r = train_loop.train(cfg, echo=lambda s: None)
+import jax
+print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                  "local": jax.local_device_count(), "compiles": r.compiles,
+                  "loss": [m["loss"] for m in r.metrics]}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_single_device(tmp_path):
+    """jax.distributed (2 CPU processes x 4 devices, from SEMLOSS_* env) with per-process data
+    loading gives the single-device losses; checkpoints and the export are written once."""
+    from semloss_jax import config as C, train_loop
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   SEMLOSS_COORDINATOR=f"localhost:{port}", SEMLOSS_NUM_PROCESSES="2",
+                   SEMLOSS_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-c", MULTIHOST_SCRIPT, str(tmp_path / "mh")],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = []
+    for p in procs:
+        so, se = p.communicate(timeout=900)
+        assert p.returncode == 0, se[-5000:]
+        outs.append(json.loads(so.strip().splitlines()[-1]))
+    assert sorted(o["process"] for o in outs) == [0, 1]
+    assert all(o["devices"] == 8 and o["local"] == 4 and o["compiles"] == 1 for o in outs)
+    cfg = C.load_config(REPO / "configs" / "smoke.yaml", [
+        "run.steps=3", "run.progress=false", "run.tensorboard=false", "run.checkpoint_every=0",
+        "run.export_hf=false", f"run.output_dir={tmp_path / 'one'}", "mesh.data=1"])
+    ref = [m["loss"] for m in train_loop.train(cfg, echo=lambda s: None).metrics]
+    for o in outs:
+        np.testing.assert_allclose(o["loss"], ref, rtol=1e-5, atol=0)
+    mh = tmp_path / "mh"
+    assert sorted(p.name for p in (mh / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert (mh / "hf" / "model.safetensors").exists()
+    assert len((mh / "metrics.jsonl").read_text().splitlines()) == 3

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+# one persistent XLA cache per test session: the runs after the first load the compiled step
+_JCC = tempfile.mkdtemp(prefix="semloss_jcc_")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=_JCC)
 REQUIRED = ("step", "loss", "ce", "emd_lower", "emd_upper", "tokens_per_s")
 
 
