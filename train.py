@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="continue the run in run.output_dir from its latest checkpoint")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import os

@@ -113,6 +113,14 @@ class Checkpointer:
                                                 jax.tree_util.tree_leaves(restored))
         return restored, dict(out["meta"])
 
+    def read_meta(self, step: int | None = None) -> dict | None:
+        """The JSON meta of `step` (default: latest) without touching the arrays; None if none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -301,6 +301,11 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     metrics_path = out / "metrics.jsonl"
 
     if not cfg.run.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        done = _finished_run(cfg, ckpt_dir)
+        if done is not None:
+            say(f"{out} already holds the finished run of this config (step {done.final_step}); "
+                f"nothing to do")
+            return done
         raise TrainError(f"{ckpt_dir} already holds checkpoints: pass --resume (run.resume=true) to "
                          f"continue that run, or choose another run.output_dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -361,6 +366,8 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
         latest = ckpt.latest_step()
         if latest is None:
             say(f"resume: no finalized checkpoint in {ckpt_dir}; starting from step 0")
+            if _is_main() and metrics_path.exists():
+                _truncate_metrics(metrics_path, 0)
         else:
             saved, meta = ckpt.restore(state, state_sh, latest)
             state = dict(state, **saved)
@@ -564,6 +571,26 @@ def _state_specs(abstract_state, logical_state, mesh, fallbacks):
         else:
             specs[k] = sharding.tree_specs(sub, lg, mesh, fallbacks=fallbacks)
     return specs
+
+
+def _finished_run(cfg: config_lib.TrainConfig, ckpt_dir: Path) -> "TrainResult | None":
+    """The result of a completed run of the same config in ckpt_dir (so reruns are no-ops)."""
+    ck = ckpt_lib.Checkpointer(ckpt_dir, every=0, keep_last=cfg.run.keep_last, async_save=False)
+    try:
+        meta = ck.read_meta()
+    finally:
+        ck.close()
+    if not meta or int(meta.get("step", -1)) != cfg.run.steps or meta.get("config") != _fingerprint(cfg):
+        return None
+    out = ckpt_dir.parent
+    hf = out / "hf"
+    if cfg.run.export_hf and not (hf / "config.json").exists():
+        return None
+    return TrainResult(output_dir=out, steps_run=0, final_step=cfg.run.steps,
+                       metrics=read_metrics(out / "metrics.jsonl"), compiles=0, cache_size=0,
+                       flops_per_step=float("nan"), step_time_s=None, first_step_s=None, mfu=None,
+                       export_dir=hf if cfg.run.export_hf else None, checkpoint_dir=ckpt_dir,
+                       resumed_from=None, stopped="already complete")
 
 
 def _fingerprint(cfg: config_lib.TrainConfig) -> str:

@@ -118,9 +118,13 @@ def test_sigkill_then_resume_logs_the_same_losses(smoke_run, tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=0), (s, got[s], ref[s])
 
 
-def test_resume_refuses_to_mix_runs(smoke_run):
+def test_rerun_of_a_finished_run_is_a_no_op_and_other_configs_are_refused(smoke_run):
     run, _ = smoke_run
+    before = (run / "metrics.jsonl").read_text()
     proc = _train(["--config", str(SMOKE), f"output_dir={run}", "--quiet"])
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr[-3000:]
+    assert (run / "metrics.jsonl").read_text() == before
+    proc = _train(["--config", str(SMOKE), f"output_dir={run}", "--quiet", "objective.lam=0.1"])
     assert proc.returncode == 1 and "--resume" in proc.stderr
 
 
