@@ -6,8 +6,9 @@ grouped-query attention, SwiGLU MLP, tied or untied LM head.
 
 Design:
 - Params are a plain pytree (`init_params` returns unboxed arrays) and `forward` is pure.
-- The decoder layers are stacked along a leading "layers" axis and run with `nn.scan`
-  (one compiled layer body, whatever the depth), optionally rematerialized (`cfg.remat`).
+- The decoder layers are stacked along a leading "layers" axis (`nn.scan` at init) and run with
+  `lax.scan` (one compiled layer body, whatever the depth), optionally rematerialized
+  (`cfg.remat`); a frozen prefix of layers (`frozen_layers`) skips its backward pass.
 - Every parameter carries logical axis names (`param_logical_axes`), so sharding is data:
   the training code maps logical names to mesh axes with a rule table.
 - Attention masking is one rule for training, packing and cached decoding:
@@ -347,6 +348,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """The module that defines the params (init); `forward` applies the same layers functionally."""
+
     cfg: LlamaConfig
 
     @nn.compact
@@ -406,16 +409,64 @@ def _context(cfg, input_ids, positions, segment_ids, attention_mask):
             "inv_freq": rope_inv_freq(cfg), "cache_index": jnp.int32(0)}
 
 
+def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: int = 0):
+    """The decoder stack as a lax.scan over the stacked layer params (one compiled body).
+
+    The first `frozen_layers` layers run in a separate scan whose output passes through
+    stop_gradient, so their backward pass is never computed (cheap last-K-layers training).
+    """
+    block = DecoderLayer(cfg)
+
+    def body(h, xs):
+        lp, lc = xs
+        return block.apply({"params": lp}, h, lc, ctx)
+
+    if cfg.remat != "none":
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None)
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
+    L = cfg.num_hidden_layers
+    if not 0 <= frozen_layers <= L:
+        raise ValueError(f"frozen_layers={frozen_layers} must be in [0, num_hidden_layers={L}]")
+    if frozen_layers == 0:
+        return jax.lax.scan(body, x, (layer_params, cache))
+    head = lambda t: jax.tree_util.tree_map(lambda a: a[:frozen_layers], t)  # noqa: E731
+    tail = lambda t: jax.tree_util.tree_map(lambda a: a[frozen_layers:], t)  # noqa: E731
+    x, c1 = jax.lax.scan(body, x, (jax.lax.stop_gradient(head(layer_params)), head(cache)))
+    x = jax.lax.stop_gradient(x)
+    if frozen_layers == L:
+        return x, c1
+    x, c2 = jax.lax.scan(body, x, (tail(layer_params), tail(cache)))
+    new_cache = None if cache is None else jax.tree_util.tree_map(
+        lambda a, b: jnp.concatenate([a, b], axis=0), c1, c2)
+    return x, new_cache
+
+
+def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool, frozen_layers: int = 0):
+    dt = _dt(cfg.dtype)
+    x = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt)
+    if frozen_layers:
+        x = jax.lax.stop_gradient(x)
+    x, new_cache = _run_layers(params["layers"], cfg, x, ctx, cache, frozen_layers)
+    x = RMSNorm(cfg.rms_norm_eps, dt, _dt(cfg.param_dtype)).apply({"params": params["final_norm"]}, x)
+    if return_hidden:
+        return x, new_cache
+    w = lm_head_matrix(params, cfg).astype(dt)
+    return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32), new_cache
+
+
 def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array, *, positions=None,
-            segment_ids=None, attention_mask=None, return_hidden: bool = False) -> jax.Array:
+            segment_ids=None, attention_mask=None, return_hidden: bool = False,
+            frozen_layers: int = 0) -> jax.Array:
     """Logits [B, T, V] in float32 (or final hidden states [B, T, d] with return_hidden=True).
 
     segment_ids: [B, T] ints, 0 = padding; equal ids attend to each other (packing).
     attention_mask: [B, T] 1/0, shorthand for segment_ids when not packing.
     positions: [B, T] RoPE positions; default counts valid tokens (left padding safe).
+    frozen_layers: the embedding and the first n decoder layers get no gradient and their
+      backward pass is skipped (the values are unchanged).
     """
     ctx = _context(cfg, input_ids, positions, segment_ids, attention_mask)
-    out, _ = LlamaForCausalLM(cfg).apply({"params": params}, input_ids, ctx, None, return_hidden)
+    out, _ = _apply(params, cfg, input_ids, ctx, None, return_hidden, frozen_layers)
     return out
 
 
@@ -456,7 +507,7 @@ def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, p
     ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg), "cache_index": idx,
            "mask": attention_mask_from(q_slot, segment_ids, k_slot, k_seg)}
     layer_cache = {"k": cache["k"], "v": cache["v"]}
-    logits, new = LlamaForCausalLM(cfg).apply({"params": params}, input_ids, ctx, layer_cache)
+    logits, new = _apply(params, cfg, input_ids, ctx, layer_cache, False)
     return logits, {"k": new["k"], "v": new["v"], "segment": k_seg, "index": idx + T}
 
 

@@ -242,9 +242,10 @@ def sums_from_logits(benign_logits: jax.Array, benign: Mapping, harmful_logits: 
     return out
 
 
-def _forward(params, model_cfg, batch):
+def _forward(params, model_cfg, batch, frozen_layers=0):
     return model_lib.forward(params, model_cfg, jnp.asarray(batch["input_ids"]),
-                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                             frozen_layers=frozen_layers)
 
 
 def _concat_ok(a: Mapping, b: Mapping) -> bool:
@@ -255,26 +256,29 @@ def _concat_ok(a: Mapping, b: Mapping) -> bool:
 
 
 def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat: jax.Array | None,
-              obj: ObjectiveConfig) -> dict[str, jax.Array]:
+              obj: ObjectiveConfig, *, frozen_layers: int = 0) -> dict[str, jax.Array]:
     """Forward the model on the benign (and harmful) batch and return SUMS and COUNTS.
 
     Keys: ce_sum, ce_count; with a harmful batch also harm_count, div_sum, lower_sum,
     upper_sum, emd_onehot_sum, harm_nll_sum, harm_nll_clip_sum, ul_sum (see harmful_sums).
     Benign and harmful batches with the same sequence length go through ONE forward
-    (concatenated along the batch axis); otherwise two.
+    (concatenated along the batch axis); otherwise two. frozen_layers: the first n decoder
+    layers get no gradient and skip their backward pass (model.forward).
     """
     _check_batch(benign, "benign", BENIGN_KEYS)
     if harmful is None:
-        return sums_from_logits(_forward(params, model_cfg, benign), benign, None, None, E_hat, obj)
+        return sums_from_logits(_forward(params, model_cfg, benign, frozen_layers), benign, None, None,
+                                E_hat, obj)
     _check_batch(harmful, "harmful", BENIGN_KEYS)
     if _concat_ok(benign, harmful):
         nb = jnp.shape(benign["input_ids"])[0]
         keys = [k for k in ("input_ids", "positions", "segment_ids") if k in benign]
         both = {k: jnp.concatenate([jnp.asarray(benign[k]), jnp.asarray(harmful[k])], axis=0) for k in keys}
-        logits = _forward(params, model_cfg, both)
+        logits = _forward(params, model_cfg, both, frozen_layers)
         b_logits, h_logits = logits[:nb], logits[nb:]
     else:
-        b_logits, h_logits = _forward(params, model_cfg, benign), _forward(params, model_cfg, harmful)
+        b_logits = _forward(params, model_cfg, benign, frozen_layers)
+        h_logits = _forward(params, model_cfg, harmful, frozen_layers)
     return sums_from_logits(b_logits, benign, h_logits, harmful, E_hat, obj)
 
 

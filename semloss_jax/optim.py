@@ -327,10 +327,12 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
     ocfg.validate()
     schedule = make_schedule(ocfg)
     train = ocfg.trainable != "none"
+    # last_k: the layers below the trainable ones run without a backward pass at all
+    frozen_layers = model_cfg.num_hidden_layers - ocfg.last_k if ocfg.trainable == "last_k" else 0
 
     def loss_fn(trainable, frozen, b, h, E_hat, counts, mask):
         params = full_params(_stop_frozen(trainable, mask), frozen, ocfg)
-        sums = obj_lib.loss_sums(params, model_cfg, b, h, E_hat, obj)
+        sums = obj_lib.loss_sums(params, model_cfg, b, h, E_hat, obj, frozen_layers=frozen_layers)
         return obj_lib.combine(sums, counts, obj), sums
 
     def step(state, benign_micro, harmful_micro, E_hat):

@@ -112,3 +112,23 @@ def test_real_smollm2_logits_match_transformers(tmp_path, real_model, real_token
     ref = _torch_logits(tmp_path / "hf", ids)
     assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
     assert real_tokenizer.decode([int(ours[0, -1].argmax())]).strip() == "The"
+
+
+def test_frozen_layers_skip_gradients_but_not_values():
+    cfg = tiny_config(num_hidden_layers=3)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 12)))
+
+    def loss(p, n):
+        return jnp.mean(forward(p, cfg, ids, frozen_layers=n) ** 2)
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_all, g_frozen = grad(params, 0), grad(params, 2)
+    np.testing.assert_array_equal(np.asarray(jforward(params, cfg, ids)),
+                                  np.asarray(jax.jit(lambda p: forward(p, cfg, ids, frozen_layers=2))(params)))
+    for path, g in jax.tree_util.tree_leaves_with_path(g_frozen["layers"]):
+        full = dict(jax.tree_util.tree_leaves_with_path(g_all["layers"]))[path]
+        assert np.all(np.asarray(g[:2]) == 0), path                       # frozen prefix: no gradient
+        np.testing.assert_allclose(g[2], full[2], rtol=1e-5, atol=1e-8)  # the rest: unchanged
+        assert np.any(np.asarray(g[2]) != 0)
+    assert np.all(np.asarray(g_frozen["embed"]["embedding"]) == 0)        # untied: embedding frozen too
