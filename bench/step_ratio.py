@@ -1,0 +1,109 @@
+"""TA-SFT step time / SFT step time on the same number of tokens (issue 7, target 1).
+
+Both steps are `semloss_jax.optim.make_train_step` on the real SmolLM2-135M:
+  TA-SFT  kind="tasft", divergence="lower_bound": benign batch B x T + harmful batch B x T
+          (one forward of 2B x T rows, objective.loss_sums concatenates them)
+  SFT     kind="sft": the SAME 2B x T token rows given as one benign batch (harmful=None),
+          so both forward/backward the same tokens; the difference is the loss head:
+          TA-SFT adds μ(p) = softmax(z) @ Ê on the harmful rows (one positions x V x d product
+          forward, one backward) and its logged extras (harmful NLL, unlikelihood, bounds).
+Each (objective, trainable setting) step is jitted once, warmed up, then the two objectives
+are timed interleaved; medians and ratios are printed (and written to --out as JSON).
+
+    python bench/step_ratio.py --out bench/results/step_ratio.json
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import block, finish, interleaved, loadavg, machine, summary, write_json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semloss_jax import cost, model as model_lib, objective as obj_lib, optim, paths, weights
+
+SETTINGS = {
+    "all": dict(trainable="all"),
+    "last_k2": dict(trainable="last_k", last_k=2),
+    "lora_r8_qv": dict(trainable="lora", lora_rank=8, lora_targets=("q_proj", "v_proj")),
+}
+
+
+def make_batches(V: int, B: int, T: int, seed: int = 0):
+    """benign [1, B, T], harmful [1, B, T] and their concatenation [1, 2B, T] (the SFT batch).
+    Random token ids; loss on the second half of each row (the 'response')."""
+    rng = np.random.default_rng(seed)
+
+    def one():
+        ids = rng.integers(0, V, size=(1, B, T), dtype=np.int32)
+        mask = np.zeros((1, B, T), np.int32)
+        mask[..., T // 2:] = 1
+        return {"input_ids": ids, "targets": np.roll(ids, -1, axis=-1), "loss_mask": mask,
+                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T)).copy(),
+                "segment_ids": np.ones((1, B, T), np.int32)}
+
+    benign, harmful = one(), one()
+    both = {k: np.concatenate([benign[k], harmful[k]], axis=1) for k in benign}
+    return benign, harmful, both
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=2, help="rows per stream (benign and harmful)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--settings", default="all,last_k2,lora_r8_qv")
+    ap.add_argument("--model", default=None, help="model path (default: the SmolLM2-135M GGUF)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    info = machine({"bench": "step_ratio", "batch_per_stream": args.batch, "seq": args.seq,
+                    "reps": args.reps})
+    print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_start']}")
+    cfg, params = weights.load_model(args.model or paths.default_model_path())
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    E_hat = cost.unit_embeddings(model_lib.embedding_matrix(params))
+    benign, harmful, both = make_batches(cfg.vocab_size, args.batch, args.seq)
+    benign, harmful, both = (jax.tree_util.tree_map(jnp.asarray, x) for x in (benign, harmful, both))
+    tokens = int(np.prod(both["input_ids"].shape))
+    print(f"model: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, V={cfg.vocab_size}; "
+          f"tokens per step {tokens} (TA-SFT {args.batch}x{args.seq} benign + {args.batch}x{args.seq} "
+          f"harmful; SFT the same {2 * args.batch}x{args.seq} rows as benign)")
+
+    results = {}
+    for name in args.settings.split(","):
+        ocfg = optim.OptimConfig(lr=1e-5, clip_norm=1.0, **SETTINGS[name])
+        opt = optim.make_optimizer(ocfg)
+        state = optim.init_train_state(params, cfg, ocfg, opt, jax.random.PRNGKey(0))
+        objs = {"tasft": obj_lib.ObjectiveConfig(kind="tasft", lam=1.0, divergence="lower_bound"),
+                "sft": obj_lib.ObjectiveConfig(kind="sft")}
+        calls, compile_s = {}, {}
+        for kind, obj in objs.items():
+            step = jax.jit(optim.make_train_step(cfg, obj, ocfg, opt))
+            b, h = (benign, harmful) if kind == "tasft" else (both, None)
+            t = time.perf_counter()
+            compiled = step.lower(state, b, h, E_hat).compile()
+            compile_s[kind] = time.perf_counter() - t
+            calls[kind] = (lambda c=compiled, b=b, h=h: block(c(state, b, h, E_hat)))
+            for _ in range(args.warmup):
+                calls[kind]()
+        times = interleaved(calls, args.reps)
+        s = summary(times, "tasft", "sft")
+        s["compile_s"] = compile_s
+        s["tokens_per_step"] = tokens
+        results[name] = s
+        print(f"[{name}] TA-SFT {s['median_s']['tasft']:.3f} s, SFT {s['median_s']['sft']:.3f} s "
+              f"(medians of {args.reps}); ratio {s['ratio']:.3f} (median per-rep {s['ratio_median_per_rep']:.3f}); "
+              f"compile TA-SFT {compile_s['tasft']:.1f} s, SFT {compile_s['sft']:.1f} s; load {loadavg()}")
+        del state, calls
+    finish(info)
+    print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}")
+    write_json(args.out, {"machine": info, "results": results})
+
+
+if __name__ == "__main__":
+    main()
