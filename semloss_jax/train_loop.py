@@ -181,11 +181,14 @@ class BatchStream:
         self.epoch, self.index = int(pos["epoch"]), int(pos["index"])
 
 
+def _take_idx(n_all: int, n: int, seed: int, salt: int) -> list[int]:
+    if n <= 0 or n >= n_all:
+        return list(range(n_all))
+    return sorted(int(i) for i in np.random.default_rng([seed, salt]).permutation(n_all)[:n])
+
+
 def _take(records: list, n: int, seed: int, salt: int) -> list:
-    if n <= 0 or n >= len(records):
-        return list(records)
-    idx = np.random.default_rng([seed, salt]).permutation(len(records))[:n]
-    return [records[i] for i in sorted(idx)]
+    return [records[i] for i in _take_idx(len(records), n, seed, salt)]
 
 
 def _load_named(name: str):
@@ -198,17 +201,32 @@ def _load_named(name: str):
 
 
 def load_records(cfg: config_lib.TrainConfig) -> dict[str, list]:
-    """{"benign": [...], "harmful": [...] or []} as Records, sized by the config."""
+    """{"benign": [...], "harmful": [...] or [], "harmful_mu": per-record μ(q) arrays or None},
+    sized by the config. Soft targets (objective.target=soft) read the μ(q) files that
+    `python -m semloss_jax.harvest --soft-targets` writes beside the harvested JSONL."""
     from . import sources
     d, seed = cfg.data, cfg.run.seed
     benign = [r for name in d.benign for r in _load_named(name)]
     benign = _take(benign, d.benign_n, seed, 11)
     if cfg.objective.kind == "safeinstr":
         benign = benign + _take(_load_named(d.safeinstr), d.safeinstr_n, seed, 13)
-    harmful = []
+    harmful, mu = [], None
     if d.harmful_batch > 0:
-        harmful = _take(sources.load_d_harmful(d.harmful), d.harmful_n, seed, 17)
-    return {"benign": benign, "harmful": harmful}
+        every = sources.load_d_harmful(d.harmful)
+        idx = _take_idx(len(every), d.harmful_n, seed, 17)
+        harmful = [every[i] for i in idx]
+        if cfg.objective.target == "soft":
+            if d.harmful == "pyrit":
+                raise TrainError("objective.target=soft needs data.harmful = a harvested JSONL with "
+                                 "μ(q) files (python -m semloss_jax.harvest --soft-targets), not 'pyrit'")
+            from .harvest import load_response_mu
+            try:
+                all_mu = load_response_mu(d.harmful)
+            except FileNotFoundError as e:
+                raise TrainError(f"objective.target=soft: no μ(q) beside {d.harmful} ({e}); harvest "
+                                 "with --soft-targets") from None
+            mu = [all_mu[i] for i in idx]
+    return {"benign": benign, "harmful": harmful, "harmful_mu": mu}
 
 
 def build_streams(cfg: config_lib.TrainConfig, tok, records: Mapping[str, list] | None = None
@@ -223,7 +241,9 @@ def build_streams(cfg: config_lib.TrainConfig, tok, records: Mapping[str, list] 
             if name == "benign" or (bsz > 0 and cfg.objective.uses_harmful):
                 raise TrainError(f"no {name} records (data.{name} = {getattr(d, name)!r})")
             continue
-        exs, st = batching.tokenize_records(recs, tok, seq_len=d.seq_len, max_prompt_len=mpl)
+        mu = records.get("harmful_mu") if name == "harmful" else None
+        exs, st = batching.tokenize_records(recs, tok, seq_len=d.seq_len, max_prompt_len=mpl,
+                                            response_mu=mu)
         stats[name] = str(st)
         streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
                                     seed=cfg.run.seed, shuffle=d.shuffle)
@@ -402,6 +422,9 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     harmful_sh = None
     if "harmful" in streams:
         example_h = {k: np.zeros((A, d.harmful_batch, d.seq_len), np.int32) for k in example_b}
+        if obj.target == "soft":
+            example_h["target_mu"] = np.zeros((A, d.harmful_batch, d.seq_len, model_cfg.hidden_size),
+                                              np.float32)
         harmful_sh = sharding.batch_shardings(mesh, example_h, leading=1)
     rep = sharding.replicated(mesh)
     jit_step = jax.jit(counted_step, in_shardings=(state_sh, benign_sh, harmful_sh, E_sh),

@@ -168,3 +168,47 @@ def test_default_config_two_steps(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["ce"] < 6.0 for r in rows)  # a pretrained model, not a random one (ln V = 10.8)
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
+    """objective.target=soft reads μ(q) beside a harvested JSONL; with μ(q) = ê_y (the one-hot
+    target's mean embedding) every harmful metric equals the one-hot run's."""
+    import jax
+    import numpy as np
+    from semloss_jax import config as C, cost, data, harvest, model as M, sources, train_loop
+    from semloss_jax.tokenizer import load_tokenizer
+    base = C.load_config(SMOKE, ["run.steps=2", "run.progress=false", "run.tensorboard=false",
+                                 "run.export_hf=false", "run.checkpoint_every=0", "data.harmful_n=0"])
+    tok = load_tokenizer(train_loop.tokenizer_path(base))
+    recs = sources.load_d_harmful("pyrit")[:8]
+    path = tmp_path / "d_harmful.jsonl"
+    data.write_jsonl(path, recs)
+    mcfg = train_loop.model_config_of(base)
+    k_init = jax.random.split(jax.random.PRNGKey(base.run.seed))[0]  # train_loop's init key
+    E_hat = np.asarray(cost.unit_embeddings(M.embedding_matrix(M.init_params(mcfg, k_init))))
+    harvest.save_response_mu(path, [E_hat[np.asarray(tok.response_ids(r.response))] for r in recs])
+    runs = {}
+    for target in ("onehot", "soft"):
+        cfg = C.load_config(SMOKE, ["run.steps=2", "run.progress=false", "run.tensorboard=false",
+                                    "run.export_hf=false", "run.checkpoint_every=0", "data.harmful_n=0",
+                                    f"data.harmful={path}", f"objective.target={target}",
+                                    f"run.output_dir={tmp_path / target}"])
+        runs[target] = train_loop.train(cfg, tokenizer=tok, echo=lambda s: None).metrics
+    for a, b in zip(runs["onehot"], runs["soft"]):
+        for k in ("loss", "emd_lower", "emd_upper", "ce"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
+    assert runs["onehot"][0]["emd_lower"] > 0
+    # and the μ(q) file is really what drives it: μ(q) = 0 gives LB = ½||μ(p)||², UB = 1
+    harvest.save_response_mu(path, [np.zeros((len(tok.response_ids(r.response)), mcfg.hidden_size),
+                                             np.float32) for r in recs])
+    cfg = C.load_config(SMOKE, ["run.steps=1", "run.progress=false", "run.tensorboard=false",
+                                "run.export_hf=false", "run.checkpoint_every=0", "data.harmful_n=0",
+                                f"data.harmful={path}", "objective.target=soft",
+                                f"run.output_dir={tmp_path / 'zero'}"])
+    z = train_loop.train(cfg, tokenizer=tok, echo=lambda s: None).metrics[0]
+    assert z["emd_upper"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(z["emd_lower"] - runs["onehot"][0]["emd_lower"]) > 1e-3
+    bad = C.load_config(SMOKE, ["objective.target=soft", f"run.output_dir={tmp_path / 'bad'}"])
+    with pytest.raises(train_loop.TrainError, match="harvested JSONL"):
+        train_loop.load_records(bad)
