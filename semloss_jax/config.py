@@ -154,6 +154,11 @@ class MeshSection:
 
 @dataclass(frozen=True)
 class RunSection:
+    """The run: where (output_dir), how long (steps), checkpoints every N steps keeping the last
+    K (0 = only at the end), seed (init, LoRA, data order), log_every (TensorBoard; metrics.jsonl
+    gets every step), resume (continue from the latest checkpoint in output_dir), export_hf
+    (write output_dir/hf at the end), async_checkpoint (Orbax saves in the background)."""
+
     output_dir: str = "runs/default"
     steps: int = 20
     checkpoint_every: int = 10

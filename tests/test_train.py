@@ -212,3 +212,45 @@ def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
     bad = C.load_config(SMOKE, ["objective.target=soft", f"run.output_dir={tmp_path / 'bad'}"])
     with pytest.raises(train_loop.TrainError, match="harvested JSONL"):
         train_loop.load_records(bad)
+
+
+def test_data_sizes_and_safeinstr_records():
+    from semloss_jax import config as C, train_loop
+    cfg = C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=5", "data.harmful_batch=0"])
+    recs = train_loop.load_records(cfg)
+    assert len(recs["benign"]) == cfg.data.benign_n + 5 and recs["harmful"] == []
+    assert [r.label for r in recs["benign"][-5:]] == ["refusal"] * 5
+    assert {r.label for r in recs["benign"][:-5]} == {"benign"}
+    cfg2 = C.load_config(SMOKE)
+    recs2 = train_loop.load_records(cfg2)
+    assert len(recs2["harmful"]) == cfg2.data.harmful_n and {r.label for r in recs2["harmful"]} == {"harmful"}
+    assert all(r.response.strip() for r in recs2["harmful"])
+    # the same seed picks the same records; another seed other ones
+    assert [r.id for r in train_loop.load_records(cfg2)["benign"]] == [r.id for r in recs2["benign"]]
+    cfg3 = C.load_config(SMOKE, ["run.seed=1"])
+    assert [r.id for r in train_loop.load_records(cfg3)["benign"]] != [r.id for r in recs2["benign"]]
+
+
+def test_batch_stream_position_is_the_whole_state():
+    """A stream restarted at a saved (epoch, index) yields exactly the batches that follow."""
+    import numpy as np
+    from semloss_jax import batching, train_loop
+    exs = [batching.Example(id=str(i), prompt_ids=(1, 2, 3), response_ids=tuple(range(4, 5 + i % 5)))
+           for i in range(7)]
+    mk = lambda: train_loop.BatchStream("benign", exs, batch_size=3, seq_len=16, pad_id=0, seed=3)
+    a = mk()
+    seq = [a.next_batch() for _ in range(6)]  # crosses two epoch boundaries (7 examples, 3 per batch)
+    b = mk()
+    for _ in range(2):
+        b.next_batch()
+    pos = b.position()
+    c = mk()
+    c.seek(pos)
+    for want in seq[2:]:
+        got = c.next_batch()
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    assert a.epoch == 2 and all(x["input_ids"].shape == (3, 16) for x in seq)
+    with pytest.raises(train_loop.TrainError, match="examples"):
+        mk().seek(dict(pos, examples=8))
