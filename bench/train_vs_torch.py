@@ -19,9 +19,10 @@ Memory: each contender runs in its OWN subprocess (`--mem jax|torch`), which loa
 builds the optimizer state, compiles / warms up, then resets the kernel's peak-RSS counter
 (writing 5 to /proc/self/clear_refs) and runs --mem-steps steps; the figure is the peak
 resident set during those steps (VmHWM), i.e. weights + grads + optimizer state + activations
-+ allocator slack, without XLA's compiler. ru_maxrss of the whole process (compiler included)
-and the RSS before the first step are reported too; for JAX also XLA's own memory_analysis()
-of the compiled step (arguments, outputs, temporaries).
++ allocator slack + the framework's own code, without XLA's compiler. The whole-process peak
+(VmHWM before the reset: load + compile + warm-up, max'd with the steps) is reported too; not
+getrusage's ru_maxrss, which Linux seeds in an exec'd child with the parent's high-water mark.
+For JAX also XLA's own memory_analysis() of the compiled step (arguments, outputs, temporaries).
 
     python bench/train_vs_torch.py --shapes 2x128,4x256 --out bench/results/train_vs_torch.json
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -144,28 +144,33 @@ def mem_child(which: str, shape: str, hf_dir: str, model_path, steps: int, threa
         out["rss_after_load_kb"] = rss_now_kb()
     run()  # warm-up (torch allocates the AdamW state here)
     out["rss_before_steps_kb"] = rss_now_kb()
+    # VmHWM of this process so far (load + compile + warm-up). Not ru_maxrss: Linux carries the
+    # parent's high-water mark into a forked+exec'd child's ru_maxrss, so it is polluted here.
+    out["peak_rss_load_compile_kb"] = rss_peak_kb()
     out["peak_reset"] = reset_peak_rss()
     for _ in range(steps):
         run()
     out["peak_rss_steps_kb"] = rss_peak_kb()
-    out["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["peak_rss_process_kb"] = max(out["peak_rss_steps_kb"], out["peak_rss_load_compile_kb"])
     return out
 
 
-def measure_memory(shape, hf_dir, model_path, steps, threads) -> dict:
+def measure_memory(shape, hf_dir, model_path, steps, threads, omp_passive) -> dict:
     res = {}
     for which in ("jax", "torch"):
-        cmd = [sys.executable, __file__, "--mem", which, "--shapes", shape, "--hf-dir", hf_dir,
+        cmd = [sys.executable, os.path.abspath(__file__), "--mem", which, "--shapes", shape, "--hf-dir", hf_dir,
                "--mem-steps", str(steps), "--threads", str(threads)]
         if model_path:
             cmd += ["--model", model_path]
+        if omp_passive:
+            cmd += ["--omp-passive"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("MEMJSON ")]
         if p.returncode != 0 or not lines:
             raise RuntimeError(f"memory subprocess {which} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
         res[which] = json.loads(lines[-1][len("MEMJSON "):])
     res["peak_ratio_steps"] = res["jax"]["peak_rss_steps_kb"] / res["torch"]["peak_rss_steps_kb"]
-    res["ru_maxrss_ratio"] = res["jax"]["ru_maxrss_kb"] / res["torch"]["ru_maxrss_kb"]
+    res["process_peak_ratio"] = res["jax"]["peak_rss_process_kb"] / res["torch"]["peak_rss_process_kb"]
     return res
 
 
@@ -181,17 +186,23 @@ def main(argv=None):
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--hf-dir", default=None, help="where to export the HF copy (default: a temp dir)")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="set OMP_WAIT_POLICY=PASSIVE before torch loads (its OpenMP threads then sleep "
+                         "instead of spinning at barriers; matters a lot on an oversubscribed machine)")
     ap.add_argument("--mem", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch (libgomp) is imported
 
     if args.mem:
         print("MEMJSON " + json.dumps(mem_child(args.mem, args.shapes, args.hf_dir, args.model,
                                                 args.mem_steps, args.threads)))
         return
 
-    info = machine({"bench": "train_vs_torch", "reps": args.reps, "threads": args.threads})
+    info = machine({"bench": "train_vs_torch", "reps": args.reps, "threads": args.threads,
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")})
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_start']}")
     tmp = None
     hf_dir = args.hf_dir
@@ -227,12 +238,13 @@ def main(argv=None):
                   f"{extra['attn_implementation']}; load {loadavg()}")
             del run_jax, run_torch, calls
         if not args.no_mem:
-            m = measure_memory(shape, hf_dir, args.model, args.mem_steps, args.threads)
+            m = measure_memory(shape, hf_dir, args.model, args.mem_steps, args.threads, args.omp_passive)
             r["memory"] = m
             print(f"[{shape}] peak RSS during steps: ours {m['jax']['peak_rss_steps_kb'] / 2**20:.2f} GiB, "
                   f"torch {m['torch']['peak_rss_steps_kb'] / 2**20:.2f} GiB, ratio {m['peak_ratio_steps']:.3f}; "
-                  f"whole-process ru_maxrss ours {m['jax']['ru_maxrss_kb'] / 2**20:.2f} GiB, torch "
-                  f"{m['torch']['ru_maxrss_kb'] / 2**20:.2f} GiB, ratio {m['ru_maxrss_ratio']:.3f}")
+                  f"whole-process peak (load + compile + steps) ours {m['jax']['peak_rss_process_kb'] / 2**20:.2f} "
+                  f"GiB, torch {m['torch']['peak_rss_process_kb'] / 2**20:.2f} GiB, ratio {m['process_peak_ratio']:.3f}; "
+                  f"XLA temp buffers {m['jax']['xla_memory_analysis'].get('temp_size_in_bytes', 0) / 2**30:.2f} GiB")
         results[shape] = r
     finish(info)
     print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}")
