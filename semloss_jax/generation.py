@@ -74,7 +74,7 @@ def decode(params, cfg: LlamaConfig, prompt_ids, prompt_seg, key, temperature, t
     B, P = prompt_ids.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
     positions = default_positions(prompt_seg)
-    logits, cache = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg, cache)
+    logits, cache = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg, cache, last_only=True)
     last_logits = logits[:, -1]
     next_pos = positions[:, -1] + 1
     eos = jnp.asarray(eos_ids, jnp.int32)

@@ -441,13 +441,16 @@ def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: in
     return x, new_cache
 
 
-def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool, frozen_layers: int = 0):
+def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool, frozen_layers: int = 0,
+           last_only: bool = False):
     dt = _dt(cfg.dtype)
     x = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt)
     if frozen_layers:
         x = jax.lax.stop_gradient(x)
     x, new_cache = _run_layers(params["layers"], cfg, x, ctx, cache, frozen_layers)
     x = RMSNorm(cfg.rms_norm_eps, dt, _dt(cfg.param_dtype)).apply({"params": params["final_norm"]}, x)
+    if last_only:  # decoding needs the next-token logits of the last slot only
+        x = x[:, -1:]
     if return_hidden:
         return x, new_cache
     w = lm_head_matrix(params, cfg).astype(dt)
@@ -493,10 +496,12 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = N
 
 
 def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, positions: jax.Array,
-                       segment_ids: jax.Array, cache: dict):
+                       segment_ids: jax.Array, cache: dict, last_only: bool = False):
     """Run T new tokens against the cache; returns (logits [B,T,V], updated cache).
 
     The new tokens occupy cache slots [index, index + T). segment_ids: [B, T] (0 = padding).
+    last_only: return the logits of the last slot only ([B, 1, V]): a prefill then skips the
+    LM head on every prompt position.
     """
     B, T = input_ids.shape
     S = cache["k"].shape[2]
@@ -507,7 +512,7 @@ def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, p
     ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg), "cache_index": idx,
            "mask": attention_mask_from(q_slot, segment_ids, k_slot, k_seg)}
     layer_cache = {"k": cache["k"], "v": cache["v"]}
-    logits, new = _apply(params, cfg, input_ids, ctx, layer_cache, False)
+    logits, new = _apply(params, cfg, input_ids, ctx, layer_cache, False, last_only=last_only)
     return logits, {"k": new["k"], "v": new["v"], "segment": k_seg, "index": idx + T}
 
 
