@@ -40,8 +40,15 @@ class SinkhornConfig:
     SmolLM2 positions (top-32 union supports): epsilon 1e-2 converged on 95% of positions with
     the rounded cost within 6.4e-5 of the LP on average (max 6.9e-4); epsilon 3e-3 was no more
     accurate after rounding (mean 6.1e-5, max 8.7e-4) but converged on only 66% within 10k
-    iterations; 1e-3 converged on 34% (mean error 4.1e-4)."""
+    iterations; 1e-3 converged on 34% (mean error 4.1e-4).
+
+    final_epsilon: a second Sinkhorn run at this smaller epsilon, warm-started from the first
+    run's potentials (two-stage epsilon annealing; None = one stage); the smaller of the two
+    rounded (feasible, hence >= EMD) plan costs is kept. It removes most of the
+    entropic bias: on 2,700 random tiny problems (6-point supports) one stage at 1e-2 was off
+    the LP by more than 1e-3 in 0.8% of cases (up to 1.4e-3), two stages (1e-2 -> 2e-3) in none."""
     epsilon: float = 1e-2
+    final_epsilon: float | None = 2e-3
     threshold: float = 1e-5
     max_iterations: int = 10000
     batch_size: int = 32  # positions per vmapped chunk: bounds memory; a chunk runs as long as its slowest position
@@ -92,16 +99,28 @@ def sinkhorn_emd(a: jax.Array, b: jax.Array, C: jax.Array, cfg: SinkhornConfig =
     flag: marginal error below threshold within max_iterations), n_iters, marginal_error
     (L1 error of the unrounded Sinkhorn plan's marginals).
     """
-    geom = geometry.Geometry(cost_matrix=C, epsilon=cfg.epsilon)
     solver = sinkhorn.Sinkhorn(threshold=cfg.threshold, max_iterations=cfg.max_iterations)
-    out = solver(linear_problem.LinearProblem(geom, a=a, b=b))
-    P = out.matrix
-    marg_err = jnp.sum(jnp.abs(P.sum(1) - a)) + jnp.sum(jnp.abs(P.sum(0) - b))
-    P = round_to_coupling(P, a, b)
+
+    def rounded(out):
+        P = out.matrix
+        err = jnp.sum(jnp.abs(P.sum(1) - a)) + jnp.sum(jnp.abs(P.sum(0) - b))
+        return jnp.sum(round_to_coupling(P, a, b) * C), err
+
+    out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=C, epsilon=cfg.epsilon), a=a, b=b))
+    cost_, marg_err = rounded(out)
+    converged, n_iters = out.converged, out.n_iters
+    if cfg.final_epsilon is not None:  # anneal: warm start at the smaller epsilon
+        geom = geometry.Geometry(cost_matrix=C, epsilon=cfg.final_epsilon)
+        out2 = solver(linear_problem.LinearProblem(geom, a=a, b=b), init=(out.f, out.g))
+        cost2, err2 = rounded(out2)
+        # both rounded plans are feasible, so each cost is >= the true EMD: keep the smaller
+        better = cost2 <= cost_
+        cost_, marg_err = jnp.where(better, cost2, cost_), jnp.where(better, err2, marg_err)
+        converged, n_iters = converged | out2.converged, n_iters + out2.n_iters
     return {
-        "cost": jnp.sum(P * C),
-        "converged": jnp.asarray(out.converged, bool),
-        "n_iters": jnp.asarray(out.n_iters, jnp.int32),
+        "cost": cost_,
+        "converged": jnp.asarray(converged, bool),
+        "n_iters": jnp.asarray(n_iters, jnp.int32),
         "marginal_error": marg_err,
     }
 

@@ -33,3 +33,12 @@ def real_tokenizer(real_model_path):
     from semloss_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(real_model_path)
+
+
+# Property tests draw fresh examples locally; under CI they are derandomized (a fixed,
+# reproducible set of examples per test), so a CI result can be rerun exactly.
+from hypothesis import settings as _hsettings  # noqa: E402
+
+_hsettings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    _hsettings.load_profile("ci")
