@@ -37,6 +37,9 @@ METHODS: dict[str, list[str] | None] = {
     "tasft_lb_100": ["objective.kind=tasft", "objective.divergence=lower_bound", "data.harmful_n=100"],
     "tasft_exact_100": ["objective.kind=tasft", "objective.divergence=exact_onehot", "data.harmful_n=100"],
     "tasft_ub_100": ["objective.kind=tasft", "objective.divergence=upper_bound", "data.harmful_n=100"],
+    # sensitivity to lambda (decided before seeing any result of it; reported whatever it gives)
+    "tasft_lb_100_lam5": ["objective.kind=tasft", "objective.divergence=lower_bound", "data.harmful_n=100",
+                          "objective.lam=5"],
 }
 
 
@@ -134,6 +137,9 @@ def plot_curves(out: Path, names: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = plt.get_cmap("tab20").colors
+    for ax in axes:
+        ax.set_prop_cycle(color=colors[: max(len(names), 1)])
     for name in names:
         rows = [json.loads(line) for line in open(out / name / "metrics.jsonl")]
         steps = [r["step"] for r in rows]
