@@ -348,36 +348,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The module that defines the params (init); `forward` applies the same layers functionally."""
+    """Defines the params and their logical axes (used by `init_params` only).
+
+    It runs each submodule once so that linen creates its parameters; the model itself is
+    applied functionally by `forward` / `forward_with_cache` (`_apply`), which is the one
+    place the forward computation is written.
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, ctx, cache=None, return_hidden=False):
+    def __call__(self, input_ids, ctx):
         cfg = self.cfg
         dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed",
-                         embedding_init=_init(0.02, ("vocab", "embed")))
-        x = embed(input_ids)
-
-        layer = DecoderLayer
-        if cfg.remat != "none":
-            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                      if cfg.remat == "dots" else None)
-            layer = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed",
+                     embedding_init=_init(0.02, ("vocab", "embed")))(input_ids)
+        stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, new_cache = stack(cfg, name="layers")(x, cache, ctx)
+        x, _ = stack(cfg, name="layers")(x, None, ctx)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
-        if return_hidden:
-            return x, new_cache
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
-                                     name="lm_head", kernel_init=_init(0.02, ("embed", "vocab")))(x)
-        return logits.astype(jnp.float32), new_cache
+        if not cfg.tie_word_embeddings:
+            nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head",
+                            kernel_init=_init(0.02, ("embed", "vocab")))(x)
 
 
 # --------------------------------------------------------------------------------------------
