@@ -424,8 +424,8 @@ def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: in
         return jax.lax.scan(body, x, (layer_params, cache))
     head = lambda t: jax.tree_util.tree_map(lambda a: a[:frozen_layers], t)  # noqa: E731
     tail = lambda t: jax.tree_util.tree_map(lambda a: a[frozen_layers:], t)  # noqa: E731
-    x, c1 = jax.lax.scan(body, x, (jax.lax.stop_gradient(head(layer_params)), head(cache)))
-    x = jax.lax.stop_gradient(x)
+    x, c1 = jax.lax.scan(body, x, (head(layer_params), head(cache)))
+    x = jax.lax.stop_gradient(x)  # nothing below this point gets a gradient or a backward pass
     if frozen_layers == L:
         return x, c1
     x, c2 = jax.lax.scan(body, x, (tail(layer_params), tail(cache)))
