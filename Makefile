@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 fetch: $(STAMP)
-	$(PY) -m semloss_jax.fetch all
+	$(PY) -m semloss_jax.data fetch all
 
 demo: fetch
 	$(PY) train.py

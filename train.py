@@ -9,55 +9,50 @@ Overrides are `key=value` with dotted keys (section.field); a bare field name th
 exactly one section works too (steps=10, output_dir=runs/x, checkpoint_every=5). Values are read
 as YAML (true, 3, 0.5, [a, b], null). The run directory gets config.yaml (resolved),
 metrics.jsonl, checkpoints/, tb/ and hf/ (the exported model).
+
+Any error of the project is reported as one line and exit code 2 (`--debug`: the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+import jax
+
+from semloss_jax.errors import cli_main
+from semloss_jax.paths import cache_dir
+from semloss_jax.train import config as config_lib
+from semloss_jax.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in run.output_dir from its latest checkpoint")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of the project's errors")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import os
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # reruns skip XLA compilation
-        import jax
-        from semloss_jax.paths import cache_dir
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compile"))
-    from semloss_jax import config as config_lib
-    from semloss_jax import train_loop
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("run.resume=true")
     if args.quiet:
         overrides.append("run.progress=false")
-    try:
-        cfg = config_lib.load_config(args.config, overrides)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
-        print(f"train.py: config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = train_loop.train(cfg)
-    except train_loop.NonFiniteLoss as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 3
-    except train_loop.TrainError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 1
+    cfg = config_lib.load_config(args.config, overrides)
+    res = train_loop.train(cfg)
     out = res.output_dir
     print(f"run directory: {out}")
     print(f"  config:      {out / 'config.yaml'}")
@@ -71,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main("train.py", main))

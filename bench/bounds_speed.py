@@ -28,8 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semloss_jax import cost, emd, model as model_lib, ot_exact, paths, weights
-from semloss_jax.tokenizer import load_tokenizer
+from semloss_jax.loss import cost
+from semloss_jax.loss import emd
+from semloss_jax.models import llama as model_lib
+from semloss_jax.loss import ot_exact
+from semloss_jax import paths
+from semloss_jax.models import weights
+from semloss_jax.models.tokenizer import load_tokenizer
 
 PROMPT = "Give three tips for staying healthy."
 ANSWER = ("1. Eat a balanced diet with plenty of fruit and vegetables. 2. Exercise regularly, at least "

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping
+import jax
+from semloss_jax.paths import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/x.py` from the repository root
@@ -47,7 +49,6 @@ def machine(extra: Mapping | None = None) -> dict:
         "time_start": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     try:
-        import jax
         info["jax"] = jax.__version__
         info["jax_devices"] = [str(d) for d in jax.devices()]
     except Exception:  # noqa: BLE001 - informational only
@@ -65,7 +66,6 @@ def finish(info: dict) -> dict:
 
 def block(x):
     """Wait for JAX arrays (any pytree) to be computed; returns x."""
-    import jax
     return jax.block_until_ready(x)
 
 
@@ -95,7 +95,6 @@ def summary(times: Mapping[str, list[float]], num: str, den: str) -> dict:
 def write_json(path: str | os.PathLike | None, data: dict) -> None:
     if not path:
         return
-    from semloss_jax.paths import atomic_write_text
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=float) + "\n")
     print(f"wrote {path}")
 

@@ -1,9 +1,9 @@
 """Greedy generation throughput: our batched KV-cache decoding vs transformers' generate
 (issue 7, target 4: >= 1.5x at batch 8).
 
-Same model weights (SmolLM2-135M GGUF -> semloss_jax.weights.export_hf -> transformers), same
+Same model weights (SmolLM2-135M GGUF -> semloss_jax.models.weights.export_hf -> transformers), same
 chat-templated prompts, greedy, exactly N new tokens on both sides:
-  ours   semloss_jax.generation.generate_ids(..., eos_ids=(V,), batch_size=B): the end id V can
+  ours   semloss_jax.models.generation.generate_ids(..., eos_ids=(V,), batch_size=B): the end id V can
          never be produced, so every row decodes N tokens (prompts left-padded to a power-of-two
          bucket, as generate() does)
   HF     model.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=N,
@@ -23,6 +23,13 @@ import tempfile
 import time
 
 from common import finish, interleaved, loadavg, machine, summary, write_json
+import jax
+import jax.numpy as jnp
+import numpy as np
+from semloss_jax.models import generation
+from semloss_jax import paths
+from semloss_jax.models import weights
+from semloss_jax.models.tokenizer import load_tokenizer
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -51,14 +58,9 @@ def main(argv=None):
     if args.omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    from semloss_jax import generation, paths, weights
-    from semloss_jax.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)
     info = machine({"bench": "generation_speed", "new_tokens": args.new_tokens, "reps": args.reps,

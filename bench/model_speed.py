@@ -17,6 +17,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from semloss_jax.models.loading import resolve_model_path
+from semloss_jax.models.generation import generate_ids
+from semloss_jax.models.llama import forward
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.models.weights import load_model
+from semloss_jax.paths import atomic_write_text
 
 
 def main() -> None:
@@ -29,11 +35,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    from semloss_jax.chat import resolve_model_path
-    from semloss_jax.generation import generate_ids
-    from semloss_jax.model import forward
-    from semloss_jax.tokenizer import load_tokenizer
-    from semloss_jax.weights import load_model
 
     path = resolve_model_path(args.model)
     fig = {"model": str(path), "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}
@@ -77,7 +78,6 @@ def main() -> None:
     for k, v in fig.items():
         print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
     if args.out:
-        from semloss_jax.paths import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(fig, indent=2))
 

@@ -1,6 +1,6 @@
 """TA-SFT step time / SFT step time on the same number of tokens (issue 7, target 1).
 
-Both steps are `semloss_jax.optim.make_train_step` on the real SmolLM2-135M:
+Both steps are `semloss_jax.train.step.make_train_step` on the real SmolLM2-135M:
   TA-SFT  kind="tasft", divergence="lower_bound": benign batch B x T + harmful batch B x T
           (one forward of 2B x T rows, objective.loss_sums concatenates them)
   SFT     kind="sft": the SAME 2B x T token rows given as one benign batch (harmful=None),
@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semloss_jax import cost, model as model_lib, objective as obj_lib, optim, paths, weights
+from semloss_jax.loss import cost
+from semloss_jax.models import llama as model_lib
+from semloss_jax.loss import objective as obj_lib
+from semloss_jax.train import optim
+from semloss_jax.train import step as step_lib
+from semloss_jax import paths
+from semloss_jax.models import weights
 
 SETTINGS = {
     "all": dict(trainable="all"),
@@ -78,12 +84,12 @@ def main(argv=None):
     for name in args.settings.split(","):
         ocfg = optim.OptimConfig(lr=1e-5, clip_norm=1.0, **SETTINGS[name])
         opt = optim.make_optimizer(ocfg)
-        state = optim.init_train_state(params, cfg, ocfg, opt, jax.random.PRNGKey(0))
+        state = step_lib.init_train_state(params, cfg, ocfg, opt, jax.random.PRNGKey(0))
         objs = {"tasft": obj_lib.ObjectiveConfig(kind="tasft", lam=1.0, divergence="lower_bound"),
                 "sft": obj_lib.ObjectiveConfig(kind="sft")}
         calls, compile_s = {}, {}
         for kind, obj in objs.items():
-            step = jax.jit(optim.make_train_step(cfg, obj, ocfg, opt))
+            step = jax.jit(step_lib.make_train_step(cfg, obj, ocfg, opt))
             b, h = (benign, harmful) if kind == "tasft" else (both, None)
             t = time.perf_counter()
             compiled = step.lower(state, b, h, E_hat).compile()

@@ -1,12 +1,12 @@
 """A training step of our Flax model vs transformers' PyTorch LlamaForCausalLM on this CPU
 (issue 7, target 3): step-time ratio (target <= 1.0) and peak-memory ratio.
 
-Same weights (SmolLM2-135M, loaded by semloss_jax.weights.load_model, exported with
-semloss_jax.weights.export_hf and loaded by transformers), fp32, all parameters trainable,
+Same weights (SmolLM2-135M, loaded by semloss_jax.models.weights.load_model, exported with
+semloss_jax.models.weights.export_hf and loaded by transformers), fp32, all parameters trainable,
 same batch and sequence length, same work per step:
   forward + next-token cross-entropy over all B x (T-1) predicted tokens + backward
   + global-norm clipping at 1.0 + AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay).
-  ours   optim.make_train_step(kind="sft", trainable="all"), jitted with the state donated
+  ours   step_lib.make_train_step(kind="sft", trainable="all"), jitted with the state donated
   torch  model(input_ids, labels=input_ids).loss.backward(); clip_grad_norm_; AdamW.step()
          (transformers' default attention implementation; torch.optim.AdamW defaults)
 
@@ -38,12 +38,20 @@ import time
 
 from common import (block, finish, interleaved, loadavg, machine, reset_peak_rss, rss_now_kb,
                     rss_peak_kb, summary, write_json)
+import numpy as np
+import jax
+import jax.numpy as jnp
+from semloss_jax.loss import objective as obj_lib
+from semloss_jax.train import optim
+from semloss_jax.train import step as step_lib
+from semloss_jax import paths
+from semloss_jax.models import weights
+import json as _json
 
 LR, CLIP = 1e-5, 1.0
 
 
 def batch_np(V: int, B: int, T: int, seed: int = 0):
-    import numpy as np
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, V, size=(B, T), dtype=np.int32)
     return ids
@@ -53,10 +61,6 @@ def batch_np(V: int, B: int, T: int, seed: int = 0):
 
 def jax_contender(cfg, params, ids):
     """(step_fn() -> loss, compile_s, memory_analysis dict). The state is carried and donated."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from semloss_jax import objective as obj_lib, optim
 
     B, T = ids.shape
     mask = np.ones((1, B, T), np.int32)
@@ -66,9 +70,9 @@ def jax_contender(cfg, params, ids):
     ocfg = optim.OptimConfig(lr=LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=CLIP,
                              warmup_steps=0, total_steps=10_000, final_lr_ratio=1.0, trainable="all")
     opt = optim.make_optimizer(ocfg)
-    state = optim.init_train_state(jax.tree_util.tree_map(jnp.asarray, params), cfg, ocfg, opt,
+    state = step_lib.init_train_state(jax.tree_util.tree_map(jnp.asarray, params), cfg, ocfg, opt,
                                    jax.random.PRNGKey(0))
-    step = jax.jit(optim.make_train_step(cfg, obj_lib.ObjectiveConfig(kind="sft"), ocfg, opt),
+    step = jax.jit(step_lib.make_train_step(cfg, obj_lib.ObjectiveConfig(kind="sft"), ocfg, opt),
                    donate_argnums=(0,))
     t = time.perf_counter()
     compiled = step.lower(state, batch, None, None).compile()
@@ -116,7 +120,6 @@ def torch_contender(hf_dir, ids, threads: int):
 
 
 def load(model_path, hf_dir=None):
-    from semloss_jax import paths, weights
     cfg, params = weights.load_model(model_path or paths.default_model_path())
     if hf_dir is not None and not os.path.exists(os.path.join(hf_dir, "model.safetensors")):
         weights.export_hf(params, cfg, hf_dir)
@@ -135,7 +138,6 @@ def mem_child(which: str, shape: str, hf_dir: str, model_path, steps: int, threa
         run, out["compile_s"], out["xla_memory_analysis"] = jax_contender(cfg, params, ids)
         del params
     else:
-        import json as _json
         with open(os.path.join(hf_dir, "config.json")) as f:
             V = _json.load(f)["vocab_size"]
         ids = batch_np(V, B, T)

@@ -5,7 +5,7 @@
 
 Steps (each skipped when its output already exists, so the command resumes after a stop):
 1. D_harmful: the base model's own harmful responses to training prompts
-   (python -m semloss_jax.harvest --n 330 --max-new-tokens 64), OUT/d_harmful.jsonl.
+   (python -m semloss_jax.data.harvest --n 330 --max-new-tokens 64), OUT/d_harmful.jsonl.
 2. Train every method with configs/paper_small.yaml plus its overrides (train.py), OUT/NAME/.
 3. Evaluate the base model and every run (eval.py run) on fixed subsets of the held-out
    harmful prompts, the over-refusal prompts and the benign test instructions, OUT/NAME/eval/.
@@ -80,7 +80,7 @@ def main() -> int:
 
     d_harmful = out / "d_harmful.jsonl"
     if not d_harmful.exists():
-        summary["harvest_s"] = sh([py, "-m", "semloss_jax.harvest", "--n", str(args.harvest_n), "--out",
+        summary["harvest_s"] = sh([py, "-m", "semloss_jax.data.harvest", "--n", str(args.harvest_n), "--out",
                                    str(d_harmful), "--max-new-tokens", "64", "--batch-size", "16",
                                    "--no-progress"], out / "logs" / "harvest.log")
     n_kept = sum(1 for _ in open(d_harmful))

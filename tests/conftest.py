@@ -1,17 +1,19 @@
-"""Shared fixtures. The real SmolLM2 model is fetched by `make test` (semloss_jax.fetch)."""
+"""Shared fixtures. The real SmolLM2 model is fetched by `make test` (semloss_jax.data.fetch)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.models.weights import load_model
+from semloss_jax.paths import default_model_path
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def real_model_path():
-    from semloss_jax.paths import default_model_path
-
     path = default_model_path()
     if not path.exists():
         msg = f"real model not fetched ({path}); run `make fetch`"
@@ -23,15 +25,11 @@ def real_model_path():
 
 @pytest.fixture(scope="session")
 def real_model(real_model_path):
-    from semloss_jax.weights import load_model
-
     return load_model(real_model_path)
 
 
 @pytest.fixture(scope="session")
 def real_tokenizer(real_model_path):
-    from semloss_jax.tokenizer import load_tokenizer
-
     return load_tokenizer(real_model_path)
 
 

@@ -6,24 +6,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax import batching
-from semloss_jax.batching import (Example, attention_mask, make_batches, pack_batches,
-                                  tokenize_records, truncate)
-from semloss_jax.data import Record
+from semloss_jax.data import batching
+from semloss_jax.data.batching import (attention_mask, Example, make_batches, pack_batches, tokenize_records, truncate)
+from semloss_jax.data.schema import Record
 from semloss_jax.paths import default_model_path
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.data.registry import load_set
+from semloss_jax.models.llama import forward, init_params, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tok():
     if not default_model_path().exists():
-        pytest.skip("the default model is not fetched (python -m semloss_jax.fetch model)")
-    from semloss_jax.tokenizer import load_tokenizer
+        pytest.skip("the default model is not fetched (python -m semloss_jax.data fetch model)")
     return load_tokenizer(default_model_path())
 
 
 @pytest.fixture(scope="module")
 def benign():
-    from semloss_jax.sources import load_set
     return load_set("benign", "train")[:40]
 
 
@@ -184,7 +184,6 @@ def test_packing_segments_positions_and_mask():
 
 def test_packing_isolation_matches_separate_forward():
     """A packed row through the model gives each example the logits it gets alone."""
-    from semloss_jax.model import forward, init_params, tiny_config
     cfg = tiny_config(vocab_size=256)
     params = init_params(cfg, jax.random.PRNGKey(0))
     recs = _recs([7, 12, 4], resp=5)

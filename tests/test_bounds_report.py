@@ -7,9 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from semloss_jax import bounds_report
-from semloss_jax.ot_exact import SinkhornConfig
+from semloss_jax.eval import bounds as bounds_report
+from semloss_jax.loss.ot_exact import SinkhornConfig
 from semloss_jax.paths import default_model_path
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.models.weights import export_hf
+import eval as eval_cli
 
 SUMMARY_KEYS = {"positions", "pairs", "topk", "sinkhorn", "relative_gap", "spearman", "means",
                 "bound_violations", "ott_vs_lp", "onehot", "seconds_per_position", "compile_seconds",
@@ -18,9 +22,6 @@ METHODS = {"exact_ott", "exact_lp", "bounds_topk", "bounds_full", "onehot_ott", 
 
 
 def _tiny_dir(root, seed):
-    from semloss_jax.model import init_params, tiny_config
-    from semloss_jax.tokenizer import load_tokenizer
-    from semloss_jax.weights import export_hf
     tok = load_tokenizer(default_model_path())
     cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -39,7 +40,6 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.slow  # ~30-50 s on a busy 2-core CPU (two tiny exports, compiles)
 @pytest.mark.real_model  # reads the tokenizer out of the real GGUF
 def test_bounds_subcommand_end_to_end(tiny_models, tmp_path, capsys):
-    import eval as eval_cli
     q_dir, p_dir = tiny_models
     out = tmp_path / "bounds"
     rc = eval_cli.main(["bounds", "--out", str(out), "--model", str(q_dir), "--model-p", str(p_dir),

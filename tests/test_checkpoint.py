@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from semloss_jax import checkpoint as CK
+from semloss_jax.errors import CheckpointError
+from semloss_jax.train import checkpoint as CK
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def test_frozen_part_is_not_saved(tmp_path):
 
 def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
     ck = CK.Checkpointer(tmp_path / "ck", every=1, keep_last=1)
-    with pytest.raises(CK.CheckpointError, match="no finalized checkpoint"):
+    with pytest.raises(CheckpointError, match="no finalized checkpoint"):
         ck.restore(_state(0))
     ck.close()
 
@@ -95,7 +96,7 @@ KILL_SCRIPT = r"""
 import os, signal, sys
 import jax, jax.numpy as jnp
 sys.path.insert(0, "tests")
-from semloss_jax import checkpoint as CK
+from semloss_jax.train import checkpoint as CK
 from test_checkpoint import _state
 d = sys.argv[1]
 ck = CK.Checkpointer(d, every=1, keep_last=3, async_save=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from semloss_jax import config as C
+from semloss_jax.errors import ConfigError
+from semloss_jax.train import config as C
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -68,8 +69,8 @@ def test_overrides_dotted_bare_and_typed(tmp_path):
     assert cfg.run.resume is True
 
 
-def _err(fn) -> C.ConfigError:
-    with pytest.raises(C.ConfigError) as ei:
+def _err(fn) -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
         fn()
     return ei.value
 

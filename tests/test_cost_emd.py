@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from semloss_jax import cost, emd
-from semloss_jax.ot_exact import emd_lp
+from semloss_jax.loss import cost
+from semloss_jax.loss import emd
+from semloss_jax.loss.ot_exact import emd_lp
 
 TOL = 2e-5  # fp32 bounds vs float64 LP
 

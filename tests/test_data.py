@@ -8,10 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from semloss_jax import sources
-from semloss_jax.data import (LABELS, DataError, FieldMap, Record, read_jsonl, read_records,
-                              write_jsonl)
-from semloss_jax.splits import normalize
+from semloss_jax.data import registry
+from semloss_jax.data import sources
+from semloss_jax.data.readers import read_jsonl, read_records, write_jsonl
+from semloss_jax.data.schema import FieldMap, LABELS, Record
+from semloss_jax.errors import DataError
+from semloss_jax.data.splits import normalize
+import csv
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 # Sizes stated in ../shared/data/README.md (what each registry file holds).
 README_COUNTS = {"advbench": 520, "harmbench": 200, "strongreject": 313, "donotanswer": 939,
@@ -23,12 +28,12 @@ PAIRED = {"rho_refusal_pairs", "pyrit_many_shot", "pyrit_harm", "pyrit_objective
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    sources.build_all(verbose=False)
+    registry.build_all(verbose=False)
 
 
 @pytest.mark.parametrize("name", list(sources.SOURCES))
 def test_each_source_loads_real_records(name):
-    recs = sources.load_source(name)
+    recs = registry.load_source(name)
     assert len(recs) > 0
     if name in README_COUNTS:
         assert len(recs) == README_COUNTS[name]
@@ -43,24 +48,24 @@ def test_each_source_loads_real_records(name):
 
 
 def test_source_labels_follow_the_files():
-    many = sources.load_source("pyrit_many_shot")
+    many = registry.load_source("pyrit_many_shot")
     n_harm = sum(r.label == "harmful" for r in many)
     assert 250 < n_harm < 320  # README: "about 283 labelled harmful"
     assert {r.label for r in many} == {"harmful", "not_harmful"}
-    harm = sources.load_source("pyrit_harm")
+    harm = registry.load_source("pyrit_harm")
     assert all(0.0 <= r.score <= 1.0 for r in harm)
     assert all((r.label == "harmful") == (r.score >= 0.5) for r in harm)
-    assert {r.label for r in sources.load_source("pyrit_refusal")} == {"refusal", "not_refusal"}
-    pairs = sources.load_source("rho_refusal_pairs")
+    assert {r.label for r in registry.load_source("pyrit_refusal")} == {"refusal", "not_refusal"}
+    pairs = registry.load_source("rho_refusal_pairs")
     assert sum(r.label == "harmful" for r in pairs) == sum(r.label == "benign" for r in pairs) == 150
     assert all("\n\n" not in r.prompt for r in pairs)
 
 
-@pytest.mark.parametrize("name", list(sources.SETS))
+@pytest.mark.parametrize("name", list(registry.SETS))
 def test_each_named_set(name):
-    spec = sources.SETS[name]
+    spec = registry.SETS[name]
     for split in spec.splits:
-        recs = sources.load_set(name, split)
+        recs = registry.load_set(name, split)
         assert len(recs) > 0, (name, split)
         assert {r.split for r in recs} == {split}
         assert {r.label for r in recs} <= set(spec.labels)
@@ -71,42 +76,42 @@ def test_each_named_set(name):
 
 def test_sets_that_need_responses_have_them():
     for name in ("harmful_responses", "benign", "refusals", "judge_harm", "judge_refusal"):
-        for split in sources.SETS[name].splits:
-            assert all(r.response.strip() for r in sources.load_set(name, split))
+        for split in registry.SETS[name].splits:
+            assert all(r.response.strip() for r in registry.load_set(name, split))
 
 
 def test_load_set_source_filter_and_unknown_names():
-    adv = sources.load_set("harmful_prompts", "test", sources=["advbench"])
+    adv = registry.load_set("harmful_prompts", "test", sources=["advbench"])
     assert adv and {r.source for r in adv} == {"advbench"}
     with pytest.raises(DataError, match="unknown set 'nope'"):
-        sources.load_set("nope")
+        registry.load_set("nope")
     with pytest.raises(DataError, match="unknown source 'nope'"):
-        sources.load_source("nope")
+        registry.load_source("nope")
     with pytest.raises(DataError, match="has no source 'safeinstr'"):
-        sources.load_set("harmful_prompts", "train", sources=["safeinstr"])
+        registry.load_set("harmful_prompts", "train", sources=["safeinstr"])
     with pytest.raises(DataError, match="splits"):
-        sources.load_set("overrefusal", "train")
+        registry.load_set("overrefusal", "train")
 
 
 def test_safeinstr_clear_error_when_shared_path_absent(tmp_path, monkeypatch):
     monkeypatch.setenv("SEMLOSS_SHARED", str(tmp_path))
     with pytest.raises(DataError, match="safety_only_data_Instructions.json.*SEMLOSS_SHARED"):
-        sources.load_source("safeinstr")
+        registry.load_source("safeinstr")
     with pytest.raises(DataError, match="I-Alpaca.json"):
-        sources.load_source("i_alpaca")
+        registry.load_source("i_alpaca")
 
 
 def test_build_rerun_is_a_noop():
-    d = sources.data_dir()
+    d = registry.data_dir()
     before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
     t0 = time.perf_counter()
-    sources.build_all(verbose=False)
+    registry.build_all(verbose=False)
     assert time.perf_counter() - t0 < 5
     after = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
     assert before == after
     manifest = json.loads((d / "manifest.json").read_text())
     for name, entry in manifest["sources"].items():
-        assert entry["count"] == len(sources.load_source(name))
+        assert entry["count"] == len(registry.load_source(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,14 +129,11 @@ def _write(path: Path, fmt: str, rows: list[dict]) -> Path:
     elif fmt == "json":
         path.write_text(json.dumps(rows))
     elif fmt == "csv":
-        import csv
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
     elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 

@@ -7,21 +7,25 @@ import json
 import numpy as np
 import pytest
 
-from semloss_jax import evaluate as ev
-from semloss_jax.evaluate import DecodeSettings, EVAL_SETS
+from semloss_jax.eval import evaluate as ev
+from semloss_jax.eval.evaluate import DecodeSettings, EVAL_SETS
+import jax
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.eval.judges import load_judge
+import importlib.util
+from semloss_jax.paths import REPO_ROOT
+from semloss_jax.models.weights import export_hf
+from semloss_jax.models.generation import generate
 
 
 @pytest.fixture(scope="module")
 def tiny(real_tokenizer):
-    import jax
-    from semloss_jax.model import init_params, tiny_config
     cfg = tiny_config(vocab_size=real_tokenizer.vocab_size)
     return cfg, init_params(cfg, jax.random.PRNGKey(0)), real_tokenizer
 
 
 @pytest.fixture(scope="module")
 def harm_judge():
-    from semloss_jax.judges import load_judge
     return load_judge("tfidf")
 
 
@@ -29,7 +33,6 @@ class CountingGenerator:
     """Wraps the real generator and counts the prompts it is asked to generate."""
 
     def __init__(self, params, cfg, tok):
-        from semloss_jax.generation import generate
         self.calls = 0
         self.prompts = 0
         self._gen = lambda prompts, **kw: generate(params, cfg, tok, prompts, **kw)
@@ -41,8 +44,6 @@ class CountingGenerator:
 
 
 def _load_cli():
-    import importlib.util
-    from semloss_jax.paths import REPO_ROOT
     spec = importlib.util.spec_from_file_location("eval_cli", REPO_ROOT / "eval.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -90,7 +91,6 @@ def test_second_run_generates_nothing(tiny, harm_judge, tmp_path):
                      **{**kw, "settings": DecodeSettings(max_new_tokens=4), "sets": ("harmful",)})
     assert r4["counts"]["generated"] == 3
     # another model is another cache entry
-    import jax
     p2 = jax.tree_util.tree_map(lambda x: x * 1.01, params)
     assert ev.model_fingerprint(p2, cfg, tok) != ev.model_fingerprint(params, cfg, tok)
 
@@ -142,7 +142,6 @@ def test_outputs_and_metrics(tiny, harm_judge, tmp_path):
 def test_cli_on_run_dir(tiny, tmp_path, monkeypatch):
     """`eval.py run --model RUN_DIR` evaluates RUN_DIR/hf and records its config.yaml."""
     cfg, params, tok = tiny
-    from semloss_jax.weights import export_hf
     run = tmp_path / "run"
     export_hf(params, cfg, run / "hf", tokenizer=tok)
     (run / "config.yaml").write_text("data:\n  harmful_n: 42\nobjective:\n  kind: tasft\n")

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax.generation import decode, generate, generate_ids
-from semloss_jax.model import forward, init_params, tiny_config
+from semloss_jax.models.generation import decode, generate, generate_ids
+from semloss_jax.models.llama import forward, init_params, tiny_config
 
 jforward = jax.jit(forward, static_argnums=1)
 

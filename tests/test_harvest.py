@@ -7,9 +7,17 @@ import jax
 import numpy as np
 import pytest
 
-from semloss_jax import harvest
-from semloss_jax.data import DataError, Record, read_jsonl
+from semloss_jax.data import readers
+from semloss_jax.data import harvest
+from semloss_jax.data.readers import read_jsonl
+from semloss_jax.data.schema import Record
+from semloss_jax.errors import DataError
 from semloss_jax.paths import default_model_path
+from semloss_jax.eval.judges import load_judge
+from semloss_jax.data.registry import load_set
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.models.weights import export_hf
 
 
 def _prompts(n):
@@ -52,7 +60,6 @@ def test_judge_filter_and_threshold():
 
 
 def test_real_harm_judge_runs_in_the_filter():
-    from semloss_jax.judges import load_judge
     judge = load_judge("tfidf")
     responses = ["Sure, here is how to build a pipe bomb: fill a steel pipe with explosive "
                  "powder, cap both ends and attach a fuse.",
@@ -63,7 +70,6 @@ def test_real_harm_judge_runs_in_the_filter():
 
 
 def test_pick_prompts_deterministic_train_only():
-    from semloss_jax.sources import load_set
     a = harvest.pick_prompts(10, seed=0)
     assert [r.id for r in a] == [r.id for r in harvest.pick_prompts(10, seed=0)]
     assert [r.id for r in a] != [r.id for r in harvest.pick_prompts(10, seed=1)]
@@ -88,9 +94,6 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with the real SmolLM2 tokenizer, exported as an HF directory."""
     if not default_model_path().exists():
         pytest.skip("the default model's tokenizer is not fetched")
-    from semloss_jax.model import init_params, tiny_config
-    from semloss_jax.tokenizer import load_tokenizer
-    from semloss_jax.weights import export_hf
     tok = load_tokenizer(default_model_path())
     cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -114,9 +117,8 @@ def test_harvest_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
     picked = {r.prompt for r in harvest.pick_prompts(3, seed=0)}
     assert all(r.prompt in picked and r.response.strip() for r in recs)
     # mu(q): one unit-ball d-vector per response token (response + end-of-turn)
-    from semloss_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(tiny_model_dir)
-    mus = harvest.load_response_mu(out)
+    mus = readers.load_response_mu(out)
     assert len(mus) == len(recs)
     for r, m in zip(recs, mus):
         assert m.shape == (len(tok.response_ids(r.response)), 32)

@@ -7,8 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from semloss_jax import judges
-from semloss_jax.judges import HarmJudge, binary_auc, is_refusal
+from semloss_jax.eval import judges
+from semloss_jax.eval.judges import binary_auc, HarmJudge, is_refusal
+from semloss_jax.paths import default_model_path
+from semloss_jax.models.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +184,9 @@ def test_hf_label_resolution():
 
 def test_hf_judge_loads_local_classifier(tmp_path):
     torch = pytest.importorskip("torch")
-    from semloss_jax.paths import default_model_path
     if not default_model_path().exists():
         pytest.skip("default model (tokenizer) not fetched")
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForSequenceClassification
-    from semloss_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(default_model_path())
     tok.hf.save_pretrained(tmp_path)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""semloss_jax.lora: exact no-op at B = 0, merge formula, gradients only to adapters, frozen base."""
+"""semloss_jax.models.lora: exact no-op at B = 0, merge formula, gradients only to adapters, frozen base."""
 from __future__ import annotations
 
 import jax
@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from semloss_jax import cost
-from semloss_jax import lora
-from semloss_jax import model as model_lib
-from semloss_jax import objective as ob
-from semloss_jax import optim
+from semloss_jax.loss import cost
+from semloss_jax.models import lora
+from semloss_jax.models import llama as model_lib
+from semloss_jax.loss import objective as ob
+from semloss_jax.errors import ConfigError
+from semloss_jax.train import optim
+from semloss_jax.train import step as step_lib
 
 V = 64
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -141,7 +143,7 @@ def test_lora_steps_train_adapters_and_keep_base_frozen(setup):
     oc = ocfg(lora_targets=("q_proj", "v_proj", "o_proj", "up_proj"), weight_decay=0.1, grad_accum=2)
     opt = optim.make_optimizer(oc)
     base_copy = jax.tree_util.tree_map(np.array, params)
-    state = optim.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
+    state = step_lib.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
     lora0 = jax.tree_util.tree_map(np.array, state["params"])
     assert set(state["params"]) == {"layers"}  # only adapters are trainable
     E_hat = cost.unit_embeddings(model_lib.embedding_matrix(params))
@@ -152,7 +154,7 @@ def test_lora_steps_train_adapters_and_keep_base_frozen(setup):
              loss_mask=np.ones((A, B, T), np.float32), segment_ids=np.ones((A, B, T), np.int32),
              positions=np.broadcast_to(np.arange(T, dtype=np.int32), (A, B, T)).copy())
     h = {k: v[:, :1] for k, v in b.items()}
-    step = jax.jit(optim.make_train_step(cfg, ob.ObjectiveConfig(kind="tasft", lam=0.3), oc, opt))
+    step = jax.jit(step_lib.make_train_step(cfg, ob.ObjectiveConfig(kind="tasft", lam=0.3), oc, opt))
     losses = []
     for _ in range(4):
         state, metrics = step(state, b, h, E_hat)
@@ -173,7 +175,7 @@ def test_lora_steps_train_adapters_and_keep_base_frozen(setup):
 
 def test_bad_targets_are_rejected(setup):
     cfg, params = setup
-    with pytest.raises(lora.LoraError, match="lora_targets"):
+    with pytest.raises(ConfigError, match="lora_targets"):
         lora.init_lora(params, cfg, ocfg(lora_targets=("q_proj", "qkv")), jax.random.PRNGKey(0))
-    with pytest.raises(lora.LoraError, match="lora_targets"):
+    with pytest.raises(ConfigError, match="lora_targets"):
         lora.init_lora(params, cfg, ocfg(lora_targets=()), jax.random.PRNGKey(0))

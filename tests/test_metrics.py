@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from semloss_jax import metrics
-from semloss_jax.metrics import (bootstrap_mean_ci, ce_summary, rate_summary, reference_nll,
-                                 wilson_interval)
+from semloss_jax.eval import metrics
+from semloss_jax.eval.metrics import (bootstrap_mean_ci, ce_summary, rate_summary, reference_nll, wilson_interval)
+import jax
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.models.llama import forward
 
 
 def test_bootstrap_coverage_on_bernoulli():
@@ -105,16 +107,12 @@ def test_bootstrap_seeded_and_vectorized_chunks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(real_tokenizer):
-    import jax
-    from semloss_jax.model import init_params, tiny_config
     cfg = tiny_config(vocab_size=real_tokenizer.vocab_size)
     return cfg, init_params(cfg, jax.random.PRNGKey(0))
 
 
 def _direct_nll(params, cfg, tok, prompt, ref):
     """Unbatched, unpadded reference computation."""
-    import jax
-    from semloss_jax.model import forward
     p, r = tok.prompt_ids(prompt), tok.response_ids(ref)
     s = np.array([p + r], np.int32)
     logp = np.asarray(jax.nn.log_softmax(forward(params, cfg, s[:, :-1]), -1), np.float64)[0]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from semloss_jax.model import (LlamaConfig, forward, init_params, param_logical_axes, tiny_config)
-from semloss_jax.weights import export_hf, load_hf
+from semloss_jax.models import hf_config
+from semloss_jax.models.llama import (forward, init_params, LlamaConfig, param_logical_axes, tiny_config)
+from semloss_jax.models.weights import export_hf, load_hf
 
 # jit once per config (configs are frozen, hashable dataclasses)
 jforward = jax.jit(forward, static_argnums=1, static_argnames=("return_hidden",))
@@ -50,7 +51,7 @@ def test_tiny_logits_match_transformers(tmp_path, variant):
     assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
     # and the export round-trips exactly
     cfg2, params2 = load_hf(tmp_path / "hf")
-    assert cfg2.to_hf_dict() == cfg.to_hf_dict()
+    assert hf_config.to_hf_dict(cfg2) == hf_config.to_hf_dict(cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, jax.tree_util.tree_map(np.asarray, params))
 
 

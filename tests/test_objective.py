@@ -1,4 +1,4 @@
-"""semloss_jax.objective: values against numpy references, boundedness, masks, gradients, no V x V."""
+"""semloss_jax.loss.objective: values against numpy references, boundedness, masks, gradients, no V x V."""
 from __future__ import annotations
 
 import jax
@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax import cost
-from semloss_jax import model as model_lib
-from semloss_jax import objective as ob
-from semloss_jax import optim
+from semloss_jax.loss import cost
+from semloss_jax.models import llama as model_lib
+from semloss_jax.loss import objective as ob
+from semloss_jax.errors import ConfigError, LossError
+from semloss_jax.train import optim
+from semloss_jax.train import step as step_lib
 
 V, D = 64, 32
 
@@ -350,7 +352,7 @@ def test_global_counts_and_stacked_batches():
 def test_sft_ignores_harmful_and_combine_errors():
     s = {"ce_sum": jnp.float32(6.0), "ce_count": jnp.float32(3.0)}
     assert float(ob.combine(s, {"ce_count": jnp.float32(3.0)}, ob.ObjectiveConfig(kind="sft", lam=0.0))) == 2.0
-    with pytest.raises(ob.ObjectiveError, match="harmful"):
+    with pytest.raises(LossError, match="harmful"):
         ob.combine(s, {"ce_count": jnp.float32(3.0)}, ob.ObjectiveConfig(kind="tasft", lam=1.0))
 
 
@@ -360,14 +362,14 @@ def test_sft_ignores_harmful_and_combine_errors():
     (dict(divergence="exact_onehot", target="soft"), "divergence"), (dict(nll_clip=0.0), "nll_clip"),
 ])
 def test_config_validation_names_the_field(kw, field):
-    with pytest.raises(ob.ObjectiveError, match=rf"objective\.{field}"):
+    with pytest.raises(ConfigError, match=rf"objective\.{field}"):
         ob.ObjectiveConfig(**kw).validate()
 
 
 def test_soft_target_requires_target_mu():
     rng, E_hat, benign, harmful = _logit_case(6, d=16)
     z = jnp.zeros((2, 6, V))
-    with pytest.raises(ob.ObjectiveError, match="target_mu"):
+    with pytest.raises(LossError, match="target_mu"):
         ob.sums_from_logits(z, benign, z, harmful, E_hat, ob.ObjectiveConfig(target="soft"))
 
 
@@ -419,7 +421,7 @@ def test_train_step_has_no_vxv_array(trainable, obj):
     ocfg = optim.OptimConfig(trainable=trainable, grad_accum=2, lora_targets=("q_proj", "down_proj"))
     opt = optim.make_optimizer(ocfg)
     params = model_lib.abstract_params(cfg)
-    state = jax.eval_shape(lambda k: optim.init_train_state(
+    state = jax.eval_shape(lambda k: step_lib.init_train_state(
         jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params), cfg, ocfg, opt, k),
         jax.random.PRNGKey(0))
     A, B, T = 2, 1, 4
@@ -428,7 +430,7 @@ def test_train_step_has_no_vxv_array(trainable, obj):
                  positions=i32, segment_ids=i32)
     harmful = dict(batch, target_mu=jax.ShapeDtypeStruct((A, B, T, 8), jnp.float32))
     E_hat = jax.ShapeDtypeStruct((v, 8), jnp.float32)
-    step = optim.make_train_step(cfg, obj, ocfg, opt)
+    step = step_lib.make_train_step(cfg, obj, ocfg, opt)
     jp = jax.make_jaxpr(step)(state, batch, harmful, E_hat)
     avals = _all_avals(jp)
     assert len(avals) > 100

@@ -1,4 +1,4 @@
-"""semloss_jax.optim: schedule, exact gradient accumulation, last_k freezing, validation, state axes."""
+"""semloss_jax.train.optim: schedule, exact gradient accumulation, last_k freezing, validation, state axes."""
 from __future__ import annotations
 
 import math
@@ -8,12 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
-from semloss_jax import cost
-from semloss_jax import model as model_lib
-from semloss_jax import objective as ob
-from semloss_jax import optim
+from semloss_jax.loss import cost
+from semloss_jax.models import llama as model_lib
+from semloss_jax.loss import objective as ob
+from semloss_jax.errors import ConfigError, TrainError
+from semloss_jax.train import optim
+from semloss_jax.train import sharding as S
+from semloss_jax.train import state as state_lib
+from semloss_jax.train import step as step_lib
 
 V = 64
 
@@ -136,8 +140,8 @@ def test_grad_accum_equals_one_large_batch(setup):
     def run(A, b, h):
         oc = optim.OptimConfig(grad_accum=A, **base)
         opt = optim.make_optimizer(oc)
-        state = optim.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
-        return jax.jit(optim.make_train_step(cfg, obj, oc, opt))(state, b, h, E_hat)
+        state = step_lib.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
+        return jax.jit(step_lib.make_train_step(cfg, obj, oc, opt))(state, b, h, E_hat)
 
     # the reference: the gradient of the loss of the whole batch, by jax.grad directly
     one = lambda x: {k: v[0] for k, v in x.items()}  # noqa: E731
@@ -180,12 +184,12 @@ def test_last_k_freezes_other_layers_bit_identical(setup):
     oc = optim.OptimConfig(lr=1e-2, weight_decay=0.5, trainable="last_k", last_k=1, grad_accum=2,
                            total_steps=10)
     opt = optim.make_optimizer(oc)
-    state = optim.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
+    state = step_lib.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
     # frozen leaves (embedding, lm_head) carry no optimizer state
     adam_state = state["opt_state"][1].inner_state[0]
     assert isinstance(adam_state.mu["embed"]["embedding"], optax.MaskedNode)
     assert adam_state.mu["layers"]["attn"]["q_proj"]["kernel"].shape == (3, 32, 2, 16)
-    step = jax.jit(optim.make_train_step(cfg, ob.ObjectiveConfig(kind="tasft", lam=0.5), oc, opt))
+    step = jax.jit(step_lib.make_train_step(cfg, ob.ObjectiveConfig(kind="tasft", lam=0.5), oc, opt))
     rng = np.random.default_rng(2)
     for _ in range(3):
         b = micro_batches(rng, 2, 2, 8, (0.7, 0.7))
@@ -214,7 +218,7 @@ def test_trainable_mask_shapes_and_errors(setup):
     assert m["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 1, 1, 1)
     assert m["layers"]["attn"]["q_proj"]["kernel"].ravel().tolist() == [False, True]
     assert m["embed"]["embedding"] is False and m["final_norm"]["scale"] is True
-    with pytest.raises(optim.OptimError, match="last_k"):
+    with pytest.raises(ConfigError, match="last_k"):
         optim.trainable_mask(params, cfg, optim.OptimConfig(trainable="last_k", last_k=3))
     all_m = optim.trainable_mask(params, cfg, optim.OptimConfig(trainable="all"))
     assert all(x is True for x in jax.tree_util.tree_leaves(all_m))
@@ -224,10 +228,10 @@ def test_trainable_none_only_evaluates(setup):
     cfg, params, E_hat = setup
     oc = optim.OptimConfig(trainable="none", grad_accum=1)
     opt = optim.make_optimizer(oc)
-    state = optim.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
+    state = step_lib.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
     rng = np.random.default_rng(3)
     b = micro_batches(rng, 1, 2, 8, (0.7,))
-    new, metrics = jax.jit(optim.make_train_step(cfg, ob.ObjectiveConfig(kind="sft", lam=0.0), oc, opt))(
+    new, metrics = jax.jit(step_lib.make_train_step(cfg, ob.ObjectiveConfig(kind="sft", lam=0.0), oc, opt))(
         state, b, None, E_hat)
     assert _tree_max_abs_diff(new["params"], params) == 0.0
     assert float(metrics["loss"]) == pytest.approx(float(metrics["ce"])) and float(metrics["loss"]) > 1.0
@@ -245,7 +249,7 @@ def test_trainable_none_only_evaluates(setup):
     (dict(b2=1.5), "b2"), (dict(clip_norm=0.0), "clip_norm"), (dict(total_steps=0), "total_steps"),
 ])
 def test_config_validation_names_the_field(kw, field):
-    with pytest.raises(optim.OptimError, match=rf"optim\.{field}"):
+    with pytest.raises(ConfigError, match=rf"optim\.{field}"):
         optim.OptimConfig(**kw).validate()
 
 
@@ -253,31 +257,38 @@ def test_step_rejects_wrong_micro_batch_count(setup):
     cfg, params, E_hat = setup
     oc = optim.OptimConfig(grad_accum=2)
     opt = optim.make_optimizer(oc)
-    state = optim.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
-    step = optim.make_train_step(cfg, ob.ObjectiveConfig(kind="sft", lam=0.0), oc, opt)
+    state = step_lib.init_train_state(params, cfg, oc, opt, jax.random.PRNGKey(0))
+    step = step_lib.make_train_step(cfg, ob.ObjectiveConfig(kind="sft", lam=0.0), oc, opt)
     b = micro_batches(np.random.default_rng(0), 3, 1, 4, (0.5,) * 3)
-    with pytest.raises(optim.OptimError, match="grad_accum"):
+    with pytest.raises(TrainError, match="grad_accum"):
         step(state, b, None, E_hat)
-    with pytest.raises(optim.OptimError, match="harmful"):
-        optim.make_train_step(cfg, ob.ObjectiveConfig(kind="tasft", lam=1.0), oc, opt)(
+    with pytest.raises(TrainError, match="harmful"):
+        step_lib.make_train_step(cfg, ob.ObjectiveConfig(kind="tasft", lam=1.0), oc, opt)(
             state, micro_batches(np.random.default_rng(0), 2, 1, 4, (0.5,) * 2), None, E_hat)
 
 
 @pytest.mark.parametrize("trainable", ["all", "last_k", "lora"])
-def test_train_state_logical_axes_match_state(setup, trainable):
-    cfg, params, _ = setup
+def test_state_plan_shards_adam_moments_like_their_params(setup, trainable):
+    """The train state's shardings (state.plan_state, via sharding.state_specs) match the state
+    tree, and Adam's moments take exactly the specs of the params they mirror."""
+    cfg, _, _ = setup
     oc = optim.OptimConfig(trainable=trainable, last_k=1, lora_targets=("q_proj", "o_proj", "up_proj"))
-    opt = optim.make_optimizer(oc)
-    state = jax.eval_shape(lambda k: optim.init_train_state(params, cfg, oc, opt, k), jax.random.PRNGKey(0))
-    axes = optim.train_state_logical_axes(cfg, oc, opt)
+    plan = state_lib.plan_state(cfg, oc, AbstractMesh((1, 2, 2), S.MESH_AXES))
+    state, specs = plan.abstract_state, plan.state_specs
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     s_leaves, s_def = jax.tree_util.tree_flatten(state)
-    a_leaves, a_def = jax.tree_util.tree_flatten(axes, is_leaf=is_spec)
+    a_leaves, a_def = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     assert s_def == a_def
     for s, a in zip(s_leaves, a_leaves):
-        assert len(a) in (0, len(s.shape)), (s.shape, a)
-    opt_axes = jax.tree_util.tree_leaves(axes["opt_state"], is_leaf=is_spec)
-    n_moments = sum(len(a) > 0 for a in opt_axes)
+        assert len(a) <= len(s.shape), (s.shape, a)
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (adam,) = [x for x in jax.tree_util.tree_leaves(specs["opt_state"], is_leaf=is_adam) if is_adam(x)]
+    p_specs = dict(jax.tree_util.tree_flatten_with_path(specs["params"], is_leaf=is_spec)[0])
+    moments = [jax.tree_util.tree_flatten_with_path(m, is_leaf=is_spec)[0] for m in (adam.mu, adam.nu)]
+    for flat in moments:
+        for path, spec in flat:
+            assert spec == p_specs[path], (path, spec, p_specs[path])
     n_trainable = len(jax.tree_util.tree_leaves(state["params"]))
     # Adam mu and nu follow the params (last_k: no state for the frozen embedding and lm_head)
-    assert n_moments == 2 * n_trainable - (4 if trainable == "last_k" else 0)
+    assert sum(len(f) for f in moments) == 2 * n_trainable - (4 if trainable == "last_k" else 0)
+    assert any(len(spec) > 0 for flat in moments for _, spec in flat)  # something is sharded

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from semloss_jax import report as rp
-from semloss_jax.metrics import ce_summary, rate_summary
+from semloss_jax.eval import report as rp
+from semloss_jax.eval.metrics import ce_summary, rate_summary
 
 SETTINGS = {"max_new_tokens": 128, "decoding": "greedy", "limit": None, "system": None}
 
@@ -92,10 +92,10 @@ def test_report_cli_and_errors(dirs, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "eval.json").write_text('{"model": {}, \n "sets": ')
-    with pytest.raises(rp.ReportError, match=r"eval.json:2: not valid JSON"):
+    with pytest.raises(rp.EvalError, match=r"eval.json:2: not valid JSON"):
         rp.collect([bad])
     (bad / "eval.json").write_text('{"x": 1}')
-    with pytest.raises(rp.ReportError, match="missing field"):
+    with pytest.raises(rp.EvalError, match="missing field"):
         rp.collect([bad])
 
 

@@ -19,8 +19,12 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from semloss_jax import model as M
-from semloss_jax import sharding as S
+from semloss_jax.errors import ShardingError
+from semloss_jax.models import llama as M
+from semloss_jax.train import sharding as S
+import socket
+from semloss_jax.train import config as C
+from semloss_jax.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,11 +37,11 @@ def test_resolve_mesh_shape():
     assert S.resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
     assert S.resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
     assert S.resolve_mesh_shape((2, 4, 1), 8) == (2, 4, 1)
-    with pytest.raises(S.ShardingError, match="not a multiple"):
+    with pytest.raises(ShardingError, match="not a multiple"):
         S.resolve_mesh_shape((3, -1, 1), 8)
-    with pytest.raises(S.ShardingError, match="needs 4 devices"):
+    with pytest.raises(ShardingError, match="needs 4 devices"):
         S.resolve_mesh_shape((2, 2, 1), 8)
-    with pytest.raises(S.ShardingError, match="at most one"):
+    with pytest.raises(ShardingError, match="at most one"):
         S.resolve_mesh_shape((-1, -1, 1), 8)
 
 
@@ -64,9 +68,9 @@ def test_rule_table_and_divisibility_fallback():
     assert len(fb) == 1 and "already used" in fb[0]
     # size-1 mesh axes shard nothing
     assert S.spec_for(("vocab", "embed"), (49152, 64), _mesh(8, 1, 1)) == P()
-    with pytest.raises(S.ShardingError, match="no rule"):
+    with pytest.raises(ShardingError, match="no rule"):
         S.spec_for(("bogus",), (4,), mesh)
-    with pytest.raises(S.ShardingError, match="do not match"):
+    with pytest.raises(ShardingError, match="do not match"):
         S.spec_for(("vocab", "embed"), (4,), mesh)
 
 
@@ -95,7 +99,7 @@ def test_batch_shardings_and_divisibility():
     sh = S.batch_shardings(jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), S.MESH_AXES), b)
     assert sh["input_ids"].spec == P(None, ("data", "fsdp"), None)
     assert S.batch_spec(3, leading=1) == P(None, ("data", "fsdp"), None)
-    with pytest.raises(S.ShardingError, match="not divisible"):
+    with pytest.raises(ShardingError, match="not divisible"):
         S.batch_shardings(mesh, {"input_ids": np.zeros((1, 6, 16), np.int32)})
 
 
@@ -125,15 +129,15 @@ EVAL_SHAPE_SCRIPT = r"""
 import json, math
 import jax, numpy as np
 from jax.sharding import PartitionSpec as P
-from semloss_jax import config, sharding, train_loop
+from semloss_jax.train import config, sharding, state
 assert jax.device_count() == 8
 out = {}
 for name in ["llama2_7b_tpu", "llama2_7b_8gpu", "llama3_8b_tpu", "llama3_8b_8gpu",
              "mistral_7b_tpu", "mistral_7b_8gpu"]:
     cfg = config.load_config(f"configs/{name}.yaml")
-    mcfg = train_loop.model_config_of(cfg)
+    mcfg = state.model_config_of(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
-    plan = train_loop.plan_state(cfg, mcfg, mesh)
+    plan = state.plan_state(mcfg, cfg.optim, mesh)
     st, specs = plan.abstract_state, plan.state_specs
     is_p = lambda x: isinstance(x, P)
     leaves = jax.tree_util.tree_leaves(st["params"])
@@ -200,14 +204,13 @@ def test_real_configs_eval_shape_on_fake_mesh():
 MESH_SCRIPT = r"""
 import json, shutil, tempfile
 import jax
-from semloss_jax import config, train_loop
-from semloss_jax.tokenizer import load_tokenizer
+from semloss_jax.train import config, loop as train_loop
 assert jax.device_count() == 8
 tmp = tempfile.mkdtemp()
 base = config.load_config("configs/smoke.yaml", ["run.steps=3", "run.progress=false",
                                                    "run.tensorboard=false", "run.export_hf=false",
                                                    "run.checkpoint_every=0"])
-tok = load_tokenizer(train_loop.tokenizer_path(base))
+tok = train_loop.run_tokenizer(base.model)
 out = {}
 for mesh in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
     cfg = config.replace(base, mesh=config.MeshSection(*mesh),
@@ -236,7 +239,7 @@ def test_meshes_match_single_device_losses():
 
 MULTIHOST_SCRIPT = r"""
 import json, sys
-from semloss_jax import config, train_loop
+from semloss_jax.train import config, loop as train_loop
 out = sys.argv[1]
 cfg = config.load_config("configs/smoke.yaml", ["run.steps=3", "run.progress=false",
                                                  "run.tensorboard=false", "run.checkpoint_every=2",
@@ -250,7 +253,6 @@ print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
 
 
 def _free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
@@ -260,7 +262,6 @@ def _free_port() -> int:
 def test_two_processes_match_single_device(tmp_path):
     """jax.distributed (2 CPU processes x 4 devices, from SEMLOSS_* env) with per-process data
     loading gives the single-device losses; checkpoints and the export are written once."""
-    from semloss_jax import config as C, train_loop
     port = _free_port()
     procs = []
     for pid in range(2):

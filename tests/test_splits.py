@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semloss_jax import sources
-from semloss_jax.data import Record
-from semloss_jax.splits import (assert_no_leak, assign_splits, dedup, find_leaks, hash_split,
-                                normalize, unit_hash)
+from semloss_jax.data import registry
+from semloss_jax.data import sources
+from semloss_jax.data.schema import Record
+from semloss_jax.data.splits import (assert_no_leak, assign_splits, dedup, find_leaks, hash_split, normalize, unit_hash)
 
 
 def _rec(i, prompt, response="", label="harmful", source="s"):
@@ -83,7 +83,7 @@ def test_dedup_keeps_first():
 
 
 def _all_records(**kw):
-    by_source = {s: sources.load_source(s) for s in sources.SOURCES}
+    by_source = {s: registry.load_source(s) for s in sources.SOURCES}
     if kw:
         by_source = assign_splits(by_source, {s: sources.SOURCES[s].role for s in by_source}, **kw)
     return [r for recs in by_source.values() for r in recs]
@@ -94,7 +94,7 @@ def test_no_harmful_test_prompt_in_any_train_split_real_data(kw):
     recs = _all_records(**kw)
     assert_no_leak(recs)
     # stated directly: the test prompts of the harmful set vs every train record of every source
-    test = sources.load_set("harmful_prompts", "test", **kw)
+    test = registry.load_set("harmful_prompts", "test", **kw)
     assert len(test) > 100
     exact = {r.prompt for r in test}
     norm = {normalize(r.prompt) for r in test}
@@ -105,19 +105,19 @@ def test_no_harmful_test_prompt_in_any_train_split_real_data(kw):
 
 
 def test_named_sets_train_and_test_are_disjoint():
-    for name, spec in sources.SETS.items():
+    for name, spec in registry.SETS.items():
         if "test" not in spec.splits:
             continue
-        tr = {normalize(r.prompt) for r in sources.load_set(name, "train")}
-        te = {normalize(r.prompt) for r in sources.load_set(name, "test")}
+        tr = {normalize(r.prompt) for r in registry.load_set(name, "train")}
+        te = {normalize(r.prompt) for r in registry.load_set(name, "test")}
         assert tr and te and not (tr & te), name
 
 
 def test_cross_source_duplicates_collapse_in_sets():
     # HarmBench prompts reappear in PyRIT's many-shot pairs; AdvBench/HarmBench/StrongREJECT
     # share prompts after normalization; a set holds each normalized prompt once
-    recs = sources.load_set("harmful_prompts", "all")
-    raw = sum(len([r for r in sources.load_source(s) if r.label == "harmful"])
-              for s in sources.SETS["harmful_prompts"].sources)
+    recs = registry.load_set("harmful_prompts", "all")
+    raw = sum(len([r for r in registry.load_source(s) if r.label == "harmful"])
+              for s in registry.SETS["harmful_prompts"].sources)
     assert len(recs) <= raw
     assert len({normalize(r.prompt) for r in recs}) == len(recs)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from semloss_jax.tokenizer import TokenizerError, load_tokenizer
+from semloss_jax.errors import ModelError
+from semloss_jax.models.tokenizer import load_tokenizer
 
 
 @pytest.mark.real_model
@@ -28,13 +29,13 @@ def test_hf_directory_round_trip(tmp_path, real_tokenizer):
 
 
 def test_bad_paths(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(ModelError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
-    with pytest.raises(TokenizerError, match="missing.gguf"):
+    with pytest.raises(ModelError, match="missing.gguf"):
         load_tokenizer(tmp_path / "missing.gguf")
 
 
 @pytest.mark.real_model
 def test_unknown_role_is_an_error(real_tokenizer):
-    with pytest.raises(TokenizerError, match="unknown role 'tool'"):
+    with pytest.raises(ModelError, match="unknown role 'tool'"):
         real_tokenizer.render([{"role": "tool", "content": "x"}], add_generation_prompt=True)

@@ -13,7 +13,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+
+from semloss_jax.data import batching, readers, registry
+from semloss_jax.data import streams as streams_lib
+from semloss_jax.errors import DataError, NonFiniteLoss, TrainError
+from semloss_jax.loss import cost
+from semloss_jax.models import llama as M
+from semloss_jax.models import weights
+from semloss_jax.paths import default_model_path
+from semloss_jax.train import checkpoint as CK
+from semloss_jax.train import config as C
+from semloss_jax.train import loop as train_loop
+from semloss_jax.train import sharding
+from semloss_jax.train import state as state_lib
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -42,7 +57,6 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_directory(smoke_run):
     run, proc = smoke_run
-    from semloss_jax import config as C
     cfg = C.load_config(run / "config.yaml")
     assert cfg == C.load_config(SMOKE, [f"output_dir={run}", "run.progress=false"])
     rows = _metrics(run)
@@ -72,15 +86,12 @@ def test_step_compiles_once(smoke_run):
 
 def test_exported_model_equals_final_checkpoint(smoke_run):
     """hf/ reloads (weights.load_model) to exactly the params of the last checkpoint."""
-    import jax
-    import numpy as np
-    from semloss_jax import checkpoint as CK, config as C, sharding, train_loop, weights
     run, _ = smoke_run
     cfg = C.load_config(run / "config.yaml")
     mcfg, exported = weights.load_model(run / "hf")
     assert (mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.vocab_size) == (2, 64, 49152)
-    plan = train_loop.plan_state(cfg, train_loop.model_config_of(cfg),
-                                 sharding.make_mesh(C.MeshSection(1, 1, 1)))
+    plan = state_lib.plan_state(state_lib.model_config_of(cfg.model), cfg.optim,
+                                sharding.make_mesh(C.MeshSection(1, 1, 1)))
     ck = CK.Checkpointer(run / "checkpoints", every=2, keep_last=2)
     saved, meta = ck.restore(plan.abstract_state)
     ck.close()
@@ -125,7 +136,7 @@ def test_rerun_of_a_finished_run_is_a_no_op_and_other_configs_are_refused(smoke_
     assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stderr[-3000:]
     assert (run / "metrics.jsonl").read_text() == before
     proc = _train(["--config", str(SMOKE), f"output_dir={run}", "--quiet", "objective.lam=0.1"])
-    assert proc.returncode == 1 and "--resume" in proc.stderr
+    assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
 def test_cli_config_error_names_key(tmp_path):
@@ -135,11 +146,10 @@ def test_cli_config_error_names_key(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from semloss_jax import config as C, train_loop
     cfg = C.load_config(SMOKE, [f"output_dir={tmp_path}", "optim.lr=1e30", "optim.clip_norm=null",
                                 "run.checkpoint_every=1", "run.steps=6", "run.progress=false",
                                 "run.tensorboard=false", "run.async_checkpoint=false"])
-    with pytest.raises(train_loop.NonFiniteLoss) as ei:
+    with pytest.raises(NonFiniteLoss) as ei:
         train_loop.train(cfg, echo=lambda s: None)
     msg = str(ei.value)
     assert "non-finite" in msg and "last good checkpoint" in msg
@@ -159,7 +169,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.real_model
 def test_default_config_two_steps(tmp_path):
     """configs/default.yaml (real SmolLM2-135M, LoRA, real data), shortened to 2 steps."""
-    from semloss_jax.paths import default_model_path
     if not default_model_path().exists():
         pytest.skip("the SmolLM2 GGUF is not fetched (make fetch)")
     proc = _train([f"output_dir={tmp_path}", "run.steps=2", "--quiet"], timeout=900)
@@ -174,20 +183,16 @@ def test_default_config_two_steps(tmp_path):
 def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
     """objective.target=soft reads μ(q) beside a harvested JSONL; with μ(q) = ê_y (the one-hot
     target's mean embedding) every harmful metric equals the one-hot run's."""
-    import jax
-    import numpy as np
-    from semloss_jax import config as C, cost, data, harvest, model as M, sources, train_loop
-    from semloss_jax.tokenizer import load_tokenizer
     base = C.load_config(SMOKE, ["run.steps=2", "run.progress=false", "run.tensorboard=false",
                                  "run.export_hf=false", "run.checkpoint_every=0", "data.harmful_n=0"])
-    tok = load_tokenizer(train_loop.tokenizer_path(base))
-    recs = sources.load_d_harmful("pyrit")[:8]
+    tok = train_loop.run_tokenizer(base.model)
+    recs = registry.load_d_harmful("pyrit")[:8]
     path = tmp_path / "d_harmful.jsonl"
-    data.write_jsonl(path, recs)
-    mcfg = train_loop.model_config_of(base)
+    readers.write_jsonl(path, recs)
+    mcfg = state_lib.model_config_of(base.model)
     k_init = jax.random.split(jax.random.PRNGKey(base.run.seed))[0]  # train_loop's init key
     E_hat = np.asarray(cost.unit_embeddings(M.embedding_matrix(M.init_params(mcfg, k_init))))
-    harvest.save_response_mu(path, [E_hat[np.asarray(tok.response_ids(r.response))] for r in recs])
+    readers.save_response_mu(path, [E_hat[np.asarray(tok.response_ids(r.response))] for r in recs])
     runs = {}
     for target in ("onehot", "soft"):
         cfg = C.load_config(SMOKE, ["run.steps=2", "run.progress=false", "run.tensorboard=false",
@@ -200,7 +205,7 @@ def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
     assert runs["onehot"][0]["emd_lower"] > 0
     # and the μ(q) file is really what drives it: μ(q) = 0 gives LB = ½||μ(p)||², UB = 1
-    harvest.save_response_mu(path, [np.zeros((len(tok.response_ids(r.response)), mcfg.hidden_size),
+    readers.save_response_mu(path, [np.zeros((len(tok.response_ids(r.response)), mcfg.hidden_size),
                                              np.float32) for r in recs])
     cfg = C.load_config(SMOKE, ["run.steps=1", "run.progress=false", "run.tensorboard=false",
                                 "run.export_hf=false", "run.checkpoint_every=0", "data.harmful_n=0",
@@ -210,34 +215,31 @@ def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
     assert z["emd_upper"] == pytest.approx(1.0, abs=1e-6)
     assert abs(z["emd_lower"] - runs["onehot"][0]["emd_lower"]) > 1e-3
     bad = C.load_config(SMOKE, ["objective.target=soft", f"run.output_dir={tmp_path / 'bad'}"])
-    with pytest.raises(train_loop.TrainError, match="harvested JSONL"):
-        train_loop.load_records(bad)
+    with pytest.raises(DataError, match="harvested JSONL"):
+        streams_lib.load_records(bad.data, bad.objective, bad.run.seed)
 
 
 def test_data_sizes_and_safeinstr_records():
-    from semloss_jax import config as C, train_loop
     cfg = C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=5", "data.harmful_batch=0"])
-    recs = train_loop.load_records(cfg)
+    recs = streams_lib.load_records(cfg.data, cfg.objective, cfg.run.seed)
     assert len(recs["benign"]) == cfg.data.benign_n + 5 and recs["harmful"] == []
     assert [r.label for r in recs["benign"][-5:]] == ["refusal"] * 5
     assert {r.label for r in recs["benign"][:-5]} == {"benign"}
     cfg2 = C.load_config(SMOKE)
-    recs2 = train_loop.load_records(cfg2)
+    recs2 = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)
     assert len(recs2["harmful"]) == cfg2.data.harmful_n and {r.label for r in recs2["harmful"]} == {"harmful"}
     assert all(r.response.strip() for r in recs2["harmful"])
     # the same seed picks the same records; another seed other ones
-    assert [r.id for r in train_loop.load_records(cfg2)["benign"]] == [r.id for r in recs2["benign"]]
+    assert [r.id for r in streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)["benign"]] == [r.id for r in recs2["benign"]]
     cfg3 = C.load_config(SMOKE, ["run.seed=1"])
-    assert [r.id for r in train_loop.load_records(cfg3)["benign"]] != [r.id for r in recs2["benign"]]
+    assert [r.id for r in streams_lib.load_records(cfg3.data, cfg3.objective, cfg3.run.seed)["benign"]] != [r.id for r in recs2["benign"]]
 
 
 def test_batch_stream_position_is_the_whole_state():
     """A stream restarted at a saved (epoch, index) yields exactly the batches that follow."""
-    import numpy as np
-    from semloss_jax import batching, train_loop
     exs = [batching.Example(id=str(i), prompt_ids=(1, 2, 3), response_ids=tuple(range(4, 5 + i % 5)))
            for i in range(7)]
-    mk = lambda: train_loop.BatchStream("benign", exs, batch_size=3, seq_len=16, pad_id=0, seed=3)
+    mk = lambda: streams_lib.BatchStream("benign", exs, batch_size=3, seq_len=16, pad_id=0, seed=3)
     a = mk()
     seq = [a.next_batch() for _ in range(6)]  # crosses two epoch boundaries (7 examples, 3 per batch)
     b = mk()
@@ -252,5 +254,5 @@ def test_batch_stream_position_is_the_whole_state():
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     assert a.epoch == 2 and all(x["input_ids"].shape == (3, 16) for x in seq)
-    with pytest.raises(train_loop.TrainError, match="examples"):
+    with pytest.raises(TrainError, match="examples"):
         mk().seek(dict(pos, examples=8))

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from semloss_jax.model import init_params, tiny_config
-from semloss_jax.weights import (WeightsError, _unpermute, export_hf, load_gguf, load_hf, load_model,
-                                 params_to_hf_tensors)
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.errors import ModelError
+from semloss_jax.models.weights import (_unpermute, export_hf, load_gguf, load_hf, load_model, params_to_hf_tensors)
+from safetensors.numpy import save_file
 
 
 def _llamacpp_permute(w, n_head):
@@ -106,7 +107,6 @@ def test_real_gguf_matches_transformers_gguf_loader(real_model_path, real_model)
 
 
 def test_sharded_safetensors_with_index(tmp_path, tiny):
-    from safetensors.numpy import save_file
 
     cfg, params = tiny
     export_hf(params, cfg, tmp_path / "one")
@@ -126,9 +126,9 @@ def test_sharded_safetensors_with_index(tmp_path, tiny):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(WeightsError, match="nothere.gguf"):
+    with pytest.raises(ModelError, match="nothere.gguf"):
         load_model(tmp_path / "nothere.gguf")
-    with pytest.raises(WeightsError, match="config.json"):
+    with pytest.raises(ModelError, match="config.json"):
         (tmp_path / "empty").mkdir()
         load_model(tmp_path / "empty")
 
@@ -139,14 +139,14 @@ def test_unknown_architecture(tmp_path, tiny):
     c = json.loads((tmp_path / "hf" / "config.json").read_text())
     c["model_type"], c["architectures"] = "gpt2", ["GPT2LMHeadModel"]
     (tmp_path / "hf" / "config.json").write_text(json.dumps(c))
-    with pytest.raises(WeightsError, match=r"config\.json.*unsupported architecture.*gpt2"):
+    with pytest.raises(ModelError, match=r"config\.json.*unsupported architecture.*gpt2"):
         load_model(tmp_path / "hf")
 
 
 def test_unsupported_gguf_quant_type(tmp_path, tiny):
     cfg, params = tiny
     write_gguf(tmp_path / "bad.gguf", cfg, params, bad_type=gguf.GGMLQuantizationType.IQ4_NL)
-    with pytest.raises(WeightsError, match=r"bad\.gguf.*blk\.0\.ffn_up\.weight.*IQ4_NL.*not supported"):
+    with pytest.raises(ModelError, match=r"bad\.gguf.*blk\.0\.ffn_up\.weight.*IQ4_NL.*not supported"):
         load_model(tmp_path / "bad.gguf")
 
 
@@ -156,7 +156,7 @@ def test_truncated_safetensors(tmp_path, tiny):
     f = tmp_path / "hf" / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match=r"model\.safetensors.*truncated"):
+    with pytest.raises(ModelError, match=r"model\.safetensors.*truncated"):
         load_model(tmp_path / "hf")
 
 
@@ -166,17 +166,16 @@ def test_config_weights_shape_mismatch(tmp_path, tiny):
     c = json.loads((tmp_path / "hf" / "config.json").read_text())
     c["intermediate_size"] = 96
     (tmp_path / "hf" / "config.json").write_text(json.dumps(c))
-    with pytest.raises(WeightsError, match=r"gate_proj\.weight.*shape.*config"):
+    with pytest.raises(ModelError, match=r"gate_proj\.weight.*shape.*config"):
         load_model(tmp_path / "hf")
 
 
 def test_missing_tensor(tmp_path, tiny):
-    from safetensors.numpy import save_file
 
     cfg, params = tiny
     export_hf(params, cfg, tmp_path / "hf")
     t = params_to_hf_tensors(params, cfg)
     del t["model.layers.1.mlp.up_proj.weight"]
     save_file(t, str(tmp_path / "hf" / "model.safetensors"))
-    with pytest.raises(WeightsError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(ModelError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         load_model(tmp_path / "hf")

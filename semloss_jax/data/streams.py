@@ -1,0 +1,192 @@
+"""Training batches as deterministic streams: which records, tokenized once, walked in a
+seeded order whose position (epoch, index) is all the state there is.
+
+    records = load_records(cfg.data, cfg.objective, cfg.run.seed)   # benign, harmful, harmful_mu
+    streams, stats = build_streams(cfg.data, cfg.objective, cfg.run.seed, tok, records)
+    b = streams["benign"].next_micro(grad_accum)   # [grad_accum, batch, seq_len] arrays
+
+A checkpoint stores every stream's `position()`; `seek(position)` on resume replays exactly
+the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from semloss_jax.data import batching, readers, registry
+from semloss_jax.errors import DataError, TrainError
+
+STREAM_SEEDS = {"benign": 0, "harmful": 1}
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """What each step sees: a benign batch and (for objectives that use one) a harmful batch.
+
+    benign: named sets of semloss_jax.data.registry.load_set (their train split), or JSONL paths.
+    harmful: "pyrit" (PyRIT's real harmful responses) or the path of a harvested D_harmful JSONL
+             (semloss_jax.data.registry.load_d_harmful).
+    safeinstr: the refusal set added to the benign data by the safeinstr objective.
+    *_n: how many records to take (0 = all available; a seeded shuffle picks which);
+    seq_len: slots per row (every batch is [batch, seq_len]: one compiled step);
+    *_batch: rows per micro-batch (optim.grad_accum micro-batches per step);
+    max_prompt_len: prompt tokens kept when truncating (0 = seq_len // 2, batching's default).
+    """
+
+    benign: tuple[str, ...] = ("benign",)
+    benign_n: int = 0
+    harmful: str = "pyrit"
+    harmful_n: int = 100
+    safeinstr: str = "refusals"
+    safeinstr_n: int = 0
+    seq_len: int = 256
+    benign_batch: int = 4
+    harmful_batch: int = 4
+    shuffle: bool = True
+    max_prompt_len: int = 0
+
+    def validate(self, where) -> None:
+        if not self.benign:
+            raise where("benign", "needs at least one benign dataset")
+        for f in ("benign_n", "harmful_n", "safeinstr_n"):
+            if getattr(self, f) < 0:
+                raise where(f, f"must be >= 0, got {getattr(self, f)}")
+        if self.seq_len < 2:
+            raise where("seq_len", f"must be >= 2, got {self.seq_len}")
+        if self.benign_batch < 1:
+            raise where("benign_batch", f"must be >= 1, got {self.benign_batch}")
+        if self.harmful_batch < 0:
+            raise where("harmful_batch", f"must be >= 0, got {self.harmful_batch}")
+        if self.max_prompt_len < 0:
+            raise where("max_prompt_len", f"must be >= 0, got {self.max_prompt_len}")
+        if not self.harmful:
+            raise where("harmful", "must be 'pyrit' or a path to a harvested D_harmful JSONL")
+
+
+class BatchStream:
+    """Fixed-shape batches [batch_size, seq_len] from a list of tokenized examples, walking a
+    seeded permutation per epoch. The position (epoch, index) is all the state there is."""
+
+    def __init__(self, name: str, examples: Sequence[batching.Example], *, batch_size: int,
+                 seq_len: int, pad_id: int, seed: int, shuffle: bool = True):
+        if not examples:
+            raise DataError(None, None, f"data.{name}", "no examples to stream")
+        self.name, self.examples = name, list(examples)
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            n = len(self.examples)
+            perm = (np.random.default_rng([self.seed, STREAM_SEEDS.get(self.name, 7), epoch]).permutation(n)
+                    if self.shuffle else np.arange(n))
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        idx = []
+        while len(idx) < self.batch_size:
+            perm = self._perm(self.epoch)
+            take = min(self.batch_size - len(idx), len(perm) - self.index)
+            idx.extend(int(i) for i in perm[self.index:self.index + take])
+            self.index += take
+            if self.index >= len(perm):
+                self.epoch, self.index = self.epoch + 1, 0
+        exs = [self.examples[i] for i in idx]
+        (b,) = list(batching.make_batches(exs, batch_size=self.batch_size, seq_len=self.seq_len,
+                                          pad_id=self.pad_id, buckets=(self.seq_len,), seed=None))
+        if b["input_ids"].shape != (self.batch_size, self.seq_len):
+            raise TrainError(f"stream {self.name!r}: batch shape {b['input_ids'].shape}, expected "
+                             f"{(self.batch_size, self.seq_len)}")
+        b.pop("example_index", None)
+        return b
+
+    def next_micro(self, n: int) -> dict[str, np.ndarray]:
+        """n consecutive batches stacked: [n, batch_size, seq_len]."""
+        bs = [self.next_batch() for _ in range(n)]
+        return {k: np.stack([b[k] for b in bs]) for k in bs[0]}
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "examples": len(self.examples)}
+
+    def seek(self, pos: Mapping[str, int]) -> None:
+        if int(pos.get("examples", len(self.examples))) != len(self.examples):
+            raise TrainError(f"stream {self.name!r}: the checkpoint was made with {pos['examples']} "
+                             f"examples, the data now has {len(self.examples)}: cannot resume exactly")
+        self.epoch, self.index = int(pos["epoch"]), int(pos["index"])
+
+
+def _take_idx(n_all: int, n: int, seed: int, salt: int) -> list[int]:
+    if n <= 0 or n >= n_all:
+        return list(range(n_all))
+    return sorted(int(i) for i in np.random.default_rng([seed, salt]).permutation(n_all)[:n])
+
+
+def _take(records: list, n: int, seed: int, salt: int) -> list:
+    return [records[i] for i in _take_idx(len(records), n, seed, salt)]
+
+
+def _load_named(name: str):
+    p = Path(name).expanduser()
+    if name.endswith((".jsonl", ".json")) or p.exists():
+        recs, _ = readers.read_jsonl(p)
+        return recs
+    return registry.load_set(name, "train")
+
+
+def load_records(d: DataSection, objective, seed: int) -> dict[str, list]:
+    """{"benign": [...], "harmful": [...] or [], "harmful_mu": per-record μ(q) arrays or None},
+    sized by the data section; `objective` (an ObjectiveConfig) says whether SafeInstr refusals
+    join the benign data and whether targets are soft. Soft targets read the μ(q) files that
+    `python -m semloss_jax.data.harvest --soft-targets` writes beside the harvested JSONL."""
+    benign = [r for name in d.benign for r in _load_named(name)]
+    benign = _take(benign, d.benign_n, seed, 11)
+    if objective.kind == "safeinstr":
+        benign = benign + _take(_load_named(d.safeinstr), d.safeinstr_n, seed, 13)
+    harmful, mu = [], None
+    if d.harmful_batch > 0:
+        every = registry.load_d_harmful(d.harmful)
+        idx = _take_idx(len(every), d.harmful_n, seed, 17)
+        harmful = [every[i] for i in idx]
+        if objective.target == "soft":
+            if d.harmful == "pyrit":
+                raise DataError(None, None, "data.harmful", "objective.target=soft needs a harvested "
+                                "JSONL with μ(q) files (python -m semloss_jax.data.harvest "
+                                "--soft-targets), not 'pyrit'")
+            try:
+                all_mu = readers.load_response_mu(d.harmful)
+            except FileNotFoundError as e:
+                raise DataError(d.harmful, None, None, f"objective.target=soft: no μ(q) beside "
+                                f"this file ({e}); harvest with --soft-targets") from None
+            mu = [all_mu[i] for i in idx]
+    return {"benign": benign, "harmful": harmful, "harmful_mu": mu}
+
+
+def build_streams(d: DataSection, objective, seed: int, tok,
+                  records: Mapping[str, list] | None = None
+                  ) -> tuple[dict[str, BatchStream], dict[str, str]]:
+    """One BatchStream per part ("benign", and "harmful" when its batch is > 0), tokenized
+    with the chat template; also the tokenization statistics per part, as text."""
+    records = load_records(d, objective, seed) if records is None else records
+    streams, stats = {}, {}
+    mpl = d.max_prompt_len or None
+    for name, bsz in (("benign", d.benign_batch), ("harmful", d.harmful_batch)):
+        recs = records.get(name) or []
+        if bsz <= 0 or not recs:
+            if name == "benign" or (bsz > 0 and objective.uses_harmful):
+                raise DataError(None, None, f"data.{name}", f"no records in {getattr(d, name)!r}")
+            continue
+        mu = records.get("harmful_mu") if name == "harmful" else None
+        exs, st = batching.tokenize_records(recs, tok, seq_len=d.seq_len, max_prompt_len=mpl,
+                                            response_mu=mu)
+        stats[name] = str(st)
+        streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
+                                    seed=seed, shuffle=d.shuffle)
+    return streams, stats
+
+

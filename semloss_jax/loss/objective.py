@@ -1,0 +1,318 @@
+"""Training objectives of issue 5: TA-SFT and the paper's baselines, as SUMS and COUNTS.
+
+    sft          L = CE_benign                                   (λ ignored)
+    safeinstr    L = CE_benign  (the refusal examples are part of the benign batch)
+    tasft        L = CE_benign - λ · mean_{harmful tokens} D(p_t, q_t),  D in {LB, exact one-hot EMD, UB}
+    nll_ascent   L = CE_benign - λ · mean_{harmful tokens} min(NLL_t, nll_clip)
+    unlikelihood L = CE_benign + λ · mean_{harmful tokens} -log(1 - p_t(y_t))
+
+CE_benign = Σ_benign-response-tokens -log p_t(y_t) / (number of such tokens). The EMD math
+comes from semloss_jax/emd.py (written once there). D lies in [0, 2], so the TA-SFT loss is
+bounded below by CE - 2λ; NLL ascent is not (unless clipped).
+
+Token means are formed by `combine` from sums (`loss_sums`, per micro-batch) and GLOBAL
+counts (`global_counts`, over the whole accumulated / all-device batch, known from the
+masks before the forward): the loss of a micro-batch is then a fixed linear share of the
+loss of the full batch, so gradient accumulation and data sharding give exactly the update
+of one large batch.
+
+Batches are dicts of [B, T] arrays: input_ids, targets (the loss at t predicts targets[t]),
+loss_mask (1 on response tokens), positions, segment_ids (0 = padding); a harmful batch for
+soft targets also carries target_mu [B, T, d] (μ(q) precomputed from the reference model).
+A position carries loss iff loss_mask != 0 and (when present) segment_ids != 0.
+
+Nothing here builds a V x V array: CE is a log_softmax and a gather, the bounds need one
+[N, V] @ [V, d] product (μ(p) = softmax(z) @ Ê), computed once and shared by every
+divergence. Softmax and log_softmax run in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from semloss_jax.errors import ConfigError, LossError
+from semloss_jax.loss import emd
+from semloss_jax.models import llama as model_lib
+
+KINDS = ("sft", "tasft", "nll_ascent", "unlikelihood", "safeinstr")
+DIVERGENCES = emd.DIVERGENCES  # ("lower_bound", "exact_onehot", "upper_bound")
+TARGETS = ("onehot", "soft")
+
+# -log(1 - p) is clamped at -log(UL_EPS) (about 13.8) so a token with p == 1 in float32
+# gives a finite loss and gradient (Welleck et al. clamp 1 - p at 1e-5 the same way).
+UL_EPS = 1e-6
+
+BENIGN_KEYS = ("input_ids", "targets", "loss_mask")
+SUM_KEYS_BENIGN = ("ce_sum", "ce_count")
+SUM_KEYS_HARMFUL = ("harm_count", "div_sum", "lower_sum", "upper_sum", "emd_onehot_sum",
+                    "harm_nll_sum", "harm_nll_clip_sum", "ul_sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    kind: str = "tasft"
+    lam: float = 1.0
+    divergence: str = "lower_bound"
+    target: str = "onehot"
+    nll_clip: float | None = None
+
+    def validate(self, where: str = "objective") -> "ObjectiveConfig":
+        if self.kind not in KINDS:
+            raise ConfigError(key=f"{where}.kind", message=f"{self.kind!r} is not one of {KINDS}")
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(key=f"{where}.divergence", message=f"{self.divergence!r} is not one of {DIVERGENCES}")
+        if self.target not in TARGETS:
+            raise ConfigError(key=f"{where}.target", message=f"{self.target!r} is not one of {TARGETS}")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
+            raise ConfigError(key=f"{where}.lam", message=f"expected a finite number, got {self.lam!r}")
+        if self.lam < 0:
+            raise ConfigError(key=f"{where}.lam", message=f"must be >= 0 (the sign is fixed by the objective), got {self.lam}")
+        if self.divergence == "exact_onehot" and self.target != "onehot":
+            raise ConfigError(key=f"{where}.divergence", message=f"'exact_onehot' needs target='onehot' "
+                                 f"(the exact EMD to a soft target has no closed form), got target={self.target!r}")
+        if self.nll_clip is not None:
+            if isinstance(self.nll_clip, bool) or not isinstance(self.nll_clip, (int, float)) \
+                    or not self.nll_clip > 0 or not math.isfinite(self.nll_clip):
+                raise ConfigError(key=f"{where}.nll_clip", message=f"expected a positive finite number or null, "
+                                     f"got {self.nll_clip!r}")
+        return self
+
+    @property
+    def uses_harmful(self) -> bool:
+        """Whether the harmful batch drives the gradient (else it is only logged)."""
+        return self.kind in ("tasft", "nll_ascent", "unlikelihood") and self.lam != 0
+
+
+# --------------------------------------------------------------------------------------------
+# masks and counts
+
+
+def token_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Boolean [..., T]: positions that carry loss (loss_mask != 0 and not padding)."""
+    if "loss_mask" not in batch:
+        raise LossError(f"batch has no 'loss_mask' (keys: {sorted(batch)})")
+    mask = jnp.asarray(batch["loss_mask"]) != 0
+    if "segment_ids" in batch and batch["segment_ids"] is not None:
+        mask = mask & (jnp.asarray(batch["segment_ids"]) != 0)
+    return mask
+
+
+def _count(batches) -> jax.Array:
+    if batches is None:
+        return jnp.float32(0.0)
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    total = jnp.float32(0.0)
+    for b in batches:
+        total = total + jnp.sum(token_mask(b).astype(jnp.float32))
+    return total
+
+
+def global_counts(benign_batches, harmful_batches=None) -> dict[str, jax.Array]:
+    """Token counts over a whole (accumulated, all-device) batch, from the masks only.
+
+    Each argument is a batch dict (any leading shape, e.g. [grad_accum, B, T]), a sequence
+    of batch dicts, or None. Returns {"ce_count", "harm_count"} as float32 scalars; works
+    on numpy or (sharded) jax arrays, inside or outside jit.
+    """
+    return {"ce_count": _count(benign_batches), "harm_count": _count(harmful_batches)}
+
+
+# --------------------------------------------------------------------------------------------
+# per-position pieces
+
+
+def token_logprob(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """log p_t(targets[t]) via float32 log_softmax and a gather; 0 at masked-out positions.
+
+    targets at masked-out positions may hold anything (e.g. -100): they are replaced by 0
+    before the gather and the result there is exactly 0 with zero gradient.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.where(mask, targets, 0).astype(jnp.int32)
+    lp = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(mask, lp, 0.0)
+
+
+def log1m_exp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012), NaN-free gradients."""
+    x = jnp.minimum(x, 0.0)
+    near_zero = x > -math.log(2.0)
+    x_a = jnp.where(near_zero, x, -1.0)   # log(-expm1(x)) branch
+    x_b = jnp.where(near_zero, -1.0, x)   # log1p(-exp(x)) branch
+    return jnp.where(near_zero, jnp.log(-jnp.expm1(x_a)), jnp.log1p(-jnp.exp(x_b)))
+
+
+def unlikelihood_terms(logp_y: jax.Array, mask: jax.Array) -> jax.Array:
+    """-log(1 - p(y)) from log p(y), clamped at -log(UL_EPS); 0 at masked-out positions."""
+    capped = jnp.minimum(logp_y, math.log1p(-UL_EPS))
+    return jnp.where(mask, -log1m_exp(capped), 0.0)
+
+
+def _check_batch(batch: Mapping, name: str, need: Sequence[str]) -> None:
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise LossError(f"{name} batch is missing {missing} (keys: {sorted(batch)})")
+    shape = jnp.shape(batch["input_ids"])
+    for k in ("targets", "loss_mask", "positions", "segment_ids"):
+        if k in batch and batch[k] is not None and jnp.shape(batch[k]) != shape:
+            raise LossError(f"{name} batch: field {k!r} has shape {jnp.shape(batch[k])}, "
+                                 f"input_ids has {shape}")
+
+
+def benign_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """{"ce_sum", "ce_count"} of the benign batch from its logits [B, T, V]."""
+    mask = token_mask(batch)
+    lp = token_logprob(logits, jnp.asarray(batch["targets"]), mask)
+    return {"ce_sum": -jnp.sum(lp), "ce_count": jnp.sum(mask.astype(jnp.float32))}
+
+
+def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.Array,
+                 obj: ObjectiveConfig) -> dict[str, jax.Array]:
+    """Sums over the harmful response tokens, from the harmful logits [B, T, V].
+
+    div_sum      Σ D(p_t, q_t), D = obj.divergence, q_t one-hot on targets or soft (target_mu)
+    lower_sum    Σ LB(p_t, q_t)          upper_sum  Σ UB(p_t, q_t)
+    emd_onehot_sum  Σ exact EMD(p_t, δ_{y_t}) = Σ 1 - μ(p_t)·ê_{y_t}  (always to the one-hot y_t)
+    harm_nll_sum Σ -log p_t(y_t)         harm_nll_clip_sum  Σ min(-log p_t(y_t), nll_clip)
+    ul_sum       Σ -log(1 - p_t(y_t))    harm_count  number of harmful response tokens
+
+    Only the term that drives the gradient for obj.kind keeps its gradient; the logged ones
+    go through stop_gradient. μ(p) is computed once (one [N, V] @ [V, d] product).
+    """
+    mask = token_mask(batch)
+    targets = jnp.asarray(batch["targets"])
+    logits = logits.astype(jnp.float32)
+    mu_p = emd.mean_embedding(logits, E_hat)                    # [B, T, d]
+    e_y = emd.target_mean(targets, E_hat, "onehot", mask)      # [B, T, d]
+    if obj.target == "soft":
+        if "target_mu" not in batch or batch["target_mu"] is None:
+            raise LossError("objective.target='soft' needs harmful batches with 'target_mu' [B, T, d]")
+        mu_q = emd.target_mean(jnp.asarray(batch["target_mu"]), E_hat, "mean")
+        if mu_q.shape != mu_p.shape:
+            raise LossError(f"harmful batch: field 'target_mu' has shape {mu_q.shape}, expected {mu_p.shape}")
+        mu_q = jnp.where(mask[..., None], mu_q, 0.0)  # anything (NaN included) allowed off-mask
+    else:
+        mu_q = e_y
+    mu_q = jax.lax.stop_gradient(mu_q)
+    sg_mu = jax.lax.stop_gradient(mu_p)
+
+    def msum(v):
+        return jnp.sum(jnp.where(mask, v, 0.0))
+
+    train_div = obj.kind == "tasft"
+    mu_div = mu_p if train_div else sg_mu
+    if obj.divergence == "lower_bound":
+        div = emd.lower_bound_from_means(mu_div, mu_q)
+    else:  # upper_bound, or exact_onehot (== UB to the one-hot target; validate() enforces onehot)
+        div = emd.upper_bound_from_means(mu_div, mu_q)
+
+    lp = token_logprob(logits, targets, mask)
+    nll = -lp
+    nll_clip = nll if obj.nll_clip is None else jnp.minimum(nll, obj.nll_clip)
+    ul = unlikelihood_terms(lp, mask)
+    sg = jax.lax.stop_gradient
+    return {
+        "harm_count": jnp.sum(mask.astype(jnp.float32)),
+        "div_sum": msum(div),
+        "lower_sum": msum(emd.lower_bound_from_means(sg_mu, mu_q)),
+        "upper_sum": msum(emd.upper_bound_from_means(sg_mu, mu_q)),
+        "emd_onehot_sum": msum(emd.upper_bound_from_means(sg_mu, jax.lax.stop_gradient(e_y))),
+        "harm_nll_sum": sg(msum(nll)),
+        "harm_nll_clip_sum": msum(nll_clip) if obj.kind == "nll_ascent" else sg(msum(nll_clip)),
+        "ul_sum": msum(ul) if obj.kind == "unlikelihood" else sg(msum(ul)),
+    }
+
+
+def sums_from_logits(benign_logits: jax.Array, benign: Mapping, harmful_logits: jax.Array | None,
+                     harmful: Mapping | None, E_hat: jax.Array | None, obj: ObjectiveConfig) -> dict:
+    """loss_sums without the model: the objective as a function of the logits."""
+    out = benign_sums(benign_logits, benign)
+    if harmful is not None:
+        if E_hat is None:
+            raise LossError("a harmful batch needs E_hat (cost.unit_embeddings of the frozen embeddings)")
+        out.update(harmful_sums(harmful_logits, harmful, E_hat, obj))
+    return out
+
+
+def _forward(params, model_cfg, batch, frozen_layers=0):
+    return model_lib.forward(params, model_cfg, jnp.asarray(batch["input_ids"]),
+                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                             frozen_layers=frozen_layers)
+
+
+def _concat_ok(a: Mapping, b: Mapping) -> bool:
+    keys = ("input_ids", "positions", "segment_ids")
+    if any((k in a) != (k in b) for k in keys):
+        return False
+    return all(jnp.shape(a[k])[1:] == jnp.shape(b[k])[1:] for k in keys if k in a)
+
+
+def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat: jax.Array | None,
+              obj: ObjectiveConfig, *, frozen_layers: int = 0) -> dict[str, jax.Array]:
+    """Forward the model on the benign (and harmful) batch and return SUMS and COUNTS.
+
+    Keys: ce_sum, ce_count; with a harmful batch also harm_count, div_sum, lower_sum,
+    upper_sum, emd_onehot_sum, harm_nll_sum, harm_nll_clip_sum, ul_sum (see harmful_sums).
+    Benign and harmful batches with the same sequence length go through ONE forward
+    (concatenated along the batch axis); otherwise two. frozen_layers: the first n decoder
+    layers get no gradient and skip their backward pass (model.forward).
+    """
+    _check_batch(benign, "benign", BENIGN_KEYS)
+    if harmful is None:
+        return sums_from_logits(_forward(params, model_cfg, benign, frozen_layers), benign, None, None,
+                                E_hat, obj)
+    _check_batch(harmful, "harmful", BENIGN_KEYS)
+    if _concat_ok(benign, harmful):
+        nb = jnp.shape(benign["input_ids"])[0]
+        keys = [k for k in ("input_ids", "positions", "segment_ids") if k in benign]
+        both = {k: jnp.concatenate([jnp.asarray(benign[k]), jnp.asarray(harmful[k])], axis=0) for k in keys}
+        logits = _forward(params, model_cfg, both, frozen_layers)
+        b_logits, h_logits = logits[:nb], logits[nb:]
+    else:
+        b_logits = _forward(params, model_cfg, benign, frozen_layers)
+        h_logits = _forward(params, model_cfg, harmful, frozen_layers)
+    return sums_from_logits(b_logits, benign, h_logits, harmful, E_hat, obj)
+
+
+def _safe_div(num, den):
+    return num / jnp.maximum(den, 1.0)
+
+
+def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array], obj: ObjectiveConfig) -> jax.Array:
+    """The scalar loss from sums and (GLOBAL) counts; a count of 0 divides by 1 (its sum is 0).
+
+    tasft:        ce_sum/ce_count - lam * div_sum/harm_count
+    unlikelihood: ce_sum/ce_count + lam * ul_sum/harm_count
+    nll_ascent:   ce_sum/ce_count - lam * harm_nll_clip_sum/harm_count
+    sft, safeinstr: ce_sum/ce_count
+    """
+    loss = _safe_div(sums["ce_sum"], counts["ce_count"])
+    if obj.kind in ("sft", "safeinstr") or obj.lam == 0:
+        return loss
+    if "harm_count" not in sums:
+        raise LossError(f"objective kind {obj.kind!r} with lam={obj.lam} needs a harmful batch")
+    hc = counts["harm_count"]
+    if obj.kind == "tasft":
+        return loss - obj.lam * _safe_div(sums["div_sum"], hc)
+    if obj.kind == "unlikelihood":
+        return loss + obj.lam * _safe_div(sums["ul_sum"], hc)
+    if obj.kind == "nll_ascent":
+        return loss - obj.lam * _safe_div(sums["harm_nll_clip_sum"], hc)
+    raise LossError(f"unknown objective kind {obj.kind!r}")
+
+
+def metrics_from_sums(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Token means for logging: ce, emd_lower, emd_upper, emd_onehot, div, harm_nll, ul (0 without harmful)."""
+    hc = counts.get("harm_count", jnp.float32(0.0))
+
+    def hm(key):
+        return _safe_div(sums[key], hc) if key in sums else jnp.float32(0.0)
+
+    return {"ce": _safe_div(sums["ce_sum"], counts["ce_count"]), "emd_lower": hm("lower_sum"),
+            "emd_upper": hm("upper_sum"), "emd_onehot": hm("emd_onehot_sum"), "div": hm("div_sum"),
+            "harm_nll": hm("harm_nll_sum"), "ul": hm("ul_sum")}

@@ -1,0 +1,139 @@
+"""Batched autoregressive decoding with a KV cache, jitted once per shape bucket.
+
+Prompts are rendered with the chat template, left-padded to a bucketed length (powers of two
+from 32) and batched to a fixed batch size, so a new prompt length or a new batch reuses the
+compiled program. Decoding runs inside one `lax.while_loop` (prefill, then one token per
+iteration), stops a row at any end-of-turn token and stops the loop when every row is done or
+`max_new_tokens` is reached. Greedy when temperature == 0, else temperature + top-p (nucleus,
+among the top NUCLEUS_CANDIDATES tokens) sampling from a seeded PRNG key. temperature and top_p
+are traced values: changing them does not recompile.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semloss_jax.models.llama import default_positions, forward_with_cache, init_cache, LlamaConfig
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(seqs), length), pad_id, np.int32)
+    seg = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+        if len(s) > length:
+            raise ValueError(f"prompt {i} has {len(s)} tokens, more than the bucket length {length}")
+        if len(s):
+            ids[i, length - len(s):] = s
+            seg[i, length - len(s):] = 1
+    return ids, seg
+
+
+# Nucleus sampling looks at the top NUCLEUS_CANDIDATES tokens only: a full sort of the
+# vocabulary costs ~50x a decode step on CPU (XLA's sort), and the nucleus of a chat model at
+# top_p <= 0.95 is far smaller than this.
+NUCLEUS_CANDIDATES = 512
+
+
+def _sample(logits, key, temperature, top_p):
+    """logits [B, V] -> tokens [B]. Greedy where temperature <= 0 (no sampling work at all)."""
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def nucleus(_):
+        k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+        top_logits, top_ids = jax.lax.top_k(logits / jnp.maximum(temperature, 1e-6), k)  # sorted
+        probs = jax.nn.softmax(top_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        keep = (cum - probs) < top_p  # always keeps the top token
+        choice = jax.random.categorical(key, jnp.where(keep, top_logits, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, nucleus, greedy, None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids"))
+def decode(params, cfg: LlamaConfig, prompt_ids, prompt_seg, key, temperature, top_p, *,
+           max_new_tokens: int, eos_ids: tuple[int, ...]):
+    """prompt_ids/prompt_seg [B, P] left-padded -> (tokens [B, max_new_tokens], lengths [B]).
+
+    Tokens after a row's end-of-turn token are set to the first eos id; lengths count the
+    generated tokens before the end-of-turn token.
+    """
+    B, P = prompt_ids.shape
+    cache = init_cache(cfg, B, P + max_new_tokens)
+    positions = default_positions(prompt_seg)
+    logits, cache = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg, cache, last_only=True)
+    last_logits = logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    out = jnp.full((B, max_new_tokens), eos_ids[0], jnp.int32)
+    done = jnp.zeros((B,), bool)
+    lengths = jnp.zeros((B,), jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, last_logits, pos, done, out, lengths, key = state
+        key, sub = jax.random.split(key)
+        tok = _sample(last_logits, sub, temperature, top_p)
+        is_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        tok = jnp.where(done, eos_ids[0], tok)
+        out = out.at[:, i].set(tok)
+        lengths = lengths + (~done & ~is_eos).astype(jnp.int32)
+        done = done | is_eos
+        logits, cache = forward_with_cache(params, cfg, tok[:, None], pos[:, None],
+                                           jnp.ones((B, 1), jnp.int32), cache)
+        return i + 1, cache, logits[:, -1], pos + 1, done, out, lengths, key
+
+    state = (jnp.int32(0), cache, last_logits, next_pos, done, out, lengths, key)
+    _, _, _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return out, lengths
+
+
+def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[int]], *, eos_ids,
+                 pad_id: int, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, batch_size: int = 8, progress=None) -> list[list[int]]:
+    """Generated token ids (without the end-of-turn token) for each prompt, in order."""
+    results: list[list[int]] = []
+    key = jax.random.PRNGKey(seed)
+    n = len(prompt_token_ids)
+    for start in range(0, n, batch_size):
+        chunk = list(prompt_token_ids[start:start + batch_size])
+        real = len(chunk)
+        chunk += [[]] * (batch_size - real)  # fill the batch: an all-padding row is ignored
+        P = bucket_length(max(len(s) for s in chunk))
+        ids, seg = left_pad(chunk, P, pad_id)
+        key, sub = jax.random.split(key)
+        toks, lens = decode(params, cfg, jnp.asarray(ids), jnp.asarray(seg), sub,
+                            jnp.float32(temperature), jnp.float32(top_p),
+                            max_new_tokens=int(max_new_tokens), eos_ids=tuple(int(e) for e in eos_ids))
+        toks, lens = np.asarray(toks), np.asarray(lens)
+        results += [toks[i, :lens[i]].tolist() for i in range(real)]
+        if progress is not None:
+            progress.update(real)
+    return results
+
+
+def generate(params, cfg: LlamaConfig, tok, prompts: Sequence[str], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, system: str | None = None,
+             batch_size: int = 8, progress=None) -> list[str]:
+    """Chat-templated prompts -> decoded replies (special tokens removed)."""
+    prompt_ids = [tok.prompt_ids(p, system) for p in prompts]
+    out = generate_ids(params, cfg, prompt_ids, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       batch_size=batch_size, progress=progress)
+    return [tok.decode(ids).strip() for ids in out]

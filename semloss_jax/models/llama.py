@@ -1,0 +1,444 @@
+"""A Llama-family causal language model in Flax (linen); `hf_config` builds its config from a
+Hugging Face config.json.
+
+Covers Llama 2/3, Mistral (full attention; see `sliding_window` below), Qwen2 (q/k/v biases) and
+SmolLM: RMSNorm, rotary position embeddings (configurable theta; linear and llama3 scaling),
+grouped-query attention, SwiGLU MLP, tied or untied LM head.
+
+Design:
+- Params are a plain pytree (`init_params` returns unboxed arrays) and `forward` is pure.
+- The decoder layers are stacked along a leading "layers" axis (`nn.scan` at init) and run with
+  `lax.scan` (one compiled layer body, whatever the depth), optionally rematerialized
+  (`cfg.remat`); a frozen prefix of layers (`frozen_layers`) skips its backward pass.
+- Every parameter carries logical axis names (`param_logical_axes`), so sharding is data:
+  the training code maps logical names to mesh axes with a rule table.
+- Attention masking is one rule for training, packing and cached decoding:
+  key s is visible from query t iff slot(s) <= slot(t), segment(s) == segment(t) and
+  segment(s) != 0 (segment 0 is padding). `positions` only drive RoPE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semloss_jax.errors import ConfigError
+
+Params = Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    # ("linear", factor) or ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos)
+    rope_scaling: tuple | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 4096
+    model_type: str = "llama"
+    sliding_window: int | None = None  # informational: attention here is full (exact when T <= window)
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    # numerics / memory, not part of the checkpoint
+    dtype: str = "float32"        # activation/compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"           # "none" | "full" | "dots" (save matmul outputs)
+    source: str = ""              # where the config came from (for error messages)
+
+    @property
+    def num_params(self) -> int:
+        d, f, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        hq, hkv, hd = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        per_layer = d * hd * (hq + 2 * hkv) + hq * hd * d + 3 * d * f + 2 * d
+        if self.qkv_bias:
+            per_layer += hd * (hq + 2 * hkv)
+        head = 0 if self.tie_word_embeddings else d * V
+        return V * d + L * per_layer + d + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM-style: 6 N_matmul + 12 L T H hd.
+
+        N_matmul counts every weight used in a matmul once per token (the LM head included, the
+        embedding lookup not); attention scores are counted for the full (non-causal) square.
+        """
+        d, f, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        hq, hkv, hd = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        n_matmul = L * (d * hd * (hq + 2 * hkv) + hq * hd * d + 3 * d * f) + V * d
+        return 6.0 * n_matmul + 12.0 * L * seq_len * hq * hd
+
+    def validate(self) -> None:
+        """Check every field; a ConfigError names the field and where the config came from."""
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(msg, key=key, file=self.source or None)
+
+        for f in _POSITIVE_INTS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(f, f"{f}={v!r}; expected a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", f"num_attention_heads={self.num_attention_heads} is not a "
+                      f"multiple of num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise bad("head_dim", f"head_dim={self.head_dim} must be even for RoPE")
+        for f in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise bad(f, f"{f}={v!r}; expected a positive number")
+        if self.remat not in REMAT:
+            raise bad("remat", f"remat={self.remat!r}; expected one of {', '.join(REMAT)}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise bad(f, f"{f}={getattr(self, f)!r}; expected one of {', '.join(DTYPES)}")
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    """A tiny random Llama for fast tests (GQA, untied head unless asked)."""
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=512)
+    base.update(kw)
+    cfg = LlamaConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    if cfg.rope_scaling[0] == "linear":
+        return (inv / cfg.rope_scaling[1]).astype(np.float32)
+    _, factor, lo, hi, orig = cfg.rope_scaling
+    low_wl, high_wl = orig / lo, orig / hi
+    wl = 2 * math.pi / inv
+    scaled = np.where(wl > low_wl, inv / factor, inv)
+    smooth = (orig / wl - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wl >= high_wl) & (wl <= low_wl)
+    return np.where(is_mid, mid, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [B, T, heads, hd]; positions: [B, T]. Half-split (rotate_half) convention of HF."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,hd/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+def _init(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * xf).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, layer_cache):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        def proj(name, heads, kv: bool):
+            axes = ("embed", "kv_heads" if kv else "q_heads", "head_dim")
+            return nn.DenseGeneral(
+                (heads, hd), axis=-1, use_bias=cfg.qkv_bias, dtype=dt, param_dtype=pdt, name=name,
+                kernel_init=_init(0.02, axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))(x)
+
+        q = apply_rope(proj("q_proj", H, False), ctx["positions"], ctx["inv_freq"])
+        k = apply_rope(proj("k_proj", KV, True), ctx["positions"], ctx["inv_freq"])
+        v = proj("v_proj", KV, True)
+
+        if layer_cache is not None:  # write this step's keys/values at the cache index
+            idx = ctx["cache_index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx, 1)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        else:
+            new_cache = None
+
+        B, T = q.shape[:2]
+        G = H // KV
+        qg = q.reshape(B, T, KV, G, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(hd))
+        scores = jnp.where(ctx["mask"][:, None, None, :, :], scores, jnp.float32(-1e30))
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
+            kernel_init=_init(0.02, ("q_heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+
+        def dense(name, feat, axes):
+            return nn.DenseGeneral(feat, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=pdt, name=name,
+                                   kernel_init=_init(0.02, axes),
+                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        h, new_cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x), ctx, layer_cache)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x))
+        return x, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """Defines the params and their logical axes (used by `init_params` only).
+
+    It runs each submodule once so that linen creates its parameters; the model itself is
+    applied functionally by `forward` / `forward_with_cache` (`_apply`), which is the one
+    place the forward computation is written.
+    """
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, ctx):
+        cfg = self.cfg
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed",
+                     embedding_init=_init(0.02, ("vocab", "embed")))(input_ids)
+        stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = stack(cfg, name="layers")(x, None, ctx)
+        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
+        if not cfg.tie_word_embeddings:
+            nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head",
+                            kernel_init=_init(0.02, ("embed", "vocab")))(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functional API
+
+
+def default_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that skip padding (left padding included): cumsum(valid) - 1, clipped at 0."""
+    valid = (segment_ids != 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def attention_mask_from(q_slot, q_seg, k_slot, k_seg) -> jax.Array:
+    """[B, T, S] boolean: causal by slot, same segment, key not padding."""
+    causal = k_slot[:, None, :] <= q_slot[:, :, None]
+    same = q_seg[:, :, None] == k_seg[:, None, :]
+    return causal & same & (k_seg[:, None, :] != 0)
+
+
+def _context(cfg, input_ids, positions, segment_ids, attention_mask):
+    B, T = input_ids.shape
+    if segment_ids is None:
+        segment_ids = (jnp.ones((B, T), jnp.int32) if attention_mask is None
+                       else attention_mask.astype(jnp.int32))
+    if positions is None:
+        positions = default_positions(segment_ids)
+    slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return {"positions": positions, "mask": attention_mask_from(slot, segment_ids, slot, segment_ids),
+            "inv_freq": rope_inv_freq(cfg), "cache_index": jnp.int32(0)}
+
+
+def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: int = 0):
+    """The decoder stack as a lax.scan over the stacked layer params (one compiled body).
+
+    The first `frozen_layers` layers run in a separate scan whose output passes through
+    stop_gradient, so their backward pass is never computed (cheap last-K-layers training).
+    """
+    block = DecoderLayer(cfg)
+
+    def body(h, xs):
+        lp, lc = xs
+        return block.apply({"params": lp}, h, lc, ctx)
+
+    if cfg.remat != "none":
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None)
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
+    L = cfg.num_hidden_layers
+    if not 0 <= frozen_layers <= L:
+        raise ValueError(f"frozen_layers={frozen_layers} must be in [0, num_hidden_layers={L}]")
+    if frozen_layers == 0:
+        return jax.lax.scan(body, x, (layer_params, cache))
+    head = lambda t: jax.tree_util.tree_map(lambda a: a[:frozen_layers], t)  # noqa: E731
+    tail = lambda t: jax.tree_util.tree_map(lambda a: a[frozen_layers:], t)  # noqa: E731
+    x, c1 = jax.lax.scan(body, x, (head(layer_params), head(cache)))
+    x = jax.lax.stop_gradient(x)  # nothing below this point gets a gradient or a backward pass
+    if frozen_layers == L:
+        return x, c1
+    x, c2 = jax.lax.scan(body, x, (tail(layer_params), tail(cache)))
+    new_cache = None if cache is None else jax.tree_util.tree_map(
+        lambda a, b: jnp.concatenate([a, b], axis=0), c1, c2)
+    return x, new_cache
+
+
+def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool, frozen_layers: int = 0,
+           last_only: bool = False):
+    dt = _dt(cfg.dtype)
+    x = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt)
+    if frozen_layers:
+        x = jax.lax.stop_gradient(x)
+    x, new_cache = _run_layers(params["layers"], cfg, x, ctx, cache, frozen_layers)
+    x = RMSNorm(cfg.rms_norm_eps, dt, _dt(cfg.param_dtype)).apply({"params": params["final_norm"]}, x)
+    if last_only:  # decoding needs the next-token logits of the last slot only
+        x = x[:, -1:]
+    if return_hidden:
+        return x, new_cache
+    w = lm_head_matrix(params, cfg).astype(dt)
+    return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32), new_cache
+
+
+def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array, *, positions=None,
+            segment_ids=None, attention_mask=None, return_hidden: bool = False,
+            frozen_layers: int = 0) -> jax.Array:
+    """Logits [B, T, V] in float32 (or final hidden states [B, T, d] with return_hidden=True).
+
+    segment_ids: [B, T] ints, 0 = padding; equal ids attend to each other (packing).
+    attention_mask: [B, T] 1/0, shorthand for segment_ids when not packing.
+    positions: [B, T] RoPE positions; default counts valid tokens (left padding safe).
+    frozen_layers: the embedding and the first n decoder layers get no gradient and their
+      backward pass is skipped (the values are unchanged).
+    """
+    ctx = _context(cfg, input_ids, positions, segment_ids, attention_mask)
+    out, _ = _apply(params, cfg, input_ids, ctx, None, return_hidden, frozen_layers)
+    return out
+
+
+def lm_head_matrix(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """[d, V] output projection (the transposed embedding for tied models)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def embedding_matrix(params: Params) -> jax.Array:
+    """[V, d] input token embeddings."""
+    return params["embed"]["embedding"]
+
+
+# KV cache for decoding --------------------------------------------------------------------
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+    dt = _dt(dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "segment": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
+
+
+def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, positions: jax.Array,
+                       segment_ids: jax.Array, cache: dict, last_only: bool = False):
+    """Run T new tokens against the cache; returns (logits [B,T,V], updated cache).
+
+    The new tokens occupy cache slots [index, index + T). segment_ids: [B, T] (0 = padding).
+    last_only: return the logits of the last slot only ([B, 1, V]): a prefill then skips the
+    LM head on every prompt position.
+    """
+    B, T = input_ids.shape
+    S = cache["k"].shape[2]
+    idx = cache["index"]
+    k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, 1)
+    q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
+    k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg), "cache_index": idx,
+           "mask": attention_mask_from(q_slot, segment_ids, k_slot, k_seg)}
+    layer_cache = {"k": cache["k"], "v": cache["v"]}
+    logits, new = _apply(params, cfg, input_ids, ctx, layer_cache, False, last_only=last_only)
+    return logits, {"k": new["k"], "v": new["v"], "segment": k_seg, "index": idx + T}
+
+
+# Params and their logical axes ------------------------------------------------------------
+
+
+def _boxed_init(cfg: LlamaConfig, key):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    ctx = _context(cfg, ids, None, None, None)
+    return LlamaForCausalLM(cfg).init(key, ids, ctx)["params"]
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random params (normal std 0.02, norms at 1), unboxed plain arrays."""
+    return nn.meta.unbox(_boxed_init(cfg, key))
+
+
+def abstract_params(cfg: LlamaConfig) -> Params:
+    """ShapeDtypeStructs of the params, without allocating anything."""
+    return nn.meta.unbox(jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.PRNGKey(0)))
+
+
+def param_logical_axes(cfg: LlamaConfig) -> Params:
+    """A pytree (same structure as params) of PartitionSpecs holding logical axis names."""
+    boxed = jax.eval_shape(lambda k: _boxed_init(cfg, k), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)

@@ -1,0 +1,376 @@
+"""The training run: setup (run directory, mesh, model, state, data), the jitted step, the loop.
+
+    result = train(load_config("configs/smoke.yaml", ["run.output_dir=/tmp/x"]))
+
+Run directory (cfg.run.output_dir):
+    config.yaml     the resolved config
+    metrics.jsonl   one JSON object per step (step, loss, ce, emd_lower, emd_upper, emd_onehot,
+                    harm_nll, grad_norm, lr, tokens, tokens_per_s, step_time_s, ...)
+    checkpoints/    Orbax (semloss_jax.train.checkpoint)
+    tb/             TensorBoard scalars (tensorboardX)
+    hf/             the final model as a Hugging Face safetensors directory (LoRA merged)
+
+`train` reads as the pipeline: `setup_run_dir`, `setup_mesh_and_model`, `restore_or_start`,
+`setup_train_step`, then `train_loop` and `finish`. The step (semloss_jax.train.step) is
+jitted ONCE with in/out shardings from semloss_jax.train.sharding and the state donated. Every
+batch has the fixed shape [grad_accum, batch, seq_len], so it compiles exactly once per run
+(`TrainResult.compiles` counts the traces; the jitted function's cache size is checked too).
+
+Data streams are deterministic functions of (seed, epoch, index): the position of each stream
+is saved in every checkpoint, so `run.resume` replays exactly the batches an uninterrupted run
+would have seen. In a multi-process run every process builds the same global batch plan and
+loads only its own rows (sharding.process_rows), assembled with
+jax.make_array_from_process_local_data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from semloss_jax.data import streams as streams_lib
+from semloss_jax.errors import ModelError, NonFiniteLoss, TrainError
+from semloss_jax.models import loading, weights
+from semloss_jax.models.llama import LlamaConfig
+from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
+from semloss_jax.train import checkpoint as ckpt_lib
+from semloss_jax.train import config as config_lib
+from semloss_jax.train import optim, sharding, state as state_lib, step as step_lib
+from semloss_jax.train.telemetry import MetricsLog, device_peak_flops, read_metrics, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    steps_run: int
+    final_step: int
+    metrics: list[dict]
+    compiles: int
+    cache_size: int
+    flops_per_step: float
+    step_time_s: float | None       # median over the steps after the first
+    first_step_s: float | None      # includes compilation
+    mfu: float | None
+    export_dir: Path | None
+    checkpoint_dir: Path
+    resumed_from: int | None
+    stopped: str | None = None      # a reason when the run stopped early
+
+
+class RunPaths(NamedTuple):
+    out: Path
+    checkpoints: Path
+    metrics: Path
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything the loop needs that setup built: mesh, model, tokenizer, data, state."""
+
+    mesh: Any
+    model_cfg: LlamaConfig
+    tok: ChatTokenizer
+    streams: dict[str, streams_lib.BatchStream]
+    plan: state_lib.StatePlan
+    state: dict
+    E_hat: jax.Array
+
+
+class CompiledStep(NamedTuple):
+    """The jitted step, its trace counter, the batch feeder and the model FLOPs of one step."""
+
+    fn: Callable
+    traces: list
+    next_batches: Callable[[], tuple]
+    flops_per_step: float
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup_run_dir(cfg: config_lib.TrainConfig, say) -> RunPaths | TrainResult:
+    """The run's paths; the finished result when the directory already holds this config's
+    completed run (reruns are no-ops); an error when it holds another run and no --resume."""
+    out = Path(cfg.run.output_dir).absolute()
+    paths = RunPaths(out, out / "checkpoints", out / "metrics.jsonl")
+    if not cfg.run.resume and paths.checkpoints.exists() and any(paths.checkpoints.iterdir()):
+        done = finished_run(cfg, paths)
+        if done is not None:
+            say(f"{out} already holds the finished run of this config (step {done.final_step}); "
+                f"nothing to do")
+            return done
+        raise TrainError(f"{paths.checkpoints} already holds checkpoints: pass --resume "
+                         f"(run.resume=true) to continue that run, or choose another run.output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        config_lib.write_config(cfg, out / "config.yaml")
+    return paths
+
+
+def run_tokenizer(m: config_lib.ModelSection) -> ChatTokenizer:
+    """The tokenizer a run uses: model.tokenizer, or the one beside the weights."""
+    return load_tokenizer(loading.resolve_model_path(m.tokenizer or m.path))
+
+
+def setup_mesh_and_model(cfg: config_lib.TrainConfig, tok: ChatTokenizer | None,
+                         say) -> TrainSetup:
+    """Model config and weights, tokenizer, data streams, mesh, and the sharded initial state."""
+    t0 = time.perf_counter()
+    model_cfg, host_params = state_lib.build_model(cfg.model)
+    tok = tok or run_tokenizer(cfg.model)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ModelError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
+                         f"is {model_cfg.vocab_size} (model.tokenizer / model.path)")
+    streams, data_stats = streams_lib.build_streams(cfg.data, cfg.objective, cfg.run.seed, tok)
+    for k, v in data_stats.items():
+        say(f"data {k}: {v}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    k_init, k_state = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
+    plan = state_lib.plan_state(model_cfg, cfg.optim, mesh, k_state)
+    for f in sorted(set(plan.fallbacks)):
+        log.info("sharding fallback: %s", f)
+    state, E_hat = state_lib.initial_state(plan, model_cfg, host_params, k_init, k_state)
+    say(f"model: {model_cfg.num_params / 1e6:.1f}M params, {model_cfg.num_hidden_layers} layers, "
+        f"vocab {model_cfg.vocab_size}; trainable={cfg.optim.trainable}; mesh {dict(mesh.shape)} "
+        f"on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"setup {time.perf_counter() - t0:.1f}s")
+    return TrainSetup(mesh, model_cfg, tok, streams, plan, state, E_hat)
+
+
+def restore_or_start(cfg: config_lib.TrainConfig, s: TrainSetup, paths: RunPaths,
+                     ckpt: ckpt_lib.Checkpointer, say) -> int | None:
+    """With run.resume, restore the latest checkpoint into s.state and seek the streams;
+    returns the step resumed from (None for a fresh start). metrics.jsonl is cut to match."""
+    latest = ckpt.latest_step() if cfg.run.resume else None
+    if latest is None:
+        if cfg.run.resume:
+            say(f"resume: no finalized checkpoint in {paths.checkpoints}; starting from step 0")
+        if is_main() and paths.metrics.exists():
+            paths.metrics.unlink()
+        return None
+    saved, meta = ckpt.restore(s.state, s.plan.state_shardings, latest)
+    s.state = dict(s.state, **saved)
+    for name, pos in meta.get("data", {}).items():
+        if name in s.streams:
+            s.streams[name].seek(pos)
+    start = int(meta["step"])
+    if meta.get("config") not in (None, fingerprint(cfg)):
+        say("resume: WARNING the config differs from the one that wrote the checkpoint "
+            "(the continuation is not the uninterrupted run of either config)")
+    if int(jax.device_get(s.state["step"])) != start:
+        raise TrainError(f"checkpoint {latest}: state step {int(s.state['step'])} != meta step {start}")
+    if is_main():
+        truncate_metrics(paths.metrics, start)
+    say(f"resume: restored step {start} from {paths.checkpoints / str(latest)}")
+    return start
+
+
+def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> CompiledStep:
+    """The step jitted once with in/out shardings, and the feeder of its global batches."""
+    raw = step_lib.make_train_step(s.model_cfg, cfg.objective, cfg.optim, s.plan.optimizer)
+    traces = [0]
+
+    def counted_step(state, benign, harmful, E_hat):
+        traces[0] += 1
+        return raw(state, benign, harmful, E_hat)
+
+    A, d = cfg.optim.grad_accum, cfg.data
+    parts = {"benign": d.benign_batch}
+    if "harmful" in s.streams:
+        parts["harmful"] = d.harmful_batch
+    shard = {}
+    for name, rows in parts.items():
+        example = {k: np.zeros((A, rows, d.seq_len), np.int32) for k in BATCH_FIELDS}
+        if name == "harmful" and cfg.objective.target == "soft":
+            example["target_mu"] = np.zeros((A, rows, d.seq_len, s.model_cfg.hidden_size), np.float32)
+        shard[name] = (sharding.batch_shardings(s.mesh, example, leading=1),
+                       sharding.process_rows(rows))
+    E_sh = s.plan.param_shardings["embed"]["embedding"]
+    fn = jax.jit(counted_step, in_shardings=(s.plan.state_shardings, shard["benign"][0],
+                                             shard.get("harmful", (None,))[0], E_sh),
+                 out_shardings=(s.plan.state_shardings, sharding.replicated(s.mesh)),
+                 donate_argnums=(0,))
+
+    def next_batches():
+        out = []
+        for name in ("benign", "harmful"):
+            if name not in shard:
+                out.append(None)
+                continue
+            sh, rows = shard[name]
+            b = s.streams[name].next_micro(A)
+            out.append(sharding.put_global_batch({k: v[:, rows] for k, v in b.items() if k in sh}, sh))
+        return tuple(out)
+
+    slots = A * d.seq_len * sum(parts.values())  # every slot is computed, padding included
+    flops = s.model_cfg.flops_per_token(d.seq_len) * slots
+    peak = device_peak_flops()
+    say(f"model FLOPs per step: {flops:.3e} ({slots} token slots x "
+        f"{s.model_cfg.flops_per_token(d.seq_len):.3e} FLOPs/token, 6N + attention)"
+        + (f"; device peak {peak:.3e} FLOP/s x {jax.device_count()}" if peak
+           else "; device peak unknown (no MFU)"))
+    return CompiledStep(fn, traces, next_batches, flops)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class LoopOutcome(NamedTuple):
+    step: int                 # the last step done
+    history: list[dict]       # the finite steps' records
+    times: list[float]        # wall seconds per step
+    stopped: str | None       # why the loop stopped early (non-finite loss or params)
+
+
+def train_loop(cfg: config_lib.TrainConfig, s: TrainSetup, cs: CompiledStep, paths: RunPaths,
+               ckpt: ckpt_lib.Checkpointer, start: int, end: int) -> LoopOutcome:
+    """Steps start+1..end: run the step, log its metrics, checkpoint on schedule; stop at the
+    first non-finite loss (or params at a checkpoint) without saving the bad state."""
+    peak, n_dev = device_peak_flops(), jax.device_count()
+    fp = fingerprint(cfg)
+    history, times = [], []
+    last_good, step, stopped = ckpt.latest_step(), start, None
+    with MetricsLog(paths.out, enabled=is_main(), tensorboard=cfg.run.tensorboard,
+                    progress=cfg.run.progress, tb_every=cfg.run.log_every, total=cfg.run.steps,
+                    initial=start) as mlog:
+        while step < end:
+            benign, harmful = cs.next_batches()
+            t = time.perf_counter()
+            s.state, m = cs.fn(s.state, benign, harmful, s.E_hat)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t
+            step += 1
+            times.append(dt)
+            rec = {"step": step, **m, "tokens_per_s": m["tokens"] / dt if dt > 0 else None,
+                   "step_time_s": dt, "flops_per_step": cs.flops_per_step,
+                   "mfu": cs.flops_per_step / dt / (peak * n_dev) if (peak and dt > 0) else None}
+            if not math.isfinite(m["loss"]):
+                stopped = f"non-finite loss ({m['loss']}) at step {step}"
+                mlog.write({**rec, "stopped": stopped})
+                break
+            history.append(rec)
+            mlog.write(rec)
+            if ckpt.should_save(step, cfg.run.steps):
+                if not bool(state_lib.params_finite(s.state["params"])):
+                    stopped = f"non-finite parameters after step {step}"
+                    break
+                ckpt.save(step, s.state, {"data": {n: st.position() for n, st in s.streams.items()},
+                                          "config": fp})
+                last_good = step
+    ckpt.wait()
+    if stopped:
+        stopped += f": stopping; the last good checkpoint is step {last_good} in {paths.checkpoints}"
+    return LoopOutcome(step, history, times, stopped)
+
+
+def finish(cfg: config_lib.TrainConfig, s: TrainSetup, cs: CompiledStep, paths: RunPaths,
+           o: LoopOutcome, resumed_from: int | None, say) -> TrainResult:
+    """Check the step compiled once, export the final model, and summarize the run."""
+    cache_size = cs.fn._cache_size() if hasattr(cs.fn, "_cache_size") else -1
+    if cs.traces[0] > 1 or cache_size > 1:
+        raise TrainError(f"the train step compiled {max(cs.traces[0], cache_size)} times over the "
+                         "run (expected once): a batch shape or dtype changed")
+    export_dir = None
+    if o.step >= cfg.run.steps and cfg.run.export_hf:
+        final = sharding.to_host(optim.export_params(s.state, cfg.optim))  # collective
+        export_dir = paths.out / "hf"
+        if is_main():
+            weights.export_hf(final, s.model_cfg, export_dir, tokenizer=s.tok)
+    times, peak = o.times, device_peak_flops()
+    step_time = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else None)
+    mfu = (cs.flops_per_step / step_time / (peak * jax.device_count())
+           if (peak and step_time) else None)
+    if times:
+        tps = np.mean([r["tokens"] for r in o.history]) / step_time
+        say(f"steps {o.step - len(times) + 1}..{o.step}: first step {times[0]:.2f}s (with "
+            f"compilation), then {step_time:.3f}s/step median, {tps:.0f} tokens/s, "
+            f"{cs.flops_per_step / step_time / 1e9:.2f} GFLOP/s"
+            + (f", MFU {mfu:.1%}" if mfu is not None else ", MFU n/a (device peak unknown)")
+            + f"; step compiled {cs.traces[0]} time(s)")
+    return TrainResult(output_dir=paths.out, steps_run=len(times), final_step=o.step,
+                       metrics=o.history, compiles=cs.traces[0], cache_size=cache_size,
+                       flops_per_step=cs.flops_per_step, step_time_s=step_time,
+                       first_step_s=times[0] if times else None, mfu=mfu, export_dir=export_dir,
+                       checkpoint_dir=paths.checkpoints, resumed_from=resumed_from)
+
+
+def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = None,
+          max_steps_this_run: int | None = None, tokenizer: ChatTokenizer | None = None
+          ) -> TrainResult:
+    """Run (or resume) the training described by cfg; returns figures and where things are.
+
+    max_steps_this_run: stop after this many steps of this invocation (tests), checkpointing
+    as configured; None runs to cfg.run.steps. tokenizer: an already loaded ChatTokenizer for
+    the run's tokenizer (saves reloading it when one process runs several trainings).
+    """
+    sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a backend
+    echo = echo or (lambda line: print(line, flush=True))
+    say = echo if is_main() else (lambda line: None)
+    paths = setup_run_dir(cfg, say)
+    if isinstance(paths, TrainResult):
+        return paths
+    s = setup_mesh_and_model(cfg, tokenizer, say)
+    ckpt = ckpt_lib.Checkpointer(paths.checkpoints, every=cfg.run.checkpoint_every,
+                                 keep_last=cfg.run.keep_last, async_save=cfg.run.async_checkpoint)
+    try:
+        resumed_from = restore_or_start(cfg, s, paths, ckpt, say)
+        start = resumed_from or 0
+        end = cfg.run.steps if max_steps_this_run is None else min(cfg.run.steps,
+                                                                  start + max_steps_this_run)
+        cs = setup_train_step(cfg, s, say)
+        outcome = train_loop(cfg, s, cs, paths, ckpt, start, end)
+        if outcome.stopped:
+            say(outcome.stopped)
+            raise NonFiniteLoss(outcome.stopped)
+        return finish(cfg, s, cs, paths, outcome, resumed_from, say)
+    finally:
+        ckpt.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished runs
+
+
+def fingerprint(cfg: config_lib.TrainConfig) -> str:
+    """A hash of what determines the trajectory (not resume/progress/logging switches)."""
+    run = dataclasses.replace(cfg.run, resume=False, progress=True, tensorboard=True,
+                              async_checkpoint=True, output_dir="", export_hf=True)
+    return ckpt_lib.config_fingerprint(config_lib.to_yaml(dataclasses.replace(cfg, run=run)))
+
+
+def finished_run(cfg: config_lib.TrainConfig, paths: RunPaths) -> TrainResult | None:
+    """The result of a completed run of the same config in the run dir (reruns are no-ops)."""
+    ck = ckpt_lib.Checkpointer(paths.checkpoints, every=0, keep_last=cfg.run.keep_last,
+                               async_save=False)
+    try:
+        meta = ck.read_meta()
+    finally:
+        ck.close()
+    if not meta or int(meta.get("step", -1)) != cfg.run.steps or meta.get("config") != fingerprint(cfg):
+        return None
+    hf = paths.out / "hf"
+    if cfg.run.export_hf and not (hf / "config.json").exists():
+        return None
+    return TrainResult(output_dir=paths.out, steps_run=0, final_step=cfg.run.steps,
+                       metrics=read_metrics(paths.metrics), compiles=0, cache_size=0,
+                       flops_per_step=float("nan"), step_time_s=None, first_step_s=None, mfu=None,
+                       export_dir=hf if cfg.run.export_hf else None,
+                       checkpoint_dir=paths.checkpoints, resumed_from=None,
+                       stopped="already complete")
