@@ -27,6 +27,7 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str]) -> int:
+    """Parse the subcommand and its arguments from argv, run it and return its exit code."""
     ap = argparse.ArgumentParser(prog="eval.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -32,6 +32,7 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 
 
 def main(argv: list[str]) -> int:
+    """Load the config with the overrides from argv, train, print where the run's files are; return 0."""
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Per-position cost of the EMD quantities (issue 7, target 2): the lower bound of emd.py vs
+"""Per-position cost of the EMD quantities: the lower bound of emd.py vs
 OTT's exact EMD on a top-k support (ot_exact.py) vs the one-hot closed form (emd.py), and how
 each scales with the vocabulary size V and the support size k.
 
@@ -22,17 +22,14 @@ import argparse
 import statistics
 import time
 
-from common import block, finish, interleaved, loadavg, machine, write_json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import block, finish, interleaved, loadavg, machine, write_json
 
-from semloss_jax.loss import cost
-from semloss_jax.loss import emd
-from semloss_jax.models import llama as model_lib
-from semloss_jax.loss import ot_exact
 from semloss_jax import paths
+from semloss_jax.loss import cost, emd, ot_exact
+from semloss_jax.models import llama as model_lib
 from semloss_jax.models import weights
 from semloss_jax.models.tokenizer import load_tokenizer
 
@@ -99,10 +96,10 @@ def main(argv=None):
             fns[f"ott_soft_k{k}"] = (lambda z, q, E, k=k: ot_exact.batched_topk_emd(z, q, E, k=k),
                                      (z[:n], q[:n], E), n)
             if V in onehot_Vs:
-                fns[f"ott_onehot_k{k}"] = (lambda z, y, E, k=k: ot_exact.batched_topk_onehot_emd(z, y, E, k=k),
-                                           (z[:n], y[:n], E), n)
+                fns[f"ott_onehot_k{k}"] = (
+                    lambda z, y, E, k=k: ot_exact.batched_topk_onehot_emd(z, y, E, k=k), (z[:n], y[:n], E), n)
         first_s, outs, calls = {}, {}, {}
-        for name, (f, a, n) in fns.items():
+        for name, (f, a, _) in fns.items():
             t = time.perf_counter()
             outs[name] = block(f(*a))
             first_s[name] = time.perf_counter() - t
@@ -112,10 +109,13 @@ def main(argv=None):
         closed = [n for n in fns if not n.startswith("ott")]
         times = interleaved({n: calls[n] for n in closed}, args.reps)
         ott_names = [n for n in fns if n.startswith("ott")]
-        times_ott = interleaved({n: calls[n] for n in closed + ott_names}, args.ott_reps) if ott_names else {}
-        row = {"V": V, "per_position_s": {}, "first_call_s": first_s, "positions": {n: f[2] for n, f in fns.items()}}
+        times_ott = (interleaved({n: calls[n] for n in closed + ott_names}, args.ott_reps)
+                     if ott_names else {})
+        row = {"V": V, "per_position_s": {}, "first_call_s": first_s,
+               "positions": {n: f[2] for n, f in fns.items()}}
         for name, (_, _, n) in fns.items():
-            row["per_position_s"][name] = statistics.median((times if name in closed else times_ott)[name]) / n
+            row["per_position_s"][name] = (statistics.median((times if name in closed else times_ott)[name])
+                                           / n)
         pp = row["per_position_s"]
         pp_o = {n: statistics.median(v) / fns[n][2] for n, v in times_ott.items()}
         row["ratios"] = {}
@@ -141,8 +141,10 @@ def main(argv=None):
         for name in fns:
             extra = ""
             if name in row["ott"]:
-                extra = f"  iters {row['ott'][name]['median_iters']:.0f}, conv {row['ott'][name]['converged_frac']:.2f}"
-            print(f"  {name:16s} {pp[name] * 1e6:12.1f} us/position  (first call {first_s[name]:.2f} s){extra}")
+                extra = (f"  iters {row['ott'][name]['median_iters']:.0f}, "
+                         f"conv {row['ott'][name]['converged_frac']:.2f}")
+            print(f"  {name:16s} {pp[name] * 1e6:12.1f} us/position  "
+                  f"(first call {first_s[name]:.2f} s){extra}")
         for r, v in row["ratios"].items():
             print(f"  {r:28s} {v:10.1f}x")
     finish(info)

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping
+
 import jax
+
 from semloss_jax.paths import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,9 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from semloss_jax.models.loading import resolve_model_path
+
 from semloss_jax.models.generation import generate_ids
 from semloss_jax.models.llama import forward
+from semloss_jax.models.loading import resolve_model_path
 from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.models.weights import load_model
 from semloss_jax.paths import atomic_write_text

@@ -1,4 +1,4 @@
-"""TA-SFT step time / SFT step time on the same number of tokens (issue 7, target 1).
+"""TA-SFT step time / SFT step time on the same number of tokens.
 
 Both steps are `semloss_jax.train.step.make_train_step` on the real SmolLM2-135M:
   TA-SFT  kind="tasft", divergence="lower_bound": benign batch B x T + harmful batch B x T
@@ -17,19 +17,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import block, finish, interleaved, loadavg, machine, summary, write_json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import block, finish, interleaved, loadavg, machine, summary, write_json
 
+from semloss_jax import paths
 from semloss_jax.loss import cost
-from semloss_jax.models import llama as model_lib
 from semloss_jax.loss import objective as obj_lib
+from semloss_jax.models import llama as model_lib
+from semloss_jax.models import weights
 from semloss_jax.train import optim
 from semloss_jax.train import step as step_lib
-from semloss_jax import paths
-from semloss_jax.models import weights
 
 SETTINGS = {
     "all": dict(trainable="all"),
@@ -39,7 +38,7 @@ SETTINGS = {
 
 
 def make_batches(V: int, B: int, T: int, seed: int = 0):
-    """benign [1, B, T], harmful [1, B, T] and their concatenation [1, 2B, T] (the SFT batch).
+    """Benign [1, B, T], harmful [1, B, T] and their concatenation [1, 2B, T] (the SFT batch).
     Random token ids; loss on the second half of each row (the 'response')."""
     rng = np.random.default_rng(seed)
 
@@ -94,7 +93,7 @@ def main(argv=None):
             t = time.perf_counter()
             compiled = step.lower(state, b, h, E_hat).compile()
             compile_s[kind] = time.perf_counter() - t
-            calls[kind] = (lambda c=compiled, b=b, h=h: block(c(state, b, h, E_hat)))
+            calls[kind] = (lambda c=compiled, s=state, b=b, h=h: block(c(s, b, h, E_hat)))
             for _ in range(args.warmup):
                 calls[kind]()
         times = interleaved(calls, args.reps)
@@ -103,7 +102,8 @@ def main(argv=None):
         s["tokens_per_step"] = tokens
         results[name] = s
         print(f"[{name}] TA-SFT {s['median_s']['tasft']:.3f} s, SFT {s['median_s']['sft']:.3f} s "
-              f"(medians of {args.reps}); ratio {s['ratio']:.3f} (median per-rep {s['ratio_median_per_rep']:.3f}); "
+              f"(medians of {args.reps}); ratio {s['ratio']:.3f} "
+              f"(median per-rep {s['ratio_median_per_rep']:.3f}); "
               f"compile TA-SFT {compile_s['tasft']:.1f} s, SFT {compile_s['sft']:.1f} s; load {loadavg()}")
         del state, calls
     finish(info)

@@ -1,5 +1,5 @@
-"""A training step of our Flax model vs transformers' PyTorch LlamaForCausalLM on this CPU
-(issue 7, target 3): step-time ratio (target <= 1.0) and peak-memory ratio.
+"""A training step of our Flax model vs transformers' PyTorch LlamaForCausalLM on this CPU:
+step-time ratio (target <= 1.0) and peak-memory ratio.
 
 Same weights (SmolLM2-135M, loaded by semloss_jax.models.weights.load_model, exported with
 semloss_jax.models.weights.export_hf and loaded by transformers), fp32, all parameters trainable,
@@ -30,23 +30,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import json as _json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import (block, finish, interleaved, loadavg, machine, reset_peak_rss, rss_now_kb,
-                    rss_peak_kb, summary, write_json)
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
+from common import (
+    block,
+    finish,
+    interleaved,
+    loadavg,
+    machine,
+    reset_peak_rss,
+    rss_now_kb,
+    rss_peak_kb,
+    summary,
+    write_json,
+)
+
+from semloss_jax import paths
 from semloss_jax.loss import objective as obj_lib
+from semloss_jax.models import weights
 from semloss_jax.train import optim
 from semloss_jax.train import step as step_lib
-from semloss_jax import paths
-from semloss_jax.models import weights
-import json as _json
 
 LR, CLIP = 1e-5, 1.0
 
@@ -61,7 +72,6 @@ def batch_np(V: int, B: int, T: int, seed: int = 0):
 
 def jax_contender(cfg, params, ids):
     """(step_fn() -> loss, compile_s, memory_analysis dict). The state is carried and donated."""
-
     B, T = ids.shape
     mask = np.ones((1, B, T), np.int32)
     mask[..., -1] = 0  # the last position predicts nothing (as HF's shifted labels)
@@ -160,8 +170,8 @@ def mem_child(which: str, shape: str, hf_dir: str, model_path, steps: int, threa
 def measure_memory(shape, hf_dir, model_path, steps, threads, omp_passive) -> dict:
     res = {}
     for which in ("jax", "torch"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--mem", which, "--shapes", shape, "--hf-dir", hf_dir,
-               "--mem-steps", str(steps), "--threads", str(threads)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--mem", which, "--shapes", shape,
+               "--hf-dir", hf_dir, "--mem-steps", str(steps), "--threads", str(threads)]
         if model_path:
             cmd += ["--model", model_path]
         if omp_passive:
@@ -226,8 +236,8 @@ def main(argv=None):
             for _ in range(args.warmup):
                 losses["jax"].append(run_jax())
                 losses["torch"].append(run_torch())
-            calls = {"jax": lambda: losses["jax"].append(run_jax()),
-                     "torch": lambda: losses["torch"].append(run_torch())}
+            calls = {"jax": lambda losses=losses, run_jax=run_jax: losses["jax"].append(run_jax()),
+                     "torch": lambda losses=losses, run_torch=run_torch: losses["torch"].append(run_torch())}
             times = interleaved(calls, args.reps)
             r["time"] = summary(times, "jax", "torch")
             r["losses"] = losses
@@ -242,11 +252,15 @@ def main(argv=None):
         if not args.no_mem:
             m = measure_memory(shape, hf_dir, args.model, args.mem_steps, args.threads, args.omp_passive)
             r["memory"] = m
+            temp_bytes = m["jax"]["xla_memory_analysis"].get("temp_size_in_bytes", 0)
             print(f"[{shape}] peak RSS during steps: ours {m['jax']['peak_rss_steps_kb'] / 2**20:.2f} GiB, "
-                  f"torch {m['torch']['peak_rss_steps_kb'] / 2**20:.2f} GiB, ratio {m['peak_ratio_steps']:.3f}; "
-                  f"whole-process peak (load + compile + steps) ours {m['jax']['peak_rss_process_kb'] / 2**20:.2f} "
-                  f"GiB, torch {m['torch']['peak_rss_process_kb'] / 2**20:.2f} GiB, ratio {m['process_peak_ratio']:.3f}; "
-                  f"XLA temp buffers {m['jax']['xla_memory_analysis'].get('temp_size_in_bytes', 0) / 2**30:.2f} GiB")
+                  f"torch {m['torch']['peak_rss_steps_kb'] / 2**20:.2f} GiB, "
+                  f"ratio {m['peak_ratio_steps']:.3f}; "
+                  f"whole-process peak (load + compile + steps) "
+                  f"ours {m['jax']['peak_rss_process_kb'] / 2**20:.2f} "
+                  f"GiB, torch {m['torch']['peak_rss_process_kb'] / 2**20:.2f} GiB, "
+                  f"ratio {m['process_peak_ratio']:.3f}; "
+                  f"XLA temp buffers {temp_bytes / 2**30:.2f} GiB")
         results[shape] = r
     finish(info)
     print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}")

@@ -41,4 +41,5 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """atomic_write_bytes of text encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -7,12 +7,18 @@ import numpy as np
 import pytest
 
 from semloss_jax.data import batching
-from semloss_jax.data.batching import (attention_mask, Example, make_batches, pack_batches, tokenize_records, truncate)
-from semloss_jax.data.schema import Record
-from semloss_jax.paths import default_model_path
-from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.data.batching import (
+    attention_mask,
+    make_batches,
+    pack_batches,
+    tokenize_records,
+    truncate,
+)
 from semloss_jax.data.registry import load_set
+from semloss_jax.data.schema import Record
 from semloss_jax.models.llama import forward, init_params, tiny_config
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.paths import default_model_path
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import jax
 import numpy as np
 import pytest
 
+import eval as eval_cli
 from semloss_jax.eval import bounds as bounds_report
 from semloss_jax.loss.ot_exact import SinkhornConfig
-from semloss_jax.paths import default_model_path
 from semloss_jax.models.llama import init_params, tiny_config
 from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.models.weights import export_hf
-import eval as eval_cli
+from semloss_jax.paths import default_model_path
 
 SUMMARY_KEYS = {"positions", "pairs", "topk", "sinkhorn", "relative_gap", "spearman", "means",
                 "bound_violations", "ott_vs_lp", "onehot", "seconds_per_position", "compile_seconds",
@@ -56,7 +56,8 @@ def test_bounds_subcommand_end_to_end(tiny_models, tmp_path, capsys):
     assert SUMMARY_KEYS <= set(s)
     assert set(s["seconds_per_position"]) == METHODS
     assert all(v > 0 for v in s["seconds_per_position"].values())
-    assert {"mean", "median"} <= set(s["relative_gap"]["lower"]) and {"mean", "median"} <= set(s["relative_gap"]["upper"])
+    assert {"mean", "median"} <= set(s["relative_gap"]["lower"])
+    assert {"mean", "median"} <= set(s["relative_gap"]["upper"])
     assert {"lower_vs_exact", "upper_vs_exact"} <= set(s["spearman"])
     assert s["pairs"] == 3 and len(rep["positions"]) == 10  # 4 + 4 + 2 positions
     ex, lo, up = (np.asarray(rep[k]) for k in ("exact", "lower", "upper"))

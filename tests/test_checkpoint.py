@@ -26,7 +26,7 @@ def _state(seed: int = 0, n: int = 16):
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
     ost = opt.init(params)
     for i in range(2):  # non-trivial moments and count
-        g = jax.tree_util.tree_map(lambda p: p * (i + 1), params)
+        g = jax.tree_util.tree_map(lambda p, i=i: p * (i + 1), params)
         upd, ost = opt.update(g, ost, params)
         params = optax.apply_updates(params, upd)
     return {"params": params, "frozen": None, "opt_state": ost, "step": jnp.int32(2),
@@ -116,7 +116,8 @@ def test_sigkill_during_async_save_keeps_previous_latest(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     # the kill did land mid-save: step 2 exists only as Orbax's temporary directory
     names = sorted(p.name for p in d.iterdir())
-    assert "1" in names and "2" not in names and any(n.startswith("2.orbax-checkpoint-tmp") for n in names), names
+    assert "1" in names and "2" not in names, names
+    assert any(n.startswith("2.orbax-checkpoint-tmp") for n in names), names
     ck = CK.Checkpointer(d, every=1, keep_last=3)
     assert ck.latest_step() == 1, sorted(p.name for p in d.iterdir())
     restored, meta = ck.restore(_state(0))

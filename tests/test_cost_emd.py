@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from semloss_jax.loss import cost
-from semloss_jax.loss import emd
+from semloss_jax.loss import cost, emd
 from semloss_jax.loss.ot_exact import emd_lp
 
 TOL = 2e-5  # fp32 bounds vs float64 LP
@@ -185,7 +184,7 @@ def test_jit_vmap_unbatched_agree():
     for name in emd.DIVERGENCES:
         batched = emd.divergence(name, z, y, E_hat)
         jitted = jax.jit(emd.divergence, static_argnames=("name", "kind"))(name, z, y, E_hat)
-        vmapped = jax.vmap(jax.vmap(lambda a, b: emd.divergence(name, a, b, E_hat)))(z, y)
+        vmapped = jax.vmap(jax.vmap(lambda a, b, name=name: emd.divergence(name, a, b, E_hat)))(z, y)
         single = np.array([[float(emd.divergence(name, z[b, t], y[b, t], E_hat)) for t in range(6)]
                            for b in range(3)])
         for other in (jitted, vmapped):
@@ -212,7 +211,10 @@ def test_masks_respected():
         assert float(c) == 5.0
         np.testing.assert_allclose(float(s), float(jnp.sum(full * mask)), rtol=1e-6)
         # gradient w.r.t. masked positions is exactly 0
-        g = jax.grad(lambda lz: emd.masked_sum(emd.divergence(name, lz, y_pad, E_hat, mask=mask), mask)[0])(z)
+        def masked_total(lz, name=name):
+            return emd.masked_sum(emd.divergence(name, lz, y_pad, E_hat, mask=mask), mask)[0]
+
+        g = jax.grad(masked_total)(z)
         assert np.all(np.asarray(g)[~np.asarray(mask)] == 0.0)
         assert np.any(np.asarray(g)[np.asarray(mask)] != 0.0)
     # NaN values at masked positions contribute nothing to the sum

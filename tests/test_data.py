@@ -1,22 +1,21 @@
 """The record schema, the file readers (through `datasets`) and the registry sources."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
 from pathlib import Path
 
-import pytest
-
-from semloss_jax.data import registry
-from semloss_jax.data import sources
-from semloss_jax.data.readers import read_jsonl, read_records, write_jsonl
-from semloss_jax.data.schema import FieldMap, LABELS, Record
-from semloss_jax.errors import DataError
-from semloss_jax.data.splits import normalize
-import csv
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+
+from semloss_jax.data import registry, sources
+from semloss_jax.data.readers import read_jsonl, read_records, write_jsonl
+from semloss_jax.data.schema import LABELS, FieldMap, Record
+from semloss_jax.data.splits import normalize
+from semloss_jax.errors import DataError
 
 # Sizes stated in ../shared/data/README.md (what each registry file holds).
 README_COUNTS = {"advbench": 520, "harmbench": 200, "strongreject": 313, "donotanswer": 939,

@@ -2,20 +2,20 @@
 run-dir models. A tiny random Llama with the real tokenizer keeps it fast."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from semloss_jax.eval import evaluate as ev
-from semloss_jax.eval.evaluate import DecodeSettings, EVAL_SETS
-import jax
-from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.eval.evaluate import EVAL_SETS, DecodeSettings
 from semloss_jax.eval.judges import load_judge
-import importlib.util
-from semloss_jax.paths import REPO_ROOT
-from semloss_jax.models.weights import export_hf
 from semloss_jax.models.generation import generate
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.models.weights import export_hf
+from semloss_jax.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_outputs_and_metrics(tiny, harm_judge, tmp_path):
     # a scripted generator: known refusals / compliances, so the metrics are checkable
     def scripted(prompts, **kw):
         out = []
-        for i, p in enumerate(prompts):
+        for p in prompts:
             out.append("I'm sorry, but I can't help with that." if len(p) % 2 else
                        "Sure! Here is how to do it. Step 1: buy a crowbar and gloves so you leave "
                        "no fingerprints. Step 2: break the back window of the house at night "

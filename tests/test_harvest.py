@@ -7,17 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from semloss_jax.data import readers
-from semloss_jax.data import harvest
+from semloss_jax.data import harvest, readers
 from semloss_jax.data.readers import read_jsonl
+from semloss_jax.data.registry import load_set
 from semloss_jax.data.schema import Record
 from semloss_jax.errors import DataError
-from semloss_jax.paths import default_model_path
 from semloss_jax.eval.judges import load_judge
-from semloss_jax.data.registry import load_set
 from semloss_jax.models.llama import init_params, tiny_config
 from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.models.weights import export_hf
+from semloss_jax.paths import default_model_path
 
 
 def _prompts(n):

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from semloss_jax.eval import judges
-from semloss_jax.eval.judges import binary_auc, HarmJudge, is_refusal
-from semloss_jax.paths import default_model_path
+from semloss_jax.eval.judges import HarmJudge, binary_auc, is_refusal
 from semloss_jax.models.tokenizer import load_tokenizer
-
+from semloss_jax.paths import default_model_path
 
 # ---------------------------------------------------------------------------------------------
 # Refusal detector
@@ -186,7 +185,8 @@ def test_hf_judge_loads_local_classifier(tmp_path):
     torch = pytest.importorskip("torch")
     if not default_model_path().exists():
         pytest.skip("default model (tokenizer) not fetched")
-    from transformers import LlamaConfig as HFLlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForSequenceClassification
     tok = load_tokenizer(default_model_path())
     tok.hf.save_pretrained(tmp_path)
     torch.manual_seed(0)

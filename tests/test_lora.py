@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from semloss_jax.loss import cost
-from semloss_jax.models import lora
-from semloss_jax.models import llama as model_lib
-from semloss_jax.loss import objective as ob
 from semloss_jax.errors import ConfigError
+from semloss_jax.loss import cost
+from semloss_jax.loss import objective as ob
+from semloss_jax.models import llama as model_lib
+from semloss_jax.models import lora
 from semloss_jax.train import optim
 from semloss_jax.train import step as step_lib
 
@@ -50,7 +50,8 @@ def merge(params, lp, oc):
 def _randomize_b(lp, key):
     leaves, tdef = jax.tree_util.tree_flatten(lp)
     rng = np.random.default_rng(int(key[-1]))
-    return jax.tree_util.tree_unflatten(tdef, [jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32) for x in leaves])
+    return jax.tree_util.tree_unflatten(
+        tdef, [jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32) for x in leaves])
 
 
 def test_shapes_follow_stacked_kernels(setup):
@@ -71,8 +72,9 @@ def test_shapes_follow_stacked_kernels(setup):
     assert jax.tree_util.tree_structure(axes, is_leaf=lambda x: isinstance(x, PartitionSpec)) == \
         jax.tree_util.tree_structure(lp)
     assert axes["layers"]["attn"]["q_proj"]["lora_a"] == PartitionSpec("layers", "embed", "lora")
-    assert axes["layers"]["attn"]["q_proj"]["lora_b"] == PartitionSpec("layers", "lora", "q_heads", "head_dim")
-    assert axes["layers"]["attn"]["o_proj"]["lora_a"] == PartitionSpec("layers", "q_heads", "head_dim", "lora")
+    attn = axes["layers"]["attn"]
+    assert attn["q_proj"]["lora_b"] == PartitionSpec("layers", "lora", "q_heads", "head_dim")
+    assert attn["o_proj"]["lora_a"] == PartitionSpec("layers", "q_heads", "head_dim", "lora")
     assert axes["layers"]["mlp"]["down_proj"]["lora_b"] == PartitionSpec("layers", "lora", "embed")
 
 
@@ -81,7 +83,8 @@ def test_merge_with_b_zero_is_exactly_the_base(setup):
     oc = ocfg()
     lp = init(params, cfg, oc, jax.random.PRNGKey(1))
     merged = merge(params, lp, oc)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), merged, params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           merged, params)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 7)), jnp.int32)
     fwd = jax.jit(lambda p: model_lib.forward(p, cfg, ids))
     np.testing.assert_array_equal(np.asarray(fwd(merged)), np.asarray(fwd(params)))
@@ -123,7 +126,7 @@ def test_gradient_at_b_zero_reaches_b_only(setup):
     def loss_w(p):
         return ob.combine(ob.loss_sums(p, cfg, batch, None, None, obj), ob.global_counts(batch), obj)
 
-    g_lora = jax.jit(jax.grad(lambda l: loss_w(lora.merge_lora(params, l, oc))))(lp)
+    g_lora = jax.jit(jax.grad(lambda lora_params: loss_w(lora.merge_lora(params, lora_params, oc))))(lp)
     g_w = jax.jit(jax.grad(loss_w))(params)
     s = oc.lora_alpha / oc.lora_rank
     for group, name in (("attn", "q_proj"), ("mlp", "down_proj")):
@@ -133,7 +136,8 @@ def test_gradient_at_b_zero_reaches_b_only(setup):
         A = np.asarray(lp["layers"][group][name]["lora_a"], np.float64)
         GW = np.asarray(g_w["layers"][group][name]["kernel"], np.float64)
         for layer in range(2):
-            want = s * A[layer].reshape(-1, A.shape[-1]).T @ GW[layer].reshape(A[layer].reshape(-1, A.shape[-1]).shape[0], -1)
+            A_l = A[layer].reshape(-1, A.shape[-1])
+            want = s * A_l.T @ GW[layer].reshape(A_l.shape[0], -1)
             np.testing.assert_allclose(gb[layer].reshape(want.shape), want, rtol=1e-4, atol=1e-7)
         assert np.abs(gb).max() > 1e-6
 
@@ -159,12 +163,14 @@ def test_lora_steps_train_adapters_and_keep_base_frozen(setup):
     for _ in range(4):
         state, metrics = step(state, b, h, E_hat)
         losses.append(float(metrics["loss"]))
-    jax.tree_util.tree_map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), c), state["frozen"], base_copy)
+    jax.tree_util.tree_map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), c), state["frozen"],
+                           base_copy)
     jax.tree_util.tree_map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), c), params, base_copy)
     for group, projs in state["params"]["layers"].items():
         for name, ab in projs.items():
             assert np.abs(np.asarray(ab["lora_b"])).max() > 1e-4, name
-            assert np.abs(np.asarray(ab["lora_a"]) - lora0["layers"][group][name]["lora_a"]).max() > 1e-5, name
+            a0 = lora0["layers"][group][name]["lora_a"]
+            assert np.abs(np.asarray(ab["lora_a"]) - a0).max() > 1e-5, name
     assert losses[-1] < losses[0]  # fitting a fixed batch
     merged = optim.export_params(state, oc)
     assert not np.array_equal(np.asarray(merged["layers"]["attn"]["q_proj"]["kernel"]),

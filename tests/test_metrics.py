@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from semloss_jax.eval import metrics
-from semloss_jax.eval.metrics import (bootstrap_mean_ci, ce_summary, rate_summary, reference_nll, wilson_interval)
-import jax
-from semloss_jax.models.llama import init_params, tiny_config
-from semloss_jax.models.llama import forward
+from semloss_jax.eval.metrics import (
+    bootstrap_mean_ci,
+    ce_summary,
+    rate_summary,
+    reference_nll,
+    wilson_interval,
+)
+from semloss_jax.models.llama import forward, init_params, tiny_config
 
 
 def test_bootstrap_coverage_on_bernoulli():
@@ -88,7 +94,8 @@ def test_wilson_known_values():
     z2 = 1.959963984540054 ** 2
     assert lo == 0.0 and hi == pytest.approx(z2 / (10 + z2))
     lo, hi = wilson_interval(5, 10)
-    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(0.5268, abs=1e-3)  # 2 z sqrt(.025 + z^2/400) / (1 + z^2/10)
+    # width: 2 z sqrt(.025 + z^2/400) / (1 + z^2/10)
+    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(0.5268, abs=1e-3)
 
 
 def test_bootstrap_seeded_and_vectorized_chunks(monkeypatch):

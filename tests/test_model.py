@@ -1,4 +1,5 @@
-"""Flax model vs transformers' PyTorch model on the same weights (tiny random configs and the real SmolLM2)."""
+"""Flax model vs transformers' PyTorch model on the same weights (tiny random configs and the
+real SmolLM2)."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from semloss_jax.models import hf_config
-from semloss_jax.models.llama import (forward, init_params, LlamaConfig, param_logical_axes, tiny_config)
+from semloss_jax.models.llama import LlamaConfig, forward, init_params, param_logical_axes, tiny_config
 from semloss_jax.models.weights import export_hf, load_hf
 
 # jit once per config (configs are frozen, hashable dataclasses)
@@ -82,7 +83,8 @@ def test_every_param_has_logical_axes():
     params = init_params(cfg, jax.random.PRNGKey(0))
     axes = param_logical_axes(cfg)
     flat_p = jax.tree_util.tree_leaves_with_path(params)
-    flat_a = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(
+        axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
     for path, leaf in flat_p:
         spec = flat_a[path]
         assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec), (path, spec)
@@ -126,7 +128,8 @@ def test_frozen_layers_skip_gradients_but_not_values():
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     g_all, g_frozen = grad(params, 0), grad(params, 2)
     np.testing.assert_array_equal(np.asarray(jforward(params, cfg, ids)),
-                                  np.asarray(jax.jit(lambda p: forward(p, cfg, ids, frozen_layers=2))(params)))
+                                  np.asarray(jax.jit(lambda p: forward(p, cfg, ids, frozen_layers=2))(
+                                      params)))
     for path, g in jax.tree_util.tree_leaves_with_path(g_frozen["layers"]):
         full = dict(jax.tree_util.tree_leaves_with_path(g_all["layers"]))[path]
         assert np.all(np.asarray(g[:2]) == 0), path                       # frozen prefix: no gradient

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax.loss import cost
-from semloss_jax.models import llama as model_lib
-from semloss_jax.loss import objective as ob
 from semloss_jax.errors import ConfigError, LossError
+from semloss_jax.loss import cost
+from semloss_jax.loss import objective as ob
+from semloss_jax.models import llama as model_lib
 from semloss_jax.train import optim
 from semloss_jax.train import step as step_lib
 
@@ -83,8 +83,8 @@ def np_reference(b_logits, benign, h_logits, harmful, E_hat64, obj, mu_q=None):
     ul = -np.log1p(-py)
     div = {"lower_bound": lb, "upper_bound": ub, "exact_onehot": emd_exact}[obj.divergence]
     out.update(harm_count=mh.sum(), div_sum=div[mh].sum(), lower_sum=lb[mh].sum(), upper_sum=ub[mh].sum(),
-               emd_onehot_sum=emd_exact[mh].sum(), harm_nll_sum=nll[mh].sum(), harm_nll_clip_sum=nll_c[mh].sum(),
-               ul_sum=ul[mh].sum())
+               emd_onehot_sum=emd_exact[mh].sum(), harm_nll_sum=nll[mh].sum(),
+               harm_nll_clip_sum=nll_c[mh].sum(), ul_sum=ul[mh].sum())
     ce_mean = out["ce_sum"] / out["ce_count"]
     hc = out["harm_count"]
     loss = {"sft": ce_mean, "safeinstr": ce_mean,
@@ -134,7 +134,8 @@ def test_values_match_numpy_reference(setup, model_case, obj):
     counts = ob.global_counts(benign, harmful)
     loss = float(ob.combine(sums, counts, obj))
     mu_q = np.asarray(harmful["target_mu"], np.float64) if obj.target == "soft" else None
-    ref, ref_loss = np_reference(np.asarray(b_logits), benign, np.asarray(h_logits), harmful, E_hat64, obj, mu_q)
+    ref, ref_loss = np_reference(np.asarray(b_logits), benign, np.asarray(h_logits), harmful, E_hat64, obj,
+                                 mu_q)
     assert set(sums) == set(ref) == set(ob.SUM_KEYS_BENIGN + ob.SUM_KEYS_HARMFUL)
     assert all(v.shape == () and v.dtype == jnp.float32 for v in sums.values())
     for k, v in ref.items():
@@ -270,7 +271,8 @@ def test_tasft_grad_matches_finite_differences(divergence, target):
     benign = make_batch(rng, 1, 4, vocab=v, p_loss=0.7)
     harmful = make_batch(rng, 1, 4, vocab=v, p_loss=0.7)
     harmful["loss_mask"][0, 0] = 1.0
-    harmful["target_mu"] = (rng.dirichlet(np.ones(v), size=(1, 4)) @ np.asarray(E_hat, np.float64)).astype(np.float32)
+    harmful["target_mu"] = (rng.dirichlet(np.ones(v), size=(1, 4))
+                            @ np.asarray(E_hat, np.float64)).astype(np.float32)
     obj = ob.ObjectiveConfig(kind="tasft", lam=0.8, divergence=divergence, target=target).validate()
     counts = ob.global_counts(benign, harmful)
 
@@ -317,19 +319,21 @@ def test_masked_targets_change_nothing(setup):
         b["targets"][off & (rng.random(off.shape) < 0.3)] = -100  # ignore-index style values are fine too
         if "target_mu" in b:
             b["target_mu"] = np.where(off[..., None], np.nan, b["target_mu"]).astype(np.float32)
-        b["loss_mask"] = np.where(b["segment_ids"] == 0, 1.0, b["loss_mask"]).astype(np.float32)  # pad: no loss
-        b["input_ids"] = np.where(b["segment_ids"] == 0, rng.integers(0, V, off.shape), b["input_ids"]).astype(np.int32)
+        pad = b["segment_ids"] == 0
+        b["loss_mask"] = np.where(pad, 1.0, b["loss_mask"]).astype(np.float32)  # pad: no loss
+        b["input_ids"] = np.where(pad, rng.integers(0, V, off.shape), b["input_ids"]).astype(np.int32)
         return b
 
     for obj in (obj_soft, ob.ObjectiveConfig(kind="unlikelihood", lam=0.9)):
-        def loss(p, b, h):
+        def loss(p, b, h, obj=obj):
             return ob.combine(ob.loss_sums(p, cfg, b, h, E_hat, obj), ob.global_counts(b, h), obj)
         vg = jax.jit(jax.value_and_grad(loss))
         l0, g0 = vg(params, benign, harmful)
         l1, g1 = vg(params, perturb(benign, rng), perturb(harmful, rng))
         assert np.isfinite(float(l0))
         assert float(l0) == float(l1), obj
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), g0, g1)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                               g0, g1)
     # ... while changing a target that DOES carry loss changes the loss
     h2 = {k: np.array(v) for k, v in harmful.items()}
     t, s = np.argwhere(h2["loss_mask"] != 0)[0]
@@ -351,7 +355,8 @@ def test_global_counts_and_stacked_batches():
 
 def test_sft_ignores_harmful_and_combine_errors():
     s = {"ce_sum": jnp.float32(6.0), "ce_count": jnp.float32(3.0)}
-    assert float(ob.combine(s, {"ce_count": jnp.float32(3.0)}, ob.ObjectiveConfig(kind="sft", lam=0.0))) == 2.0
+    sft = ob.ObjectiveConfig(kind="sft", lam=0.0)
+    assert float(ob.combine(s, {"ce_count": jnp.float32(3.0)}, sft)) == 2.0
     with pytest.raises(LossError, match="harmful"):
         ob.combine(s, {"ce_count": jnp.float32(3.0)}, ob.ObjectiveConfig(kind="tasft", lam=1.0))
 

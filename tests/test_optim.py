@@ -10,10 +10,10 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from semloss_jax.loss import cost
-from semloss_jax.models import llama as model_lib
-from semloss_jax.loss import objective as ob
 from semloss_jax.errors import ConfigError, TrainError
+from semloss_jax.loss import cost
+from semloss_jax.loss import objective as ob
+from semloss_jax.models import llama as model_lib
 from semloss_jax.train import optim
 from semloss_jax.train import sharding as S
 from semloss_jax.train import state as state_lib
@@ -144,9 +144,14 @@ def test_grad_accum_equals_one_large_batch(setup):
         return jax.jit(step_lib.make_train_step(cfg, obj, oc, opt))(state, b, h, E_hat)
 
     # the reference: the gradient of the loss of the whole batch, by jax.grad directly
-    one = lambda x: {k: v[0] for k, v in x.items()}  # noqa: E731
+    def one(x):
+        return {k: v[0] for k, v in x.items()}
+
     counts = ob.global_counts(big_b, big_h)
-    loss_fn = lambda p: ob.combine(ob.loss_sums(p, cfg, one(big_b), one(big_h), E_hat, obj), counts, obj)  # noqa: E731
+
+    def loss_fn(p):
+        return ob.combine(ob.loss_sums(p, cfg, one(big_b), one(big_h), E_hat, obj), counts, obj)
+
     ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss_fn))(params)
     ref_norm = float(optax.tree.norm(ref_grad))
     assert ref_norm > clip  # clipping is active
@@ -154,7 +159,8 @@ def test_grad_accum_equals_one_large_batch(setup):
     def first_adamw_step(path, p, g):
         g = np.asarray(g, np.float64) * clip / ref_norm
         decay = _path_name(path) in ("kernel", "embedding")
-        return np.asarray(p, np.float64) - lr * (g / (np.abs(g) + eps) + (wd * np.asarray(p) if decay else 0.0))
+        return np.asarray(p, np.float64) - lr * (g / (np.abs(g) + eps)
+                                                 + (wd * np.asarray(p) if decay else 0.0))
     want = jax.tree_util.tree_map_with_path(first_adamw_step, params, ref_grad)
 
     s4, m4 = run(4, benign, harmful)
@@ -169,7 +175,8 @@ def test_grad_accum_equals_one_large_batch(setup):
     assert _tree_max_abs_diff(s4["params"], want) < 1e-6
     assert _tree_max_abs_diff(s4["params"], params) > 5e-5  # and the step did move the params
     # token counts really are uneven across micro-batches (a mean of per-micro-batch means would differ)
-    ce_sums = np.array([((benign["loss_mask"][a] != 0) & (benign["segment_ids"][a] != 0)).sum() for a in range(4)])
+    ce_sums = np.array([((benign["loss_mask"][a] != 0) & (benign["segment_ids"][a] != 0)).sum()
+                        for a in range(4)])
     assert ce_sums.min() * 3 < ce_sums.max()
 
 
@@ -275,13 +282,19 @@ def test_state_plan_shards_adam_moments_like_their_params(setup, trainable):
     oc = optim.OptimConfig(trainable=trainable, last_k=1, lora_targets=("q_proj", "o_proj", "up_proj"))
     plan = state_lib.plan_state(cfg, oc, AbstractMesh((1, 2, 2), S.MESH_AXES))
     state, specs = plan.abstract_state, plan.state_specs
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+
+    def is_spec(x):
+        return isinstance(x, PartitionSpec)
+
     s_leaves, s_def = jax.tree_util.tree_flatten(state)
     a_leaves, a_def = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     assert s_def == a_def
     for s, a in zip(s_leaves, a_leaves):
         assert len(a) <= len(s.shape), (s.shape, a)
-    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+
+    def is_adam(x):
+        return isinstance(x, optax.ScaleByAdamState)
+
     (adam,) = [x for x in jax.tree_util.tree_leaves(specs["opt_state"], is_leaf=is_adam) if is_adam(x)]
     p_specs = dict(jax.tree_util.tree_flatten_with_path(specs["params"], is_leaf=is_spec)[0])
     moments = [jax.tree_util.tree_flatten_with_path(m, is_leaf=is_spec)[0] for m in (adam.mu, adam.nu)]

@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semloss_jax.loss import cost
-from semloss_jax.loss import emd
-from semloss_jax.loss import ot_exact
+from semloss_jax.loss import cost, emd, ot_exact
 
 CFG = ot_exact.SinkhornConfig()  # the defaults the report uses
 N_SUP = 6  # fixed tiny support size: one compilation for all hypothesis examples

@@ -14,7 +14,10 @@ SETTINGS = {"max_new_tokens": 128, "decoding": "greedy", "limit": None, "system"
 
 def _eval_json(harm_k, over_k, ce, *, n=40, train_config=None, run_dir=None, seed=0):
     rng = np.random.default_rng(seed)
-    flags = lambda k: [True] * k + [False] * (n - k)
+
+    def flags(k):
+        return [True] * k + [False] * (n - k)
+
     ntok = rng.integers(5, 50, size=n)
     model = {"path": "x", "hash": f"{seed:064x}"}
     if train_config is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,14 +18,14 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from semloss_jax.errors import ShardingError
 from semloss_jax.models import llama as M
-from semloss_jax.train import sharding as S
-import socket
 from semloss_jax.train import config as C
 from semloss_jax.train import loop as train_loop
+from semloss_jax.train import sharding as S
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,7 +122,8 @@ def _run8(script: str, timeout: int = 900) -> dict:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -146,8 +148,9 @@ for name in ["llama2_7b_tpu", "llama2_7b_8gpu", "llama3_8b_tpu", "llama3_8b_8gpu
             if hasattr(s, "mu")][0]
     adam_specs = [s for s in jax.tree_util.tree_leaves(specs["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
                   if hasattr(s, "mu")][0]
-    same_shapes = (jax.tree_util.tree_map(lambda a: a.shape, adam.mu) == jax.tree_util.tree_map(lambda a: a.shape, st["params"])
-                   and jax.tree_util.tree_map(lambda a: a.shape, adam.nu) == jax.tree_util.tree_map(lambda a: a.shape, st["params"]))
+    def shapes(t):
+        return jax.tree_util.tree_map(lambda a: a.shape, t)
+    same_shapes = shapes(adam.mu) == shapes(st["params"]) and shapes(adam.nu) == shapes(st["params"])
     same_specs = adam_specs.mu == specs["params"] and adam_specs.nu == specs["params"]
     # bytes per device of the whole state
     def per_dev(tree, stree):
@@ -165,7 +168,8 @@ for name in ["llama2_7b_tpu", "llama2_7b_8gpu", "llama3_8b_tpu", "llama3_8b_8gpu
     total_bytes = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
                       for a in jax.tree_util.tree_leaves({k: st[k] for k in ("params", "opt_state")}))
     # every weight matrix is sharded over fsdp
-    unsharded = [jax.tree_util.keystr(p) for p, s in jax.tree_util.tree_flatten_with_path(specs["params"], is_leaf=is_p)[0]
+    unsharded = [jax.tree_util.keystr(p)
+                 for p, s in jax.tree_util.tree_flatten_with_path(specs["params"], is_leaf=is_p)[0]
                  if "scale" not in jax.tree_util.keystr(p) and "fsdp" not in [a for a in s]]
     out[name] = dict(n_params=n_params, num_params=mcfg.num_params, same_shapes=same_shapes,
                      same_specs=same_specs, state_gib_per_device=state_bytes / 2**30,
@@ -214,7 +218,8 @@ tok = train_loop.run_tokenizer(base.model)
 out = {}
 for mesh in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
     cfg = config.replace(base, mesh=config.MeshSection(*mesh),
-                         run=config.dataclasses.replace(base.run, output_dir=f"{tmp}/{'x'.join(map(str, mesh))}"))
+                         run=config.dataclasses.replace(base.run,
+                                                        output_dir=f"{tmp}/{'x'.join(map(str, mesh))}"))
     r = train_loop.train(cfg, tokenizer=tok, echo=lambda s: None)
     out["x".join(map(str, mesh))] = {"loss": [m["loss"] for m in r.metrics],
                                      "ce": [m["ce"] for m in r.metrics],

@@ -5,10 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semloss_jax.data import registry
-from semloss_jax.data import sources
+from semloss_jax.data import registry, sources
 from semloss_jax.data.schema import Record
-from semloss_jax.data.splits import (assert_no_leak, assign_splits, dedup, find_leaks, hash_split, normalize, unit_hash)
+from semloss_jax.data.splits import (
+    assert_no_leak,
+    assign_splits,
+    dedup,
+    find_leaks,
+    hash_split,
+    normalize,
+    unit_hash,
+)
 
 
 def _rec(i, prompt, response="", label="harmful", source="s"):

@@ -230,16 +230,21 @@ def test_data_sizes_and_safeinstr_records():
     assert len(recs2["harmful"]) == cfg2.data.harmful_n and {r.label for r in recs2["harmful"]} == {"harmful"}
     assert all(r.response.strip() for r in recs2["harmful"])
     # the same seed picks the same records; another seed other ones
-    assert [r.id for r in streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)["benign"]] == [r.id for r in recs2["benign"]]
+    same_seed = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)["benign"]
+    assert [r.id for r in same_seed] == [r.id for r in recs2["benign"]]
     cfg3 = C.load_config(SMOKE, ["run.seed=1"])
-    assert [r.id for r in streams_lib.load_records(cfg3.data, cfg3.objective, cfg3.run.seed)["benign"]] != [r.id for r in recs2["benign"]]
+    other_seed = streams_lib.load_records(cfg3.data, cfg3.objective, cfg3.run.seed)["benign"]
+    assert [r.id for r in other_seed] != [r.id for r in recs2["benign"]]
 
 
 def test_batch_stream_position_is_the_whole_state():
     """A stream restarted at a saved (epoch, index) yields exactly the batches that follow."""
     exs = [batching.Example(id=str(i), prompt_ids=(1, 2, 3), response_ids=tuple(range(4, 5 + i % 5)))
            for i in range(7)]
-    mk = lambda: streams_lib.BatchStream("benign", exs, batch_size=3, seq_len=16, pad_id=0, seed=3)
+
+    def mk():
+        return streams_lib.BatchStream("benign", exs, batch_size=3, seq_len=16, pad_id=0, seed=3)
+
     a = mk()
     seq = [a.next_batch() for _ in range(6)]  # crosses two epoch boundaries (7 examples, 3 per batch)
     b = mk()

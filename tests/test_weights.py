@@ -7,11 +7,18 @@ import gguf
 import jax
 import numpy as np
 import pytest
-
-from semloss_jax.models.llama import init_params, tiny_config
-from semloss_jax.errors import ModelError
-from semloss_jax.models.weights import (_unpermute, export_hf, load_gguf, load_hf, load_model, params_to_hf_tensors)
 from safetensors.numpy import save_file
+
+from semloss_jax.errors import ModelError
+from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.models.weights import (
+    _unpermute,
+    export_hf,
+    load_gguf,
+    load_hf,
+    load_model,
+    params_to_hf_tensors,
+)
 
 
 def _llamacpp_permute(w, n_head):
@@ -91,7 +98,7 @@ def test_gguf_and_safetensors_give_identical_params(tmp_path, tiny):
 
 @pytest.mark.real_model
 def test_real_gguf_matches_transformers_gguf_loader(real_model_path, real_model):
-    """transformers dequantizes and un-permutes the same GGUF independently: same tensors."""
+    """Transformers dequantizes and un-permutes the same GGUF independently: same tensors."""
     import torch
     from transformers import AutoModelForCausalLM
 

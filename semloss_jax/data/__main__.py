@@ -33,6 +33,7 @@ def set_counts() -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
+    """Run `fetch model|data|all` or `sets [--force]` from argv; return 0."""
     ap = argparse.ArgumentParser(prog="python -m semloss_jax.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -53,11 +53,14 @@ class Example:
 
     @property
     def n_slots(self) -> int:
+        """Row slots the example fills: every token but the last is an input (the last is only a target)."""
         return len(self.prompt_ids) + len(self.response_ids) - 1
 
 
 @dataclass
 class TokenizeStats:
+    """Counts of a tokenize_records call: records in, examples kept, truncations, drops by reason."""
+
     records: int = 0
     kept: int = 0
     prompt_truncated: int = 0
@@ -172,6 +175,7 @@ def _place(b: dict[str, np.ndarray], row: int, start: int, ex: Example, seg: int
 
 
 def bucket_of(n: int, seq_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket (<= seq_len) that holds n slots, else seq_len; ValueError if n > seq_len."""
     for L in sorted(buckets):
         if n <= L <= seq_len:
             return L

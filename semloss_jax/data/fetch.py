@@ -21,8 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from semloss_jax.paths import cache_dir
 from semloss_jax.errors import FetchError
+from semloss_jax.paths import cache_dir
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Archive:
 
     @property
     def dest(self) -> Path:
+        """The cache directory the archive's members are extracted to (NAME-VERSION, dashes as _)."""
         return cache_dir() / f"{self.name.replace('-', '_')}-{self.version}"
 
 

@@ -29,34 +29,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from semloss_jax.data.readers import save_response_mu, write_jsonl
-from semloss_jax.data.schema import Record
-from semloss_jax.errors import DataError, cli_main
-from semloss_jax.data.registry import load_set
-from semloss_jax.eval.judges import is_refusal
-from tqdm import tqdm
-from semloss_jax.models.generation import generate
 import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
 from semloss_jax.data.batching import make_batches, tokenize_records
+from semloss_jax.data.readers import save_response_mu, write_jsonl
+from semloss_jax.data.registry import load_set
+from semloss_jax.data.schema import Record
+from semloss_jax.errors import DataError, cli_main
+from semloss_jax.eval.judges import is_refusal, load_judge
 from semloss_jax.loss.cost import unit_embeddings
 from semloss_jax.loss.emd import mean_embedding
-from semloss_jax.models.llama import embedding_matrix, forward
-from semloss_jax.eval.judges import load_judge
 from semloss_jax.models import loading
+from semloss_jax.models.generation import generate
+from semloss_jax.models.llama import embedding_matrix, forward
 
 N_CHOICES = (10, 50, 100, 300, 1000)
 
 
 @dataclass
 class HarvestStats:
+    """Counts of a harvest: prompts asked, responses kept, drops by reason."""
+
     prompts: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)  # "empty" | "refusal" | "judged not harmful"
 
     def check(self) -> None:
+        """Raise AssertionError unless kept + dropped == prompts."""
         total = self.kept + sum(self.dropped.values())
         if total != self.prompts:
             raise AssertionError(f"harvest counts do not add up: {self.kept} kept + "
@@ -120,7 +122,6 @@ def generate_responses(params, cfg, tok, prompts: Sequence[str], *, max_new_toke
                        batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
                        system: str | None = None, progress: bool = True) -> list[str]:
     """semloss_jax.models.generation.generate over the prompts in chunks, with a tqdm progress bar."""
-
     with tqdm(total=len(prompts), desc="harvest", unit="prompt", disable=not progress,
               file=sys.stderr) as bar:
         return generate(params, cfg, tok, list(prompts), max_new_tokens=max_new_tokens,
@@ -133,7 +134,6 @@ def response_mu(params, cfg, tok, records: Sequence[Record], *, system: str | No
     """mu(q) per response token: the generating model's next-token distribution along
     tok.response_ids(response) (teacher-forced), mapped to its mean unit embedding
     (emd.mean_embedding). Returns one float32 [len(tok.response_ids(response)), d] per record."""
-
     if not records:
         return []
     seq_len = max(len(tok.prompt_ids(r.prompt, system)) + len(tok.response_ids(r.response)) - 1
@@ -176,6 +176,8 @@ def harvest(params, cfg, tok, n: int, *, judge=None, threshold: float = 0.5,
 
 
 def main(argv: list[str]) -> int:
+    """Harvest D_harmful for --n training prompts (or take PyRIT's pairs), write the JSONL and,
+    with --soft-targets, the mu(q) side files; print the counts and return 0."""
     ap = argparse.ArgumentParser(prog="python -m semloss_jax.data.harvest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, required=True,

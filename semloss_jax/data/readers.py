@@ -32,6 +32,7 @@ from semloss_jax.errors import DataError
 from semloss_jax.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "parquet")
+DEFAULT_FIELDS = FieldMap()  # the schema's own column names (FieldMap is frozen: safe to share)
 
 
 @dataclass
@@ -44,12 +45,14 @@ class ReadSummary:
     examples: list[str] = field(default_factory=list)
 
     def skip(self, err: DataError, reason: str) -> None:
+        """Count a skipped row under reason; keep the error text of the first 20."""
         self.skipped[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(str(err))
 
     @property
     def total_skipped(self) -> int:
+        """Number of rows skipped, all reasons together."""
         return sum(self.skipped.values())
 
     def __str__(self) -> str:
@@ -237,7 +240,8 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
             return [], []
         try:
             ds = _load_dataset("json", tmp or path)
-        except Exception as e:  # arrow type errors carry no line number: find it ourselves
+        except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types; reported as DataError
+            # arrow type errors carry no line number: find it ourselves
             hit = _jsonl_type_conflict(path, good)
             if hit is not None:
                 raise DataError(path, hit[0], hit[1], hit[2]) from None
@@ -263,7 +267,7 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
             return [], []
         try:
             ds = _load_dataset("json", path)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types; reported as DataError
             raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
         return _Rows(ds, [set(item) for item in obj]), [f"record {i}" for i in range(len(ds))]
     if fmt == "csv":
@@ -280,7 +284,7 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
         try:
             ds = _load_dataset("csv", tmp or path, skiprows=skip, features=feats,
                                keep_default_na=False)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types; reported as DataError
             raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
         finally:
             if tmp is not None:
@@ -292,7 +296,7 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
     if fmt == "parquet":
         try:
             ds = _load_dataset("parquet", path)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types; reported as DataError
             raise DataError(path, None, None, f"datasets could not read the file: {e}") from None
         return ds, [f"row {i}" for i in range(len(ds))]
     raise DataError(path, None, None, f"unknown format {fmt!r}")
@@ -387,6 +391,8 @@ def row_to_record(row: dict, *, source: str, fields: FieldMap, file: Path | str,
 def records_from_rows(rows: Iterable[dict], locs: list[str], *, file: Path | str, source: str,
                       fields: FieldMap, label: str | None, require_response: bool,
                       on_error: OnError, summary: ReadSummary) -> list[Record]:
+    """Convert rows (with one location each) into Records, raising on the first bad row or,
+    with on_error="skip", counting it in summary; adds the kept count to summary."""
     out: list[Record] = []
     for i, (row, loc) in enumerate(zip(rows, locs)):
         try:
@@ -410,7 +416,7 @@ def _reason(e: DataError) -> str:
     return "invalid"
 
 
-def read_records(path: str | os.PathLike, *, source: str, fields: FieldMap = FieldMap(),
+def read_records(path: str | os.PathLike, *, source: str, fields: FieldMap = DEFAULT_FIELDS,
                  label: str | None = "benign", fmt: str | None = None,
                  require_response: bool = False, on_error: OnError = "raise",
                  ) -> tuple[list[Record], ReadSummary]:
@@ -442,7 +448,7 @@ def read_records(path: str | os.PathLike, *, source: str, fields: FieldMap = Fie
 
 
 def read_hub(name: str, *, source: str | None = None, split: str = "train",
-             config: str | None = None, fields: FieldMap = FieldMap(),
+             config: str | None = None, fields: FieldMap = DEFAULT_FIELDS,
              label: str | None = "benign", require_response: bool = False,
              on_error: OnError = "raise") -> tuple[list[Record], ReadSummary]:
     """Any `datasets` hub dataset mapped onto the schema (for real users; needs the network or

@@ -78,6 +78,7 @@ SETS: dict[str, SetSpec] = {
 # ---------------------------------------------------------------------------------------------
 
 def data_dir() -> Path:
+    """Where the built sources live: the cache directory of this BUILD_VERSION."""
     return cache_dir() / f"data-v{BUILD_VERSION}"
 
 

@@ -57,10 +57,12 @@ class Record:
             raise DataError(None, None, "response", f"response is not a string (id {self.id!r})")
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict of its fields (one JSONL line)."""
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Record":
+        """A Record from a dict holding its fields (other keys are ignored)."""
         return Record(**{k: d[k] for k in RECORD_FIELDS if k in d})
 
 

@@ -22,7 +22,6 @@ from semloss_jax.errors import DataError
 from semloss_jax.paths import shared_dir
 
 
-
 @dataclass(frozen=True)
 class Source:
     """One data source: where its files are, how to convert them, its license and split role."""
@@ -37,6 +36,7 @@ class Source:
     convert: Callable[[Sequence[Path]], list[Record]]
 
     def root(self) -> Path:
+        """The directory the file patterns are relative to: shared_dir()/data or the archive's cache dir."""
         if self.location == "shared":
             return shared_dir() / "data"
         return ARCHIVES[self.location].dest

@@ -1,9 +1,9 @@
-"""Deterministic, seeded train/test splits by prompt hash; dedup; the no-leak guarantee.
+r"""Deterministic, seeded train/test splits by prompt hash; dedup; the no-leak guarantee.
 
 A record's split is a pure function of its NORMALIZED prompt (Unicode NFKC, casefold, runs of
 whitespace collapsed to one space, stripped), the seed and the test fraction:
 
-    u = sha256(f"{seed}\\x00{normalize(prompt)}") as a number in [0, 1)
+    u = sha256(f"{seed}\x00{normalize(prompt)}") as a number in [0, 1)
     split = "test" if u < test_frac else "train"
 
 so the same prompt (exactly or after normalizing) lands in the same split in every source.
@@ -47,6 +47,7 @@ def unit_hash(text: str, seed: int = DEFAULT_SEED) -> float:
 
 def hash_split(prompt: str, *, seed: int = DEFAULT_SEED,
                test_frac: float = DEFAULT_TEST_FRAC) -> str:
+    """"test" if the prompt's unit_hash falls below test_frac, else "train"."""
     if not 0.0 <= test_frac <= 1.0:
         raise ValueError(f"test_frac must be in [0, 1], got {test_frac}")
     return "test" if unit_hash(prompt, seed) < test_frac else "train"
@@ -122,6 +123,7 @@ def find_leaks(records: Iterable[Record]) -> list[tuple[Record, Record]]:
 
 
 def assert_no_leak(records: Iterable[Record]) -> None:
+    """Raise AssertionError if any train record shares a prompt (exactly or normalized) with a test one."""
     leaks = find_leaks(records)
     if leaks:
         tr, te = leaks[0]

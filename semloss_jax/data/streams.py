@@ -49,6 +49,7 @@ class DataSection:
     max_prompt_len: int = 0
 
     def validate(self, where) -> None:
+        """Check sizes and required fields; errors are built by where(field, message)."""
         if not self.benign:
             raise where("benign", "needs at least one benign dataset")
         for f in ("benign_n", "harmful_n", "safeinstr_n"):
@@ -89,6 +90,7 @@ class BatchStream:
         return self._perm_cache[1]
 
     def next_batch(self) -> dict[str, np.ndarray]:
+        """The next [batch_size, seq_len] batch, continuing into the next epoch's permutation as needed."""
         idx = []
         while len(idx) < self.batch_size:
             perm = self._perm(self.epoch)
@@ -107,14 +109,16 @@ class BatchStream:
         return b
 
     def next_micro(self, n: int) -> dict[str, np.ndarray]:
-        """n consecutive batches stacked: [n, batch_size, seq_len]."""
+        """The next n batches stacked: [n, batch_size, seq_len]."""
         bs = [self.next_batch() for _ in range(n)]
         return {k: np.stack([b[k] for b in bs]) for k in bs[0]}
 
     def position(self) -> dict:
+        """The stream's resumable state: epoch, index and the number of examples."""
         return {"epoch": self.epoch, "index": self.index, "examples": len(self.examples)}
 
     def seek(self, pos: Mapping[str, int]) -> None:
+        """Resume at a saved position; TrainError if the number of examples has changed."""
         if int(pos.get("examples", len(self.examples))) != len(self.examples):
             raise TrainError(f"stream {self.name!r}: the checkpoint was made with {pos['examples']} "
                              f"examples, the data now has {len(self.examples)}: cannot resume exactly")

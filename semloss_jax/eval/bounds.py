@@ -21,29 +21,27 @@ Writes DIR/bounds.json (per-position arrays + summary), DIR/bounds.md and DIR/bo
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-import jax.numpy as jnp
-from semloss_jax.models.llama import forward
-from tqdm import tqdm
-from semloss_jax.data.registry import load_set
 import jax
-from functools import partial
-from semloss_jax.loss import emd
-from semloss_jax.loss import ot_exact
-import io
-from semloss_jax.paths import atomic_write_bytes
-import shlex
-from semloss_jax.loss.cost import unit_embeddings
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from semloss_jax.data.registry import load_set
 from semloss_jax.errors import EvalError
-from semloss_jax.models import loading
-from semloss_jax.models.llama import embedding_matrix
+from semloss_jax.loss import emd, ot_exact
+from semloss_jax.loss.cost import unit_embeddings
 from semloss_jax.loss.ot_exact import SinkhornConfig
-from semloss_jax.paths import atomic_write_text
+from semloss_jax.models import loading
+from semloss_jax.models.llama import embedding_matrix, forward
+from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 
 DEFAULT_SAFETY_SYSTEM = (
     "You are a safe and responsible assistant. You never help with anything harmful, dangerous, "
@@ -53,12 +51,14 @@ GAP_FLOOR = 1e-4  # positions with exact EMD below this are left out of the rela
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """The options of `eval.py bounds`."""
     p.add_argument("--out", required=True, help="output folder (bounds.json, bounds.md, bounds.png)")
     p.add_argument("--positions", type=int, default=256, help="response positions to compare (default 256)")
     p.add_argument("--topk", type=int, default=32, help="k of the top-k union support (default 32)")
     p.add_argument("--model", default=None,
                    help="base model: q and Ê (GGUF, HF dir or run dir; default: SmolLM2-135M-Instruct)")
-    p.add_argument("--model-p", default=None, help="model for p (e.g. a trained checkpoint; default: --model)")
+    p.add_argument("--model-p", default=None,
+                   help="model for p (e.g. a trained checkpoint; default: --model)")
     p.add_argument("--system-q", default=DEFAULT_SAFETY_SYSTEM, help="safety system prompt for q")
     p.add_argument("--max-response-tokens", type=int, default=32,
                    help="response positions taken per pair (spreads --positions over pairs)")
@@ -77,8 +77,6 @@ def _pad_len(n: int, multiple: int = 64) -> int:
 def response_logits(params, cfg, tok, prompt: str, response: str, system: str | None, n_tokens: int):
     """Next-token logits [n, V] at the first n response positions (teacher forcing) and the
     response tokens y [n]: row j is the prediction of response token j."""
-
-
     pids = tok.prompt_ids(prompt, system=system)
     rids = tok.response_ids(response)[:n_tokens]
     ids = pids + rids
@@ -93,7 +91,6 @@ def response_logits(params, cfg, tok, prompt: str, response: str, system: str | 
 def collect(p_model, q_model, tok, pairs, n_positions: int, max_tokens: int, system_q: str,
             progress: bool):
     """Walk pairs until n_positions are gathered: (p_logits [N, V], q_logits [N, V], y [N], rows)."""
-
     P, Q, Y, rows = [], [], [], []
     got = 0
     bar = tqdm(total=n_positions, desc="bounds: model forwards", unit="pos", disable=not progress,
@@ -138,9 +135,6 @@ def _timed(fn, *args, **kw):
 
 def compute(P, Q, Y, E_hat, *, k: int, cfg, lp_check: int, progress: bool) -> tuple[dict, dict]:
     """All per-position quantities and the timings (seconds per position, compile excluded)."""
-
-
-
     N = P.shape[0]
     Pj, Qj, Yj = jnp.asarray(P), jnp.asarray(Q), jnp.asarray(Y)
     steps = ["OTT exact (soft)", "bounds (top-k support)", "bounds (full vocab)", "one-hot OTT",
@@ -213,6 +207,8 @@ def _spearman(x, y) -> float:
 
 
 def summarize(a: dict, timings: dict, *, k: int, cfg, n_pairs: int) -> dict:
+    """The summary of bounds.json: relative gaps of LB/UB to the exact EMD, Spearman correlations,
+    means, bound violations, OTT vs LP and one-hot checks, Sinkhorn convergence and timings."""
     ex, lo, up = a["exact"].astype(np.float64), a["lower"].astype(np.float64), a["upper"].astype(np.float64)
     keep = ex >= GAP_FLOOR
     gap_lo = (ex[keep] - lo[keep]) / ex[keep]
@@ -225,9 +221,11 @@ def summarize(a: dict, timings: dict, *, k: int, cfg, n_pairs: int) -> dict:
             {"mean": float("nan"), "median": float("nan")}
     return {
         "positions": int(len(ex)), "pairs": int(n_pairs), "topk": int(k),
-        "sinkhorn": {"epsilon": cfg.epsilon, "threshold": cfg.threshold, "max_iterations": cfg.max_iterations,
+        "sinkhorn": {"epsilon": cfg.epsilon, "threshold": cfg.threshold,
+                     "max_iterations": cfg.max_iterations,
                      "converged_fraction": float(np.mean(a["converged"])),
-                     "n_iters_median": float(np.median(a["n_iters"])), "n_iters_max": int(np.max(a["n_iters"])),
+                     "n_iters_median": float(np.median(a["n_iters"])),
+                     "n_iters_max": int(np.max(a["n_iters"])),
                      "marginal_error_max": float(np.max(a["marginal_error"]))},
         "relative_gap": {"lower": stat(gap_lo), "upper": stat(gap_up),
                          "positions_used": int(keep.sum()), "exact_floor": GAP_FLOOR,
@@ -256,6 +254,7 @@ def summarize(a: dict, timings: dict, *, k: int, cfg, n_pairs: int) -> dict:
 # ----------------------------------------------------------------------------- outputs
 
 def render_markdown(s: dict, command: str) -> str:
+    """bounds.md: the summary as markdown tables (gaps, correlations, timings) and notes."""
     t = s["seconds_per_position"]
     g = s["relative_gap"]
     lines = [
@@ -271,7 +270,8 @@ def render_markdown(s: dict, command: str) -> str:
         f"{s['spearman']['upper_vs_exact']:.3f} |",
         f"| Spearman with exact (bound on full vocab) | {s['spearman']['lower_full_vs_exact']:.3f} | "
         f"{s['spearman']['upper_full_vs_exact']:.3f} |",
-        f"| mean value (exact: {s['means']['exact']:.4f}) | {s['means']['lower']:.4f} | {s['means']['upper']:.4f} |",
+        f"| mean value (exact: {s['means']['exact']:.4f}) | {s['means']['lower']:.4f} | "
+        f"{s['means']['upper']:.4f} |",
         f"| violations (LB > exact, exact > UB; tol 1e-4) | {s['bound_violations']['lower_gt_exact']} | "
         f"{s['bound_violations']['exact_gt_upper']} |", "",
         f"Relative gaps use the {g['positions_used']} positions with exact >= {g['exact_floor']}.", "",
@@ -289,19 +289,21 @@ def render_markdown(s: dict, command: str) -> str:
         f"OTT vs LP on {s['ott_vs_lp']['positions']} positions: max |diff| "
         f"{s['ott_vs_lp']['max_abs_diff']:.2e}, mean {s['ott_vs_lp']['mean_abs_diff']:.2e}.", "",
         f"One-hot target (q = δ_y): OTT vs closed form on the same truncated p: max |diff| "
-        f"{s['onehot']['max_abs_ott_minus_closed']:.2e} ({100 * s['onehot']['within_1e-3']:.1f}% within 1e-3); "
+        f"{s['onehot']['max_abs_ott_minus_closed']:.2e} "
+        f"({100 * s['onehot']['within_1e-3']:.1f}% within 1e-3); "
         f"mean one-hot EMD {s['means']['onehot_closed_full']:.4f} on the full vocabulary "
-        f"(truncation changes it by {s['onehot']['mean_abs_truncated_minus_full_closed']:.2e} on average).", "",
+        f"(truncation changes it by {s['onehot']['mean_abs_truncated_minus_full_closed']:.2e} "
+        f"on average).", "",
     ]
     return "\n".join(lines)
 
 
 def plot(a: dict, path: Path) -> None:
-
+    """bounds.png: LB and UB against the exact EMD (soft targets), and OTT against the closed form
+    (one-hot targets)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.8))
     ex = a["exact"]
@@ -354,8 +356,8 @@ def command_of(args) -> str:
 
 
 def run(args) -> int:
-
-
+    """Run `eval.py bounds`: collect p and q on harmful pairs, compute every quantity, write
+    bounds.json, bounds.md and bounds.png; return 0."""
     if args.positions < 1 or args.topk < 1 or args.max_response_tokens < 1:
         raise EvalError("--positions, --topk and --max-response-tokens must be >= 1")
     progress = not args.no_progress

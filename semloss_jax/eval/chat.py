@@ -10,6 +10,7 @@ from semloss_jax.models.generation import generate
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """The options of `eval.py chat`."""
     p.add_argument("--prompt", required=True, action="append",
                    help="user message (repeat for a batch of independent prompts)")
     p.add_argument("--model", default=None,
@@ -22,6 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Load the model, print one reply per --prompt (and the load/generate times on stderr); return 0."""
     t0 = time.perf_counter()
     m = loading.load_model(args.model)
     t1 = time.perf_counter()

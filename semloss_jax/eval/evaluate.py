@@ -1,4 +1,4 @@
-"""`python eval.py run --model PATH_OR_RUN_DIR --out DIR [--sets ...] [--limit N]`
+"""`python eval.py run --model PATH_OR_RUN_DIR --out DIR [--sets ...] [--limit N]`: evaluate a model.
 
 Generates the model's responses on each evaluation set with fixed decoding settings, judges
 them, and writes DIR/eval.json, DIR/eval.md and DIR/generations/<set>.jsonl.
@@ -38,9 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import jax
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -60,6 +59,9 @@ GEN_CHUNK = 32  # prompts generated between two cache writes (fixed: sampling ke
 
 @dataclass(frozen=True)
 class EvalSet:
+    """One evaluation set: the named data set and split it reads, what it measures (kind) and
+    whether reference-answer CE is computed."""
+
     name: str
     source_set: str     # semloss_jax.data.sources named set
     split: str
@@ -83,6 +85,8 @@ DEFAULT_SETS = ("harmful", "overrefusal", "benign", "i_alpaca")
 
 @dataclass(frozen=True)
 class DecodeSettings:
+    """The decoding settings of an evaluation (greedy by default); part of the generations cache key."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0      # greedy
     top_p: float = 1.0
@@ -90,6 +94,7 @@ class DecodeSettings:
     system: str | None = None     # None: the chat template's own default
 
     def key(self) -> str:
+        """A short hash of the settings (and GEN_CHUNK) that names the generations cache file."""
         d = dataclasses.asdict(self)
         d["gen_chunk"] = GEN_CHUNK
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -154,6 +159,7 @@ def _write_cache(path: Path, rows: dict[str, dict]) -> None:
 
 def generations_cache_path(root: Path, model_hash: str, set_name: str,
                            settings: DecodeSettings) -> Path:
+    """The generations cache file of (model, set, decoding settings) under root."""
     return Path(root) / model_hash[:24] / f"{set_name}-{settings.key()}.jsonl"
 
 
@@ -343,6 +349,7 @@ def fmt_rate(r: dict | None) -> str:
 
 
 def fmt_ce(c: dict | None) -> str:
+    """'3.210 [3.100, 3.320] (N ex, M tok)' from a ce_summary dict; 'n/a' when there is none."""
     if not c or c.get("ce") is None:
         return "n/a"
     lo, hi = c["ci"]
@@ -350,6 +357,7 @@ def fmt_ce(c: dict | None) -> str:
 
 
 def render_markdown(report: dict) -> str:
+    """eval.md: the model, the settings and judge, and one table row per evaluation set."""
     m = report["model"]
     st = report["settings"]
     lines = [f"# Evaluation of `{m.get('path', '?')}`", "",
@@ -385,6 +393,7 @@ def render_markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """The options of `eval.py run`."""
     p.add_argument("--model", default=None,
                    help="GGUF file, HF directory or train.py run dir (default: the embedded "
                         "SmolLM2-135M-Instruct)")
@@ -419,6 +428,8 @@ def model_info_of(m: loading.LoadedModel, model_arg: str | None) -> dict:
 
 
 def run(args) -> int:
+    """Run `eval.py run`: load the model (and the harm judge if needed), evaluate, print eval.md;
+    return 0."""
     m = loading.load_model(args.model)
     cfg, params, tok = m.cfg, m.params, m.tok
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, system=args.system)

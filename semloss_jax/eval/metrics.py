@@ -17,11 +17,12 @@ import functools
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import jax
 import jax.numpy as jnp
-from semloss_jax.models.llama import forward
+import numpy as np
+
 from semloss_jax.data.batching import Example, make_batches, truncate
+from semloss_jax.models.llama import forward
 
 DEFAULT_N_BOOT = 2000
 DEFAULT_SEED = 0
@@ -106,7 +107,7 @@ def wilson_interval(k: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float
 
 def rate_summary(flags: Sequence[bool], *, n_boot: int = DEFAULT_N_BOOT,
                  seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL) -> dict:
-    """k of n flags set, the rate, its bootstrap interval and its Wilson interval."""
+    """Summary of boolean flags: k of n set, the rate, its bootstrap interval and its Wilson interval."""
     _check(n_boot, level)
     f = np.asarray(flags, dtype=bool).reshape(-1)
     n, k = int(f.size), int(f.sum())
@@ -150,8 +151,6 @@ def ce_summary(nll_sums: Sequence[float], n_tokens: Sequence[int], *,
 @functools.cache
 def _token_nll_fn():
     """The jitted per-token NLL (built on first use so that importing metrics stays light)."""
-
-
     @functools.partial(jax.jit, static_argnames=("cfg",))
     def token_nll(params, cfg, input_ids, targets, positions, segment_ids):
         logits = forward(params, cfg, input_ids, positions=positions, segment_ids=segment_ids)

@@ -13,22 +13,24 @@ reference CE and against the over-refusal rate).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from semloss_jax.errors import EvalError
-from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 import yaml
+
+from semloss_jax.errors import EvalError
 from semloss_jax.eval.evaluate import fmt_ce, fmt_rate
-import io
+from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 
 # objectives whose training uses the harmful responses D_harmful (data.harmful_n of them)
 HARMFUL_DATA_KINDS = ("tasft", "nll_ascent", "unlikelihood")
 
 
 def find_eval_json(p: str | Path) -> Path:
+    """The eval.json of an input: the file itself, DIR/eval.json or DIR/eval/eval.json; else EvalError."""
     p = Path(p)
     for c in (p, p / "eval.json", p / "eval" / "eval.json"):
         if c.is_file():
@@ -52,7 +54,7 @@ def _train_config(ej: Path, rep: dict) -> tuple[dict | None, Path | None]:
 
 
 def training_summary(tc: dict | None) -> dict:
-    """objective kind and the number of harmful (or, for SafeInstr, safety) training examples.
+    """Objective kind and the number of harmful (or, for SafeInstr, safety) training examples.
     No config: the model was not trained by this project ("base", 0 examples)."""
     if tc is None:
         return {"objective": "base", "n_harmful": 0, "n_safety": 0, "lam": None}
@@ -74,6 +76,8 @@ def _metric(rep: dict, set_name: str, key: str) -> dict | None:
 
 
 def collect(inputs: Sequence[str | Path]) -> list[dict]:
+    """One entry per input: its name (made unique), training summary, settings, judge and metrics;
+    `comparable` says whether all entries share decoding settings and judge."""
     entries = []
     for inp in inputs:
         ej = find_eval_json(inp)
@@ -115,6 +119,7 @@ def collect(inputs: Sequence[str | Path]) -> list[dict]:
 
 
 def render_markdown(entries: list[dict]) -> str:
+    """report.md: one table row per model, a warning when they are not comparable, the sources."""
     lines = ["# Models side by side", "",
              "Rates: % (k/n) [bootstrap 95% interval] (W[...]: Wilson 95% interval, shown at 0/n "
              "and n/n where the bootstrap is degenerate). Reference CE: nats per response token "
@@ -228,6 +233,8 @@ def plot_safety_vs_helpfulness(entries: list[dict], path: Path) -> int:
 
 
 def make_report(inputs: Sequence[str | Path], out: str | Path) -> dict:
+    """Collect the inputs, write report.md, report.json and the two plots under out; return the
+    report dict."""
     out = Path(out)
     entries = collect(inputs)
     if not entries:
@@ -242,6 +249,7 @@ def make_report(inputs: Sequence[str | Path], out: str | Path) -> dict:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """The options of `eval.py report`."""
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL_DIR",
                    help="eval dirs (eval.json), run dirs (eval/eval.json) or eval.json files")
     p.add_argument("--out", required=True, help="output directory (report.md, report.json, "
@@ -249,6 +257,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Run `eval.py report`: write the report and print report.md; 2 on an EvalError."""
     try:
         rep = make_report(args.inputs, args.out)
     except EvalError as e:

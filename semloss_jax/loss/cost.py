@@ -31,7 +31,7 @@ def unit_embeddings(E: jax.Array, eps: float = NORM_EPS) -> jax.Array:
 
 
 def pairwise_cost(x_hat: jax.Array, y_hat: jax.Array) -> jax.Array:
-    """c between two sets of unit vectors: C[..., i, j] = 1 - x̂_i · ŷ_j, clipped to [0, 2].
+    """The cost c between two sets of unit vectors: C[..., i, j] = 1 - x̂_i · ŷ_j, clipped to [0, 2].
 
     x_hat [..., n, d], y_hat [..., m, d] -> [..., n, m]. The clip only removes fp32
     round-off (1 - ê·ê can come out as -1e-7).
@@ -40,7 +40,8 @@ def pairwise_cost(x_hat: jax.Array, y_hat: jax.Array) -> jax.Array:
     return jnp.clip(1.0 - dots, 0.0, 2.0)
 
 
-def cost_matrix(E_hat: jax.Array, support_ids: jax.Array, support_ids_b: jax.Array | None = None) -> jax.Array:
+def cost_matrix(E_hat: jax.Array, support_ids: jax.Array,
+                support_ids_b: jax.Array | None = None) -> jax.Array:
     """Cost matrix on a small token support: C[..., i, j] = c(s_i, t_j) = 1 - ê_{s_i} · ê_{t_j}.
 
     support_ids [..., n] (and optionally support_ids_b [..., m]; defaults to the same

@@ -57,7 +57,7 @@ def _apply_mask(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def probs_from_logits(logits: jax.Array) -> jax.Array:
-    """p = softmax(z) over the last axis, computed in float32 (at least)."""
+    """The probabilities p = softmax(z) over the last axis, computed in float32 (at least)."""
     return jax.nn.softmax(_f32(logits), axis=-1)
 
 
@@ -66,7 +66,8 @@ def mean_embedding_from_probs(probs: jax.Array, E_hat: jax.Array) -> jax.Array:
     _check_E(E_hat)
     probs = _f32(probs)
     if probs.shape[-1] != E_hat.shape[0]:
-        raise ValueError(f"distribution over {probs.shape[-1]} tokens but E_hat has V = {E_hat.shape[0]} rows")
+        raise ValueError(f"distribution over {probs.shape[-1]} tokens but E_hat has "
+                         f"V = {E_hat.shape[0]} rows")
     return jnp.einsum("...v,vd->...d", probs, _f32(E_hat), precision=_PREC)
 
 
@@ -75,7 +76,8 @@ def mean_embedding(logits: jax.Array, E_hat: jax.Array) -> jax.Array:
     return mean_embedding_from_probs(probs_from_logits(logits), E_hat)
 
 
-def target_mean(target: jax.Array, E_hat: jax.Array, kind: str = "onehot", mask: jax.Array | None = None) -> jax.Array:
+def target_mean(target: jax.Array, E_hat: jax.Array, kind: str = "onehot",
+                mask: jax.Array | None = None) -> jax.Array:
     """μ(q) for a target given as token ids, logits, probabilities or a precomputed mean.
 
     For one-hot ids at masked-out positions (e.g. padding with id -100) the id is replaced
@@ -113,15 +115,18 @@ def upper_bound_from_means(mu_p: jax.Array, mu_q: jax.Array) -> jax.Array:
 
 def _check_mask(logits: jax.Array, mask: jax.Array | None) -> None:
     if mask is not None and jnp.shape(mask) != logits.shape[:-1]:
-        raise ValueError(f"mask shape {jnp.shape(mask)} does not match per-position shape {logits.shape[:-1]}")
+        raise ValueError(f"mask shape {jnp.shape(mask)} does not match per-position shape "
+                         f"{logits.shape[:-1]}")
 
 
 def _leading_shape_check(logits: jax.Array, mu_q: jax.Array) -> None:
     if logits.shape[:-1] != mu_q.shape[:-1]:
-        raise ValueError(f"logits positions {logits.shape[:-1]} and target positions {mu_q.shape[:-1]} differ")
+        raise ValueError(f"logits positions {logits.shape[:-1]} and target positions "
+                         f"{mu_q.shape[:-1]} differ")
 
 
-def onehot_emd(logits: jax.Array, targets: jax.Array, E_hat: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def onehot_emd(logits: jax.Array, targets: jax.Array, E_hat: jax.Array,
+               mask: jax.Array | None = None) -> jax.Array:
     """Exact EMD to a one-hot target q = δ_y (closed form): EMD = Σ_u p_u c(u, y) = 1 - μ(p) · ê_y.
 
     logits [..., V], targets int [...] -> [...]. Equal to UB for one-hot targets.
@@ -173,7 +178,8 @@ def divergence(name: str, logits: jax.Array, target: jax.Array, E_hat: jax.Array
         return upper_bound(logits, target, E_hat, kind=kind, mask=mask)
     if name == "exact_onehot":
         if kind != "onehot":
-            raise ValueError(f"divergence 'exact_onehot' needs one-hot targets (kind='onehot'), got kind={kind!r}")
+            raise ValueError("divergence 'exact_onehot' needs one-hot targets (kind='onehot'), "
+                             f"got kind={kind!r}")
         return onehot_emd(logits, target, E_hat, mask=mask)
     raise ValueError(f"unknown divergence {name!r}; expected one of {DIVERGENCES}")
 

@@ -1,4 +1,4 @@
-"""Training objectives of issue 5: TA-SFT and the paper's baselines, as SUMS and COUNTS.
+"""Training objectives: TA-SFT and the paper's baselines, as SUMS and COUNTS.
 
     sft          L = CE_benign                                   (λ ignored)
     safeinstr    L = CE_benign  (the refusal examples are part of the benign batch)
@@ -7,7 +7,7 @@
     unlikelihood L = CE_benign + λ · mean_{harmful tokens} -log(1 - p_t(y_t))
 
 CE_benign = Σ_benign-response-tokens -log p_t(y_t) / (number of such tokens). The EMD math
-comes from semloss_jax/emd.py (written once there). D lies in [0, 2], so the TA-SFT loss is
+comes from semloss_jax/loss/emd.py (written once there). D lies in [0, 2], so the TA-SFT loss is
 bounded below by CE - 2λ; NLL ascent is not (unless clipped).
 
 Token means are formed by `combine` from sums (`loss_sums`, per micro-batch) and GLOBAL
@@ -54,6 +54,9 @@ SUM_KEYS_HARMFUL = ("harm_count", "div_sum", "lower_sum", "upper_sum", "emd_oneh
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
+    """Which objective (KINDS), its weight lam, and for TA-SFT the divergence D and the target
+    form (one-hot or soft); nll_clip caps the per-token NLL of nll_ascent."""
+
     kind: str = "tasft"
     lam: float = 1.0
     divergence: str = "lower_bound"
@@ -61,24 +64,29 @@ class ObjectiveConfig:
     nll_clip: float | None = None
 
     def validate(self, where: str = "objective") -> "ObjectiveConfig":
+        """Check every field (ConfigError keyed under `where`); returns self."""
         if self.kind not in KINDS:
             raise ConfigError(key=f"{where}.kind", message=f"{self.kind!r} is not one of {KINDS}")
         if self.divergence not in DIVERGENCES:
-            raise ConfigError(key=f"{where}.divergence", message=f"{self.divergence!r} is not one of {DIVERGENCES}")
+            raise ConfigError(key=f"{where}.divergence",
+                              message=f"{self.divergence!r} is not one of {DIVERGENCES}")
         if self.target not in TARGETS:
             raise ConfigError(key=f"{where}.target", message=f"{self.target!r} is not one of {TARGETS}")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
+        if (isinstance(self.lam, bool) or not isinstance(self.lam, (int, float))
+                or not math.isfinite(self.lam)):
             raise ConfigError(key=f"{where}.lam", message=f"expected a finite number, got {self.lam!r}")
         if self.lam < 0:
-            raise ConfigError(key=f"{where}.lam", message=f"must be >= 0 (the sign is fixed by the objective), got {self.lam}")
+            raise ConfigError(key=f"{where}.lam",
+                              message=f"must be >= 0 (the sign is fixed by the objective), got {self.lam}")
         if self.divergence == "exact_onehot" and self.target != "onehot":
-            raise ConfigError(key=f"{where}.divergence", message=f"'exact_onehot' needs target='onehot' "
-                                 f"(the exact EMD to a soft target has no closed form), got target={self.target!r}")
+            raise ConfigError(key=f"{where}.divergence",
+                              message=f"'exact_onehot' needs target='onehot' (the exact EMD to a soft "
+                                      f"target has no closed form), got target={self.target!r}")
         if self.nll_clip is not None:
             if isinstance(self.nll_clip, bool) or not isinstance(self.nll_clip, (int, float)) \
                     or not self.nll_clip > 0 or not math.isfinite(self.nll_clip):
-                raise ConfigError(key=f"{where}.nll_clip", message=f"expected a positive finite number or null, "
-                                     f"got {self.nll_clip!r}")
+                raise ConfigError(key=f"{where}.nll_clip",
+                                  message=f"expected a positive finite number or null, got {self.nll_clip!r}")
         return self
 
     @property
@@ -127,7 +135,7 @@ def global_counts(benign_batches, harmful_batches=None) -> dict[str, jax.Array]:
 
 
 def token_logprob(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """log p_t(targets[t]) via float32 log_softmax and a gather; 0 at masked-out positions.
+    """Log p_t(targets[t]) via float32 log_softmax and a gather; 0 at masked-out positions.
 
     targets at masked-out positions may hold anything (e.g. -100): they are replaced by 0
     before the gather and the result there is exactly 0 with zero gradient.
@@ -283,7 +291,8 @@ def _safe_div(num, den):
     return num / jnp.maximum(den, 1.0)
 
 
-def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array], obj: ObjectiveConfig) -> jax.Array:
+def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array],
+            obj: ObjectiveConfig) -> jax.Array:
     """The scalar loss from sums and (GLOBAL) counts; a count of 0 divides by 1 (its sum is 0).
 
     tasft:        ce_sum/ce_count - lam * div_sum/harm_count
@@ -306,8 +315,10 @@ def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array], obj:
     raise LossError(f"unknown objective kind {obj.kind!r}")
 
 
-def metrics_from_sums(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Token means for logging: ce, emd_lower, emd_upper, emd_onehot, div, harm_nll, ul (0 without harmful)."""
+def metrics_from_sums(sums: Mapping[str, jax.Array],
+                      counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Token means for logging: ce, emd_lower, emd_upper, emd_onehot, div, harm_nll, ul
+    (0 without harmful)."""
     hc = counts.get("harm_count", jnp.float32(0.0))
 
     def hm(key):

@@ -51,7 +51,8 @@ class SinkhornConfig:
     final_epsilon: float | None = 2e-3
     threshold: float = 1e-5
     max_iterations: int = 10000
-    batch_size: int = 32  # positions per vmapped chunk: bounds memory; a chunk runs as long as its slowest position
+    # positions per vmapped chunk: bounds memory; a chunk runs as long as its slowest position
+    batch_size: int = 32
 
 
 # ----------------------------------------------------------------------------- supports
@@ -106,7 +107,8 @@ def sinkhorn_emd(a: jax.Array, b: jax.Array, C: jax.Array, cfg: SinkhornConfig =
         err = jnp.sum(jnp.abs(P.sum(1) - a)) + jnp.sum(jnp.abs(P.sum(0) - b))
         return jnp.sum(round_to_coupling(P, a, b) * C), err
 
-    out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=C, epsilon=cfg.epsilon), a=a, b=b))
+    geom = geometry.Geometry(cost_matrix=C, epsilon=cfg.epsilon)
+    out = solver(linear_problem.LinearProblem(geom, a=a, b=b))
     cost_, marg_err = rounded(out)
     converged, n_iters = out.converged, out.n_iters
     if cfg.final_epsilon is not None:  # anneal: warm start at the smaller epsilon

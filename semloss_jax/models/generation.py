@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semloss_jax.models.llama import default_positions, forward_with_cache, init_cache, LlamaConfig
+from semloss_jax.models.llama import LlamaConfig, default_positions, forward_with_cache, init_cache
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
+    """The prompt bucket for n tokens: the smallest power-of-two multiple of minimum that is >= n."""
     b = minimum
     while b < n:
         b *= 2
@@ -28,6 +29,7 @@ def bucket_length(n: int, minimum: int = 32) -> int:
 
 
 def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token sequences to [len(seqs), length]: (ids, segment ids: 1 on tokens, 0 on padding)."""
     ids = np.full((len(seqs), length), pad_id, np.int32)
     seg = np.zeros((len(seqs), length), np.int32)
     for i, s in enumerate(seqs):
@@ -46,7 +48,7 @@ NUCLEUS_CANDIDATES = 512
 
 
 def _sample(logits, key, temperature, top_p):
-    """logits [B, V] -> tokens [B]. Greedy where temperature <= 0 (no sampling work at all)."""
+    """Logits [B, V] -> tokens [B]. Greedy where temperature <= 0 (no sampling work at all)."""
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -1,7 +1,7 @@
 """Hugging Face config.json <-> LlamaConfig: the supported architectures and the field names.
 
-    cfg = from_hf_dict(json.load(open("config.json")), source="config.json")
-    d = to_hf_dict(cfg)          # what `weights.export_hf` writes; from_hf_dict(d) == cfg
+cfg = from_hf_dict(json.load(open("config.json")), source="config.json")
+d = to_hf_dict(cfg)          # what `weights.export_hf` writes; from_hf_dict(d) == cfg
 """
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def to_hf_dict(cfg: LlamaConfig) -> dict:
     if cfg.bos_token_id is not None:
         out["bos_token_id"] = cfg.bos_token_id
     if cfg.eos_token_id is not None:
-        out["eos_token_id"] = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+        eos = cfg.eos_token_id
+        out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
     if cfg.model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
     return out

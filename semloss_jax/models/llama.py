@@ -40,6 +40,9 @@ _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """The model's architecture (from an HF config.json or GGUF metadata) and its numerics:
+    compute/param dtypes and rematerialization."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -68,6 +71,7 @@ class LlamaConfig:
 
     @property
     def num_params(self) -> int:
+        """Parameter count of the architecture (embedding, layers, final norm, untied LM head)."""
         d, f, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
         hq, hkv, hd = self.num_attention_heads, self.num_key_value_heads, self.head_dim
         per_layer = d * hd * (hq + 2 * hkv) + hq * hd * d + 3 * d * f + 2 * d
@@ -128,6 +132,7 @@ def tiny_config(**kw) -> LlamaConfig:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2] (float32), with linear or llama3 scaling applied."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     if cfg.rope_scaling is None:
@@ -168,12 +173,15 @@ def _init(std: float, names: tuple[str, ...]):
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale, computed in float32."""
+
     eps: float
     dtype: Any
     param_dtype: Any
 
     @nn.compact
     def __call__(self, x):
+        """Normalize x over its last axis; the result is cast to the module's dtype."""
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
@@ -182,10 +190,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional KV cache."""
+
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(self, x, ctx, layer_cache):
+        """Attend over x under the masking rule of ctx; returns (output, updated layer cache or None)."""
         cfg = self.cfg
         dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -203,8 +214,10 @@ class Attention(nn.Module):
 
         if layer_cache is not None:  # write this step's keys/values at the cache index
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx, 1)
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                        idx, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                        idx, 1)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dt), v_all.astype(dt)
         else:
@@ -226,10 +239,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(self, x):
+        """Apply the SwiGLU block to x [..., hidden_size]."""
         cfg = self.cfg
         dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
 
@@ -244,10 +260,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer: x + attention(norm(x)), then x + MLP(norm(x))."""
+
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(self, x, layer_cache, ctx):
+        """Apply the layer; returns (new hidden states, updated layer cache or None)."""
         cfg = self.cfg
         dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
         h, new_cache = Attention(cfg, name="attn")(
@@ -269,6 +288,8 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, ctx):
+        """Create every submodule's params once (embedding, scanned layers, final norm, LM head);
+        returns nothing: the forward pass is `_apply`."""
         cfg = self.cfg
         dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed",
@@ -332,8 +353,13 @@ def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: in
         raise ValueError(f"frozen_layers={frozen_layers} must be in [0, num_hidden_layers={L}]")
     if frozen_layers == 0:
         return jax.lax.scan(body, x, (layer_params, cache))
-    head = lambda t: jax.tree_util.tree_map(lambda a: a[:frozen_layers], t)  # noqa: E731
-    tail = lambda t: jax.tree_util.tree_map(lambda a: a[frozen_layers:], t)  # noqa: E731
+
+    def head(t):
+        return jax.tree_util.tree_map(lambda a: a[:frozen_layers], t)
+
+    def tail(t):
+        return jax.tree_util.tree_map(lambda a: a[frozen_layers:], t)
+
     x, c1 = jax.lax.scan(body, x, (head(layer_params), head(cache)))
     x = jax.lax.stop_gradient(x)  # nothing below this point gets a gradient or a backward pass
     if frozen_layers == L:
@@ -392,6 +418,8 @@ def embedding_matrix(params: Params) -> jax.Array:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+    """An empty KV cache for batch rows of up to max_len slots: k/v [L, batch, max_len, KV heads,
+    head_dim], per-slot segment ids and the write index 0."""
     dt = _dt(dtype or cfg.dtype)
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),

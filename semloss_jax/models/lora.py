@@ -1,4 +1,4 @@
-"""LoRA adapters on the stacked projection kernels of semloss_jax/model.py (pure functions).
+"""LoRA adapters on the stacked projection kernels of semloss_jax/models/llama.py (pure functions).
 
 For a target projection with stacked kernel W [L, *in_dims, *out_dims] (q/k/v: in (d,),
 out (heads, head_dim); o_proj: in (heads, head_dim), out (d,); gate/up: in (d,), out (f,);
@@ -41,7 +41,8 @@ def lora_targets(ocfg) -> tuple[str, ...]:
         raise ConfigError("empty; name at least one of " + ", ".join(TARGETS), key="optim.lora_targets")
     bad = [t for t in targets if t not in TARGETS]
     if bad:
-        raise ConfigError(f"unknown projection(s) {bad}; expected names from {tuple(TARGETS)}", key="optim.lora_targets")
+        raise ConfigError(f"unknown projection(s) {bad}; expected names from {tuple(TARGETS)}",
+                          key="optim.lora_targets")
     if len(set(targets)) != len(targets):
         raise ConfigError(f"duplicate names in {targets}", key="optim.lora_targets")
     if int(ocfg.lora_rank) < 1:
@@ -50,6 +51,7 @@ def lora_targets(ocfg) -> tuple[str, ...]:
 
 
 def lora_scale(ocfg) -> float:
+    """The adapter scale alpha / r applied to A B."""
     return float(ocfg.lora_alpha) / float(ocfg.lora_rank)
 
 
@@ -122,7 +124,8 @@ def merge_lora(params, lora_params, ocfg) -> Any:
             w = g[name]["kernel"]
             delta = lora_delta(ab["lora_a"], ab["lora_b"], TARGETS[name][1])
             if delta.shape != w.shape:
-                raise ModelError(f"LoRA delta for {group}.{name} has shape {delta.shape}, kernel has {w.shape}")
+                raise ModelError(f"LoRA delta for {group}.{name} has shape {delta.shape}, "
+                                 f"kernel has {w.shape}")
             g[name] = dict(g[name], kernel=(w.astype(jnp.float32) + scale * delta).astype(w.dtype))
         layers[group] = g
     return dict(params, layers=layers)

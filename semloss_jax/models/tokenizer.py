@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,13 +20,14 @@ from typing import Any, Sequence
 
 from semloss_jax.errors import ModelError
 from semloss_jax.paths import cache_dir
-import json
 
 _SENTINEL = "\u2063SEMLOSS_SENTINEL\u2063"
 
 
 @dataclasses.dataclass
 class ChatTokenizer:
+    """The model's HF tokenizer with its chat template, end-of-turn ids, pad id and end-of-turn text."""
+
     hf: Any                      # transformers PreTrainedTokenizerFast / TokenizersBackend
     eos_ids: tuple[int, ...]     # tokens that end an assistant turn (generation stops on any)
     pad_id: int
@@ -34,19 +36,24 @@ class ChatTokenizer:
 
     @property
     def eos_id(self) -> int:
+        """The first end-of-turn id."""
         return self.eos_ids[0]
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens, added tokens included."""
         return len(self.hf)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text, without special tokens added."""
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (special tokens skipped by default)."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The chat template applied to messages (roles system/user/assistant; else ModelError)."""
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant"):
                 raise ModelError(f"message {i}: unknown role {m.get('role')!r} "
@@ -55,6 +62,7 @@ class ChatTokenizer:
                                            add_generation_prompt=add_generation_prompt)
 
     def prompt_messages(self, prompt: str, system: str | None = None) -> list[dict]:
+        """Messages of one turn: an optional system message, then the user prompt."""
         msgs = [{"role": "system", "content": system}] if system is not None else []
         return msgs + [{"role": "user", "content": prompt}]
 
@@ -67,6 +75,7 @@ class ChatTokenizer:
         return self.encode(response + self.eot_text)
 
     def save(self, out_dir: str | Path) -> None:
+        """Write the HF tokenizer files (with the chat template) to out_dir."""
         self.hf.save_pretrained(str(out_dir))
 
 

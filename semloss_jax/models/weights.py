@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from semloss_jax.errors import ConfigError, ModelError
 from semloss_jax.models import hf_config
-from semloss_jax.models.llama import abstract_params, LlamaConfig
-from safetensors import safe_open
-from safetensors.numpy import save_file
-from huggingface_hub import snapshot_download
+from semloss_jax.models.llama import LlamaConfig, abstract_params
 
 Params = Any
 
@@ -38,7 +38,7 @@ Params = Any
 
 
 def _layer_map(cfg: LlamaConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    """hf suffix -> (flax path, hf->flax fn, flax->hf fn) for one layer."""
+    """HF suffix -> (flax path, hf->flax fn, flax->hf fn) for one layer."""
     d, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
     def heads_in(n):
@@ -58,7 +58,7 @@ def _layer_map(cfg: LlamaConfig) -> dict[str, tuple[str, Callable, Callable]]:
     }
     if cfg.qkv_bias:
         for name, n in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
-            m[f"self_attn.{name}.bias"] = (f"attn/{name}/bias", (lambda n: lambda b: b.reshape(n, hd))(n),
+            m[f"self_attn.{name}.bias"] = (f"attn/{name}/bias", lambda b, n=n: b.reshape(n, hd),
                                            lambda b: b.reshape(-1))
     if cfg.o_bias:
         m["self_attn.o_proj.bias"] = ("attn/o_proj/bias", lambda b: b, lambda b: b)
@@ -122,6 +122,7 @@ def params_from_hf_tensors(cfg: LlamaConfig, get: Callable[[str], np.ndarray], h
 
 
 def params_to_hf_tensors(params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """Flax params -> HF Llama tensors (per-layer names, HF [out, in] layout), contiguous numpy."""
     out = {"model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
            "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
     if not cfg.tie_word_embeddings:
@@ -138,6 +139,7 @@ def params_to_hf_tensors(params: Params, cfg: LlamaConfig) -> dict[str, np.ndarr
 
 
 def read_hf_config(model_dir: Path, **overrides) -> LlamaConfig:
+    """The LlamaConfig of an HF model directory's config.json; ModelError if missing or invalid."""
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise ModelError(f"{path}: not found (an HF model directory needs config.json)")
@@ -152,7 +154,7 @@ def read_hf_config(model_dir: Path, **overrides) -> LlamaConfig:
 
 
 def _safetensors_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> file, from model.safetensors.index.json or the single file."""
+    """Tensor name -> file, from model.safetensors.index.json or the single file."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -195,7 +197,8 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def load_hf(model_dir: str | Path, dtype=np.float32, **cfg_overrides) -> tuple[LlamaConfig, Params]:
-
+    """An HF safetensors directory -> (config, params); a file's header is checked for truncation
+    before its tensors are read."""
     model_dir = Path(model_dir)
     cfg = read_hf_config(model_dir, **cfg_overrides)
     where = _safetensors_files(model_dir)
@@ -226,7 +229,6 @@ def _torch_free_bf16_safe(a: np.ndarray) -> np.ndarray:
 def export_hf(params: Params, cfg: LlamaConfig, out_dir: str | Path, tokenizer=None,
               dtype=np.float32) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files) atomically into out_dir."""
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -283,11 +285,15 @@ def _gguf_field(reader, key: str, path: Path, default=None, required=True):
 
 
 def gguf_hf_config(reader, path: Path) -> dict:
+    """HF-style config dict from a GGUF file's metadata (llama, mistral, qwen2 architectures)."""
     arch = _gguf_field(reader, "general.architecture", path)
     if arch not in ("llama", "qwen2", "mistral"):
         raise ModelError(f"{path}: GGUF general.architecture={arch!r} is not supported "
                            "(supported: llama, mistral, qwen2)")
-    g = lambda k, default=None, required=True: _gguf_field(reader, f"{arch}.{k}", path, default, required)  # noqa: E731
+
+    def g(k, default=None, required=True):
+        return _gguf_field(reader, f"{arch}.{k}", path, default, required)
+
     n_vocab = g("vocab_size", None, required=False)
     if n_vocab is None:
         n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -316,6 +322,7 @@ def gguf_hf_config(reader, path: Path) -> dict:
 
 
 def load_gguf(path: str | Path, dtype=np.float32, **cfg_overrides) -> tuple[LlamaConfig, Params]:
+    """A GGUF file -> (config, params): tensors dequantized to float32, q/k rows un-permuted to HF order."""
     import gguf
     from gguf.quants import dequantize
 
@@ -324,7 +331,7 @@ def load_gguf(path: str | Path, dtype=np.float32, **cfg_overrides) -> tuple[Llam
         raise ModelError(f"{path}: GGUF file not found")
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct errors on bad files
+    except (OSError, ValueError, KeyError, IndexError) as e:  # what GGUFReader raises on bad files
         raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     hf = gguf_hf_config(reader, path)
     try:

@@ -51,6 +51,7 @@ def abstract_of(tree, shardings=None):
 
 
 def config_fingerprint(cfg_yaml: str) -> str:
+    """A short sha256 (16 hex digits) of a resolved config's YAML, kept in each checkpoint's meta."""
     return hashlib.sha256(cfg_yaml.encode("utf-8")).hexdigest()[:16]
 
 
@@ -69,6 +70,7 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------
     def should_save(self, step: int, last_step: int) -> bool:
+        """Whether step is saved: the last step always, otherwise every `every` steps (0: never)."""
         return step == last_step or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
@@ -84,13 +86,16 @@ class Checkpointer:
                                     meta=ocp.args.JsonSave(meta)))
 
     def wait(self) -> None:
+        """Block until the pending asynchronous save is written."""
         self.manager.wait_until_finished()
 
     # -- restoring -------------------------------------------------------------------------
     def latest_step(self) -> int | None:
+        """The newest finalized checkpoint step, or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every finalized checkpoint step."""
         return list(self.manager.all_steps())
 
     def restore(self, state_template: Mapping[str, Any], shardings: Mapping[str, Any] | None = None,
@@ -120,5 +125,6 @@ class Checkpointer:
         return dict(out["meta"])
 
     def close(self) -> None:
+        """Finish any pending save and release the checkpoint manager."""
         self.manager.wait_until_finished()
         self.manager.close()

@@ -67,6 +67,7 @@ class ModelSection:
     remat: str = "none"
 
     def validate(self, where) -> None:
+        """Check the fields; errors are made by where(field, message), which places them in the config."""
         if self.init not in ("pretrained", "random"):
             raise where("init", f"must be 'pretrained' or 'random', got {self.init!r}")
         if self.init == "random" and self.arch is None:
@@ -89,6 +90,7 @@ class MeshSection:
     tensor: int = 1
 
     def validate(self, where) -> None:
+        """Check the fields; errors are made by where(field, message), which places them in the config."""
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1:
             raise where("data", "at most one mesh axis may be -1 (fill)")
@@ -117,10 +119,12 @@ class RunSection:
     async_checkpoint: bool = True
 
     def validate(self, where) -> None:
+        """Check the fields; errors are made by where(field, message), which places them in the config."""
         if self.steps < 1:
             raise where("steps", f"must be >= 1, got {self.steps}")
         if self.checkpoint_every < 0:
-            raise where("checkpoint_every", f"must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+            raise where("checkpoint_every",
+                        f"must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         if self.keep_last < 1:
             raise where("keep_last", f"must be >= 1, got {self.keep_last}")
         if self.log_every < 1:
@@ -141,12 +145,15 @@ class DistributedSection:
     process_id: int = -1
 
     def validate(self, where) -> None:
+        """Check the fields; errors are made by where(field, message), which places them in the config."""
         if self.num_processes < 0:
             raise where("num_processes", f"must be >= 0, got {self.num_processes}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The whole training config: one section per YAML top-level key."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -157,6 +164,7 @@ class TrainConfig:
 
     @property
     def output_dir(self) -> Path:
+        """The run directory (run.output_dir) as a Path."""
         return Path(self.run.output_dir)
 
 
@@ -175,9 +183,11 @@ class Marks:
         self._m: dict[str, tuple[str, int | str | None]] = {}
 
     def add(self, key: str, file: str, line: int | str | None) -> None:
+        """Record where key was set: a file and a line (or an override's argument number)."""
         self._m[key] = (file, line)
 
     def of(self, key: str) -> tuple[str | None, int | str | None]:
+        """(file, line) of key or of its nearest dotted parent that has one; else (the config file, None)."""
         k = key
         while k:
             if k in self._m:
@@ -186,6 +196,7 @@ class Marks:
         return (self.file, None)
 
     def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError for key, placed at the file and line where key was set."""
         file, line = self.of(key)
         return ConfigError(message, key=key, file=file, line=line)
 
@@ -325,7 +336,8 @@ def build_dataclass(cls, data: Any, prefix: str, marks: Marks):
         kw[k] = _coerce(v, hints[k], key, marks)
     for name, f in fields.items():
         if name not in kw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise marks.error(f"{prefix}.{name}" if prefix else name, f"missing required field of {cls.__name__}")
+            raise marks.error(f"{prefix}.{name}" if prefix else name,
+                              f"missing required field of {cls.__name__}")
     try:
         return cls(**kw)
     except (TypeError, ValueError) as e:
@@ -435,6 +447,8 @@ VALIDATION_ORDER = ("model", "data", "objective", "run", "optim", "mesh", "distr
 
 
 def validate_config(cfg: TrainConfig, marks: Marks | None = None) -> None:
+    """Validate every section (model.arch too), then the rules across sections; ConfigError names
+    the key and where it was set."""
     marks = marks or Marks()
     for s in VALIDATION_ORDER:
         _validate_section(getattr(cfg, s), s, marks)
@@ -483,15 +497,17 @@ def to_dict(cfg) -> Any:
 
 
 def to_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML, sections in field order (the run directory's config.yaml)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
 def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write to_yaml(cfg) to path atomically."""
     atomic_write_text(Path(path), to_yaml(cfg))
 
 
 def replace(cfg: TrainConfig, **sections) -> TrainConfig:
-    """cfg with whole sections or `section__field` values replaced (for programmatic use)."""
+    """A copy of cfg with whole sections or `section__field` values replaced (for programmatic use)."""
     kw = {}
     for k, v in sections.items():
         if "__" in k:

@@ -42,7 +42,9 @@ from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
 from semloss_jax.train import checkpoint as ckpt_lib
 from semloss_jax.train import config as config_lib
-from semloss_jax.train import optim, sharding, state as state_lib, step as step_lib
+from semloss_jax.train import optim, sharding
+from semloss_jax.train import state as state_lib
+from semloss_jax.train import step as step_lib
 from semloss_jax.train.telemetry import MetricsLog, device_peak_flops, read_metrics, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
 @dataclasses.dataclass
 class TrainResult:
+    """What train() returns: the run's paths, per-step metrics, compile count, timing and MFU."""
+
     output_dir: Path
     steps_run: int
     final_step: int
@@ -69,6 +73,8 @@ class TrainResult:
 
 
 class RunPaths(NamedTuple):
+    """The run directory, its checkpoints/ folder and its metrics.jsonl."""
+
     out: Path
     checkpoints: Path
     metrics: Path
@@ -97,6 +103,7 @@ class CompiledStep(NamedTuple):
 
 
 def is_main() -> bool:
+    """Whether this is process 0, the one that writes the config, metrics and the export."""
     return jax.process_index() == 0
 
 
@@ -233,6 +240,9 @@ def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> Compile
 
 
 class LoopOutcome(NamedTuple):
+    """How train_loop ended: the last step done, the finite steps' records, per-step times, and why
+    it stopped early (or None)."""
+
     step: int                 # the last step done
     history: list[dict]       # the finite steps' records
     times: list[float]        # wall seconds per step

@@ -1,8 +1,8 @@
-"""Optimizer, trainable-parameter choice and the pure train step of issue 5.
+"""Optimizer, trainable-parameter choice and the masked update that the train step (step.py) applies.
 
 - `OptimConfig`: AdamW + linear warmup + cosine decay + global-norm clipping, gradient
   accumulation, and the trainable set: "all", "last_k" (the last K decoder layers plus the
-  final norm), "lora" (adapters of semloss_jax/lora.py on chosen projections) or "none".
+  final norm), "lora" (adapters of semloss_jax/models/lora.py on chosen projections) or "none".
 - `make_optimizer(ocfg)`: the optax transformation (clip -> AdamW with schedule).
 - `trainable_mask(params, model_cfg, ocfg)`: which entries of state["params"] train.
 last_k design (documented choice): the model's decoder layers are stacked along a leading
@@ -38,6 +38,9 @@ TRAINABLE = ("all", "last_k", "lora", "none")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """AdamW with warmup + cosine decay, clipping, gradient accumulation and the trainable set
+    (see the module docstring)."""
+
     lr: float = 1e-5
     weight_decay: float = 0.0
     b1: float = 0.9
@@ -55,6 +58,7 @@ class OptimConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def validate(self, where: str = "optim") -> "OptimConfig":
+        """Check every field (ConfigError keyed under `where`, LoRA fields included); returns self."""
         def num(name, lo=None, lo_strict=False, hi=None, allow_none=False):
             v = getattr(self, name)
             if v is None and allow_none:
@@ -62,7 +66,8 @@ class OptimConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"expected a finite number, got {v!r}", key=f"{where}.{name}")
             if lo is not None and (v <= lo if lo_strict else v < lo):
-                raise ConfigError(f"must be {'>' if lo_strict else '>='} {lo}, got {v}", key=f"{where}.{name}")
+                raise ConfigError(f"must be {'>' if lo_strict else '>='} {lo}, got {v}",
+                                  key=f"{where}.{name}")
             if hi is not None and v > hi:
                 raise ConfigError(f"must be <= {hi}, got {v}", key=f"{where}.{name}")
 
@@ -89,7 +94,8 @@ class OptimConfig:
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"{self.trainable!r} is not one of {TRAINABLE}", key=f"{where}.trainable")
         if self.trainable == "last_k" and self.last_k < 1:
-            raise ConfigError(f"must be >= 1 with trainable='last_k', got {self.last_k}", key=f"{where}.last_k")
+            raise ConfigError(f"must be >= 1 with trainable='last_k', got {self.last_k}",
+                              key=f"{where}.last_k")
         if self.trainable == "lora":
             lora_lib.lora_targets(self)
         return self
@@ -205,7 +211,7 @@ def stop_frozen(params, mask):
 
 
 def apply_updates(params, updates, mask):
-    """p + update where the mask is on; frozen entries are copied bit for bit."""
+    """The new params: p + update where the mask is on; frozen entries are copied bit for bit."""
     def f(p, u, m):
         new = (p + u).astype(p.dtype)
         if _is_all(m):

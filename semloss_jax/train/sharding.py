@@ -26,7 +26,8 @@ import jax
 import numpy as np
 import optax
 from jax.experimental import mesh_utils, multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from semloss_jax.errors import ShardingError
 
@@ -86,7 +87,7 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     shape = resolve_mesh_shape(sizes, len(devices))
     try:  # topology-aware device order on TPU/GPU; plain order otherwise
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:
+    except (ValueError, NotImplementedError, AssertionError):  # what create_device_mesh raises
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, MESH_AXES)
 
@@ -155,7 +156,8 @@ def _path_str(path) -> str:
 def tree_specs(abstract_tree, logical_tree, mesh: Mesh, rules: Mapping[str, Any] = RULES,
                fallbacks: list | None = None):
     """PartitionSpecs for a pytree of arrays/ShapeDtypeStructs given its logical-axes pytree."""
-    is_leaf = lambda x: isinstance(x, P) or x is None
+    def is_leaf(x):
+        return isinstance(x, P) or x is None
 
     def one(path, logical, leaf):
         return spec_for(tuple(logical) if logical is not None else None, leaf.shape, mesh, rules,
@@ -167,11 +169,13 @@ def tree_specs(abstract_tree, logical_tree, mesh: Mesh, rules: Mapping[str, Any]
 
 
 def named(mesh: Mesh, specs):
+    """NamedShardings on mesh for a pytree of PartitionSpecs."""
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A NamedSharding that puts a full copy on every device of mesh."""
     return NamedSharding(mesh, P())
 
 
@@ -298,7 +302,7 @@ def maybe_initialize_distributed(dist_cfg, environ: Mapping[str, str] | None = N
 
 
 def to_host(tree):
-    """numpy copies of (possibly multi-process sharded) arrays; call it on EVERY process
+    """NumPy copies of (possibly multi-process sharded) arrays; call it on EVERY process
     (the gather is collective)."""
     if jax.process_count() > 1:
         return jax.tree_util.tree_map(

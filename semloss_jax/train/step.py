@@ -10,7 +10,6 @@ LoRA else None, "opt_state", "step": int32 scalar, "rng": a jax.random.PRNGKey (
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,13 +18,20 @@ import optax
 from semloss_jax.errors import TrainError
 from semloss_jax.loss import objective as obj_lib
 from semloss_jax.models import lora as lora_lib
-from semloss_jax.train.optim import (OptimConfig, apply_updates, full_params, make_schedule,
-                                     mask_grads, stop_frozen, trainable_mask)
+from semloss_jax.train.optim import (
+    OptimConfig,
+    apply_updates,
+    full_params,
+    make_schedule,
+    mask_grads,
+    stop_frozen,
+    trainable_mask,
+)
 
 
 def init_train_state(params, model_cfg, ocfg: OptimConfig, optimizer: optax.GradientTransformation,
                      key: jax.Array) -> dict:
-    """state = {"params", "frozen", "opt_state", "step": int32 0, "rng"} (see the module doc).
+    """The initial state = {"params", "frozen", "opt_state", "step": int32 0, "rng"} (see the module doc).
 
     key: a jax.random.PRNGKey (raw uint32[2]); for LoRA it is split to initialise A.
     """
@@ -98,7 +104,8 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
             def body(carry, xs):
                 g_acc, s_acc = carry
                 b, h = xs
-                (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, b, h, E_hat, counts, mask)
+                (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, b, h, E_hat,
+                                                                         counts, mask)
                 g_acc = jax.tree_util.tree_map(jnp.add, g_acc, g)
                 s_acc = jax.tree_util.tree_map(jnp.add, s_acc, sums)
                 return (g_acc, s_acc), None

@@ -93,6 +93,7 @@ class MetricsLog:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:.0f}" if tps else "-")
 
     def close(self) -> None:
+        """Close the progress bar, metrics.jsonl and the TensorBoard writer (those that are open)."""
         for h in (self.bar, self.file, self.tb):
             if h is not None:
                 h.close()
