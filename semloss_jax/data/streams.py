@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from semloss_jax.data import batching, readers, registry
+from semloss_jax.data.schema import Record
 from semloss_jax.errors import DataError, TrainError
 
 STREAM_SEEDS = {"benign": 0, "harmful": 1}
@@ -33,7 +35,10 @@ class DataSection:
     *_n: how many records to take (0 = all available; a seeded shuffle picks which);
     seq_len: slots per row (every batch is [batch, seq_len]: one compiled step);
     *_batch: rows per micro-batch (optim.grad_accum micro-batches per step);
-    max_prompt_len: prompt tokens kept when truncating (0 = seq_len // 2, batching's default).
+    max_prompt_len: prompt tokens kept when truncating (0 = seq_len // 2, batching's default);
+    pack: put several examples in a row (first fit, in stream order; each example keeps its own
+          segment id and positions, so none attends to another): short examples then fill the
+          slots a one-example-per-row batch would pad.
     """
 
     benign: tuple[str, ...] = ("benign",)
@@ -47,6 +52,7 @@ class DataSection:
     harmful_batch: int = 4
     shuffle: bool = True
     max_prompt_len: int = 0
+    pack: bool = False
 
     def validate(self, where) -> None:
         """Check sizes and required fields; errors are built by where(field, message)."""
@@ -67,44 +73,71 @@ class DataSection:
             raise where("harmful", "must be 'pyrit' or a path to a harvested D_harmful JSONL")
 
 
+class TrainRecords(NamedTuple):
+    """The records a run trains on (before tokenization)."""
+
+    benign: list[Record]        # benign data (+ SafeInstr refusals for kind=safeinstr)
+    harmful: list[Record]       # D_harmful ([] when the objective uses none)
+    harmful_mu: list | None     # per harmful record, μ(q) [n_response_tokens, d] (soft targets)
+
+
 class BatchStream:
     """Fixed-shape batches [batch_size, seq_len] from a list of tokenized examples, walking a
-    seeded permutation per epoch. The position (epoch, index) is all the state there is."""
+    seeded permutation per epoch. The position (epoch, index) is all the state there is.
+
+    pack=False: one example per row. pack=True: examples are placed, in stream order, into the
+    first row with room for them (batching.first_fit) until the next one fits no row.
+    """
 
     def __init__(self, name: str, examples: Sequence[batching.Example], *, batch_size: int,
-                 seq_len: int, pad_id: int, seed: int, shuffle: bool = True):
+                 seq_len: int, pad_id: int, seed: int, shuffle: bool = True, pack: bool = False):
         if not examples:
             raise DataError(None, None, f"data.{name}", "no examples to stream")
         self.name, self.examples = name, list(examples)
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.pack = seed, shuffle, pack
         self.epoch, self.index = 0, 0
-        self._perm_cache: tuple[int, np.ndarray] | None = None
+        self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
+        if epoch not in self._perms:
             n = len(self.examples)
-            perm = (np.random.default_rng([self.seed, STREAM_SEEDS.get(self.name, 7), epoch]).permutation(n)
-                    if self.shuffle else np.arange(n))
-            self._perm_cache = (epoch, perm)
-        return self._perm_cache[1]
+            rng = np.random.default_rng([self.seed, STREAM_SEEDS.get(self.name, 7), epoch])
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = rng.permutation(n) if self.shuffle else np.arange(n)
+        return self._perms[epoch]
+
+    def _upcoming(self, n: int) -> list[int]:
+        """The next n example indices of the stream (crossing epochs), without moving."""
+        out, epoch, index = [], self.epoch, self.index
+        while len(out) < n:
+            perm = self._perm(epoch)
+            take = min(n - len(out), len(perm) - index)
+            out.extend(int(i) for i in perm[index:index + take])
+            index += take
+            if index >= len(perm):
+                epoch, index = epoch + 1, 0
+        return out
+
+    def _advance(self, n: int) -> None:
+        for _ in range(n):
+            self.index += 1
+            if self.index >= len(self.examples):
+                self.epoch, self.index = self.epoch + 1, 0
 
     def next_batch(self) -> dict[str, np.ndarray]:
-        """The next [batch_size, seq_len] batch, continuing into the next epoch's permutation as needed."""
-        idx = []
-        while len(idx) < self.batch_size:
-            perm = self._perm(self.epoch)
-            take = min(self.batch_size - len(idx), len(perm) - self.index)
-            idx.extend(int(i) for i in perm[self.index:self.index + take])
-            self.index += take
-            if self.index >= len(perm):
-                self.epoch, self.index = self.epoch + 1, 0
-        exs = [self.examples[i] for i in idx]
-        (b,) = list(batching.make_batches(exs, batch_size=self.batch_size, seq_len=self.seq_len,
-                                          pad_id=self.pad_id, buckets=(self.seq_len,), seed=None))
-        if b["input_ids"].shape != (self.batch_size, self.seq_len):
-            raise TrainError(f"stream {self.name!r}: batch shape {b['input_ids'].shape}, expected "
-                             f"{(self.batch_size, self.seq_len)}")
+        """The next [batch_size, seq_len] batch, continuing into the next epoch as needed."""
+        if self.pack:  # at most batch_size * seq_len examples fit (one slot each at least)
+            ahead = self._upcoming(min(self.batch_size * self.seq_len, 4 * len(self.examples)))
+            rows, used = batching.first_fit([self.examples[i].n_slots for i in ahead],
+                                            n_rows=self.batch_size, seq_len=self.seq_len)
+            rows = [[ahead[k] for k in row] for row in rows]
+        else:
+            used = self.batch_size
+            rows = [[i] for i in self._upcoming(used)]
+        b = batching.rows_to_batch(self.examples, rows, batch_size=self.batch_size,
+                                   seq_len=self.seq_len, pad_id=self.pad_id)
+        self._advance(used)
         b.pop("example_index", None)
         return b
 
@@ -143,10 +176,10 @@ def _load_named(name: str):
     return registry.load_set(name, "train")
 
 
-def load_records(d: DataSection, objective, seed: int) -> dict[str, list]:
-    """{"benign": [...], "harmful": [...] or [], "harmful_mu": per-record μ(q) arrays or None},
-    sized by the data section; `objective` (an ObjectiveConfig) says whether SafeInstr refusals
-    join the benign data and whether targets are soft. Soft targets read the μ(q) files that
+def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
+    """The benign and harmful records (and soft targets' μ(q) arrays), sized by the data
+    section; `objective` (an ObjectiveConfig) says whether SafeInstr refusals join the benign
+    data and whether targets are soft. Soft targets read the μ(q) files that
     `python -m semloss_jax.data.harvest --soft-targets` writes beside the harvested JSONL."""
     benign = [r for name in d.benign for r in _load_named(name)]
     benign = _take(benign, d.benign_n, seed, 11)
@@ -168,11 +201,10 @@ def load_records(d: DataSection, objective, seed: int) -> dict[str, list]:
                 raise DataError(d.harmful, None, None, f"objective.target=soft: no μ(q) beside "
                                 f"this file ({e}); harvest with --soft-targets") from None
             mu = [all_mu[i] for i in idx]
-    return {"benign": benign, "harmful": harmful, "harmful_mu": mu}
+    return TrainRecords(benign, harmful, mu)
 
 
-def build_streams(d: DataSection, objective, seed: int, tok,
-                  records: Mapping[str, list] | None = None
+def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecords | None = None
                   ) -> tuple[dict[str, BatchStream], dict[str, str]]:
     """One BatchStream per part ("benign", and "harmful" when its batch is > 0), tokenized
     with the chat template; also the tokenization statistics per part, as text."""
@@ -180,17 +212,17 @@ def build_streams(d: DataSection, objective, seed: int, tok,
     streams, stats = {}, {}
     mpl = d.max_prompt_len or None
     for name, bsz in (("benign", d.benign_batch), ("harmful", d.harmful_batch)):
-        recs = records.get(name) or []
+        recs = getattr(records, name)
         if bsz <= 0 or not recs:
             if name == "benign" or (bsz > 0 and objective.uses_harmful):
                 raise DataError(None, None, f"data.{name}", f"no records in {getattr(d, name)!r}")
             continue
-        mu = records.get("harmful_mu") if name == "harmful" else None
+        mu = records.harmful_mu if name == "harmful" else None
         exs, st = batching.tokenize_records(recs, tok, seq_len=d.seq_len, max_prompt_len=mpl,
                                             response_mu=mu)
         stats[name] = str(st)
         streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
-                                    seed=seed, shuffle=d.shuffle)
+                                    seed=seed, shuffle=d.shuffle, pack=d.pack)
     return streams, stats
 
 

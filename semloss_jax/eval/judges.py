@@ -173,8 +173,10 @@ def _prompt_key(prompt: str) -> str:
 def harm_rows(split: str) -> list[JudgeRow]:
     """Judge data for `split` ("train"/"test"/"all"): PyRIT's human-labelled harm/*.csv and
     objective/*.csv rows through the project's data layer (`judge_harm` set; split by
-    normalized-prompt hash, so no prompt is in both train and test)."""
-    recs = registry.load_set("judge_harm", split)
+    normalized-prompt hash, so no prompt is in both train and test). The TF-IDF judge chooses
+    nothing on a validation split, so "train" here is the set's train and val rows together."""
+    parts = ("train", "val") if split == "train" else (split,)
+    recs = [r for part in parts for r in registry.load_set("judge_harm", part)]
     return [JudgeRow(r.prompt, r.response, float(r.score), r.id) for r in recs]
 
 

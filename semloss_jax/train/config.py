@@ -162,11 +162,6 @@ class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 
-    @property
-    def output_dir(self) -> Path:
-        """The run directory (run.output_dir) as a Path."""
-        return Path(self.run.output_dir)
-
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
