@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from semloss_jax.eval import evaluate as ev
+from semloss_jax.eval.embedding import TextEmbedder
 from semloss_jax.eval.evaluate import EVAL_SETS, DecodeSettings
 from semloss_jax.eval.judges import load_judge
-from semloss_jax.models.generation import generate
+from semloss_jax.models.generation import generate_detailed
 from semloss_jax.models.llama import init_params, tiny_config
 from semloss_jax.models.weights import export_hf
 from semloss_jax.paths import REPO_ROOT
@@ -35,7 +36,7 @@ class CountingGenerator:
     def __init__(self, params, cfg, tok):
         self.calls = 0
         self.prompts = 0
-        self._gen = lambda prompts, **kw: generate(params, cfg, tok, prompts, **kw)
+        self._gen = lambda prompts, **kw: generate_detailed(params, cfg, tok, prompts, **kw)
 
     def __call__(self, prompts, **kw):
         self.calls += 1
@@ -72,15 +73,18 @@ def test_second_run_generates_nothing(tiny, harm_judge, tmp_path):
     gen = CountingGenerator(params, cfg, tok)
     kw = dict(sets=SETS, limit=3, settings=SETTINGS, judge=harm_judge, batch_size=4,
               ce_seq_len=128, n_boot=200, cache_root=tmp_path / "cache", generate_fn=gen,
-              progress=False, model_info={"path": "tiny"})
+              progress=False, model_info={"path": "tiny"},
+              embedder=TextEmbedder(params, cfg, tok, "tiny"))
     r1 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e1", **kw)
-    assert gen.prompts == 9 and r1["counts"] == {"generated": 9, "cached": 0, "ce_computed": 3}
+    assert gen.prompts == 9 and r1["counts"] == {"generated": 9, "cached": 0, "ce_computed": 3,
+                                                 "cosines_computed": 3}
     calls = gen.calls
     r2 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e2", **kw)
     assert gen.calls == calls, "a second run must not call the generator"
-    assert r2["counts"] == {"generated": 0, "cached": 9, "ce_computed": 0}
+    assert r2["counts"] == {"generated": 0, "cached": 9, "ce_computed": 0, "cosines_computed": 0}
     assert r1["sets"]["harmful"]["harmful_rate"] == r2["sets"]["harmful"]["harmful_rate"]
     assert r1["sets"]["benign"]["reference_ce"] == r2["sets"]["benign"]["reference_ce"]
+    assert r1["sets"]["benign"]["helpfulness"] == r2["sets"]["benign"]["helpfulness"]
     g1 = (tmp_path / "e1" / "generations" / "harmful.jsonl").read_text()
     assert g1 == (tmp_path / "e2" / "generations" / "harmful.jsonl").read_text()
     # a larger limit generates only the new prompts (the subset is nested)
@@ -137,6 +141,64 @@ def test_outputs_and_metrics(tiny, harm_judge, tmp_path):
     with pytest.raises(ValueError, match="unknown evaluation set"):
         ev.evaluate(params, cfg, tok, out_dir=tmp_path / "x", sets=("nope",),
                     generate_fn=scripted, progress=False)
+
+
+def test_helpfulness_fields_and_exact_counts(tiny, harm_judge, tmp_path):
+    """Benign sets get the proxies (with reference: ROUGE-L and cosine); the cache rows hold the
+    exact token counts and stop reasons of generate_detailed."""
+    cfg, params, tok = tiny
+    gen = CountingGenerator(params, cfg, tok)
+    rep = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "o", sets=SETS, limit=3,
+                      settings=SETTINGS, judge=harm_judge, ce_seq_len=128, n_boot=200,
+                      cache_root=tmp_path / "c", generate_fn=gen, progress=False,
+                      min_tokens=4, embedder=TextEmbedder(params, cfg, tok, "tiny"))
+    assert "helpfulness" not in rep["sets"]["harmful"]
+    h = rep["sets"]["benign"]["helpfulness"]
+    assert h["tokens_exact"] == {"k": 3, "n": 3} and h["min_tokens"] == 4
+    assert {"rouge_l_f1", "embed_cosine"} <= set(h) and h["embed_cosine"]["model"] == "tiny"
+    assert "rouge_l_f1" not in rep["sets"]["overrefusal"]["helpfulness"]
+    rows = [json.loads(x) for x in (tmp_path / "o" / "generations" / "benign.jsonl").read_text()
+            .splitlines()]
+    cache = ev._read_cache(ev.generations_cache_path(tmp_path / "c", ev.model_fingerprint(
+        params, cfg, tok), "benign", SETTINGS))
+    for r in rows:
+        c = cache[r["prompt"]]
+        assert (r["n_tokens"], r["stop"]) == (c["n_tokens"], c["stop"])
+        assert r["stop"] == ("length" if r["n_tokens"] == SETTINGS.max_new_tokens else "eot")
+        assert r["early_stop"] == (r["stop"] == "eot" and r["n_tokens"] < 4)
+        assert 0.0 <= r["rouge_l"] <= 1.0 and -1.0 <= r["embed_cosine"] <= 1.0
+    assert h["cut_at_limit_rate"]["k"] == sum(r["stop"] == "length" for r in rows)
+    assert "| benign | 3 |" in (tmp_path / "o" / "eval.md").read_text().split("Helpfulness")[1]
+
+
+def test_old_cache_rows_are_retokenized(tiny, harm_judge, tmp_path):
+    """A generations cache written before token counts were recorded ({prompt, response} only)
+    still works: lengths come from re-tokenizing and are marked as not exact."""
+    cfg, params, tok = tiny
+    recs = ev.load_eval_records(EVAL_SETS["overrefusal"], 3)
+    path = ev.generations_cache_path(tmp_path / "c", ev.model_fingerprint(params, cfg, tok),
+                                     "overrefusal", SETTINGS)
+    replies = ["", "Sure.", "one two three four five six seven eight"]
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"prompt": r.prompt, "response": t}) + "\n"
+                            for r, t in zip(recs, replies)))
+
+    def must_not_generate(prompts, **kw):
+        raise AssertionError("every prompt is cached")
+
+    rep = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "o", sets=("overrefusal",), limit=3,
+                      settings=SETTINGS, n_boot=100, cache_root=tmp_path / "c",
+                      generate_fn=must_not_generate, progress=False)
+    h = rep["sets"]["overrefusal"]["helpfulness"]
+    assert h["tokens_exact"] == {"k": 0, "n": 3}
+    rows = [json.loads(x) for x in (tmp_path / "o" / "generations" / "overrefusal.jsonl")
+            .read_text().splitlines()]
+    by = {r["response"]: r for r in rows}
+    assert by[""]["n_tokens"] == 0 and by[""]["early_stop"] and by[""]["stop"] == "eot"
+    long = by[replies[2]]
+    assert long["n_tokens"] == len(tok.encode(replies[2])) >= SETTINGS.max_new_tokens
+    assert long["stop"] == "length" and not long["tokens_exact"]
+    assert h["early_stop_rate"]["k"] == 2 and h["cut_at_limit_rate"]["k"] == 1
 
 
 def test_cli_on_run_dir(tiny, tmp_path, monkeypatch):

@@ -10,6 +10,11 @@ Evaluation sets (semloss_jax.data.sources named sets; EVAL_SETS below):
     benign       benign instructions with reference answers, TEST split: refusal rate and the
                  response-token cross-entropy of the references (language-ability proxy)
     i_alpaca     50 benign Alpaca instructions (Safety-Tuned LLaMAs): refusal rate
+Every set but `harmful` also gets helpfulness proxies (semloss_jax.eval.helpfulness): reply
+length in tokens (median, quartiles, histogram), the early-stop rate (ended with the end-of-turn
+token before --min-tokens tokens), the cut-at-limit rate and, where the set has reference
+answers, ROUGE-L F1 and the cosine of reply and reference embeddings from a frozen model
+(--embed-model, default the base SmolLM2-135M-Instruct whatever model is evaluated).
 Every rate / mean comes with its counts and a seeded bootstrap 95% interval
 (semloss_jax.eval.metrics).
 
@@ -20,7 +25,9 @@ Caching: generations are stored under cache_dir()/generations/<model hash>/<set>
 hash>.jsonl, keyed by prompt; the model hash covers the parameters, the architecture and the
 chat template, the settings hash the decoding settings (greedy, max_new_tokens, system prompt,
 ...). A second run with the same model and settings generates nothing (and recomputes no
-reference CE: that is cached the same way). The chunk of prompts generated between cache
+reference CE or embedding cosine: those are cached the same way). Generation rows record each
+reply's exact token count and stop reason; rows of an older cache that lack them are
+re-tokenized (see semloss_jax.eval.helpfulness). The chunk of prompts generated between cache
 writes is fixed, so an interrupted run resumes where it stopped.
 
 --model accepts a GGUF file, an HF safetensors directory, or a train.py run directory (its
@@ -47,10 +54,19 @@ from semloss_jax.data import registry
 from semloss_jax.data.splits import unit_hash
 from semloss_jax.errors import EvalError
 from semloss_jax.eval import judges as judges_lib
+from semloss_jax.eval.embedding import DEFAULT_SEQ_LEN as EMBED_SEQ_LEN
+from semloss_jax.eval.embedding import TextEmbedder, pair_cosines
+from semloss_jax.eval.helpfulness import (
+    DEFAULT_MIN_TOKENS,
+    early_stops,
+    helpfulness_summary,
+    rouge_l_f1,
+    token_lengths,
+)
 from semloss_jax.eval.judges import is_refusal, load_judge
 from semloss_jax.eval.metrics import ce_summary, rate_summary, reference_nll
 from semloss_jax.models import hf_config, loading
-from semloss_jax.models.generation import generate
+from semloss_jax.models.generation import Generation, generate_detailed
 from semloss_jax.paths import atomic_write_text, cache_dir
 
 EVAL_VERSION = 1
@@ -132,6 +148,12 @@ def model_fingerprint(params, cfg, tok) -> str:
     return h.hexdigest()
 
 
+def _embedder_key(embedder: TextEmbedder) -> str:
+    """A short hash naming the cosine cache: the embedding model's fingerprint and seq_len."""
+    fp = model_fingerprint(embedder.params, embedder.cfg, embedder.tok)
+    return hashlib.sha256(json.dumps([fp, EMBED_SEQ_LEN]).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------
 # The on-disk caches (keyed by prompt)
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +185,21 @@ def generations_cache_path(root: Path, model_hash: str, set_name: str,
     return Path(root) / model_hash[:24] / f"{set_name}-{settings.key()}.jsonl"
 
 
+def _cache_row(prompt: str, out) -> dict:
+    """A generations cache row from a generator's output: a Generation (text, exact token count
+    and stop reason) or a bare string (text only)."""
+    if isinstance(out, Generation):
+        return {"prompt": prompt, "response": out.text, "n_tokens": int(out.n_tokens),
+                "stop": out.stop}
+    return {"prompt": prompt, "response": out}
+
+
 def cached_generate(generate_fn: Callable, prompts: Sequence[str], cache_path: Path, *,
                     settings: DecodeSettings, batch_size: int, progress: bool = True,
-                    desc: str = "generate") -> tuple[list[str], int]:
-    """Responses for `prompts`, generating only those missing from the cache.
-    Returns (responses in prompt order, number generated now)."""
+                    desc: str = "generate") -> tuple[list[dict], int]:
+    """Generation rows for `prompts`, generating only those missing from the cache.
+    Returns (rows {"prompt", "response", and "n_tokens", "stop" when the generator returns
+    Generation tuples} in prompt order, number generated now)."""
     cache = _read_cache(cache_path)
     missing = list(dict.fromkeys(p for p in prompts if p not in cache))
     if missing:
@@ -183,9 +215,9 @@ def cached_generate(generate_fn: Callable, prompts: Sequence[str], cache_path: P
                     raise EvalError(f"generator returned {len(outs)} responses for "
                                        f"{len(chunk)} prompts")
                 for p, r in zip(chunk, outs):
-                    cache[p] = {"prompt": p, "response": r}
+                    cache[p] = _cache_row(p, r)
                 _write_cache(cache_path, cache)
-    return [cache[p]["response"] for p in prompts], len(missing)
+    return [cache[p] for p in prompts], len(missing)
 
 
 def cached_reference_nll(nll_fn: Callable, prompts: Sequence[str], refs: Sequence[str],
@@ -249,6 +281,63 @@ def judge_set(es: EvalSet, records, responses: Sequence[str], *, judge, n_boot: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Helpfulness proxies of one benign set (semloss_jax.eval.helpfulness)
+# ---------------------------------------------------------------------------------------------
+
+def measures_helpfulness(es: EvalSet) -> bool:
+    """Every set but the harmful prompts gets the helpfulness proxies."""
+    return es.kind != "harmful"
+
+
+def cached_cosines(embedder: TextEmbedder, replies: Sequence[str], refs: Sequence[str],
+                   cache_path: Path, *, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Embedding cosine of each (reply, reference) pair, computing only pairs missing from the
+    cache; returns (cosines [N], number computed now)."""
+    cache = _read_cache(cache_path)
+    keyed = [json.dumps([a, b], ensure_ascii=False) for a, b in zip(replies, refs)]
+    todo = list(dict.fromkeys(k for k in keyed if k not in cache))
+    if todo:
+        pairs = [json.loads(k) for k in todo]
+        with tqdm(total=2 * len(todo), desc="embed cosine", unit="text", disable=not progress,
+                  file=sys.stderr) as bar:
+            cos = pair_cosines(embedder, [a for a, _ in pairs], [b for _, b in pairs],
+                               progress=bar)
+        for k, c in zip(todo, cos):
+            cache[k] = {"prompt": k, "embed_cosine": float(c)}
+        _write_cache(cache_path, cache)
+    return np.array([cache[k]["embed_cosine"] for k in keyed], np.float64), len(todo)
+
+
+def set_helpfulness(es: EvalSet, records, gen_rows: Sequence[dict], *, tok, settings: DecodeSettings,
+                    min_tokens: int, embedder: TextEmbedder | None, cos_cache: Path | None,
+                    n_boot: int, seed: int, progress: bool = True
+                    ) -> tuple[list[dict], dict, int]:
+    """Per-row proxy fields, the set's helpfulness summary and the number of cosines computed
+    now. ROUGE-L and the cosine need the set's reference answers; the cosine also an embedder."""
+    n, stops, exact = token_lengths(gen_rows, tok, settings.max_new_tokens)
+    early = early_stops(n, stops, min_tokens)
+    per_row = [{"n_tokens": int(n[i]), "stop": stops[i], "tokens_exact": bool(exact[i]),
+                "early_stop": bool(early[i])} for i in range(len(gen_rows))]
+    rouge = cos = None
+    n_cos = 0
+    if es.references:
+        replies = [r["response"] for r in gen_rows]
+        refs = [r.response for r in records]
+        rouge = rouge_l_f1(replies, refs)
+        if embedder is not None:
+            cos, n_cos = cached_cosines(embedder, replies, refs, cos_cache, progress=progress)
+        for i, row in enumerate(per_row):
+            row["rouge_l"] = float(rouge[i])
+            if cos is not None:
+                row["embed_cosine"] = float(cos[i])
+    summary = helpfulness_summary(n, stops, exact, max_new_tokens=settings.max_new_tokens,
+                                  min_tokens=min_tokens, rouge=rouge, cosine=cos,
+                                  embed_model=embedder.name if embedder is not None else None,
+                                  n_boot=n_boot, seed=seed)
+    return per_row, summary, n_cos
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole evaluation
 # ---------------------------------------------------------------------------------------------
 
@@ -257,11 +346,15 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
              judge=None, batch_size: int = 8, ce_seq_len: int = 512, ce_batch_size: int = 4,
              n_boot: int = 2000, seed: int = 0, model_info: dict | None = None,
              cache_root: str | Path | None = None, generate_fn: Callable | None = None,
-             progress: bool = True) -> dict:
-    """Generate (cached), judge and write eval.json / eval.md / generations/*.jsonl."""
+             progress: bool = True, min_tokens: int = DEFAULT_MIN_TOKENS,
+             embedder: TextEmbedder | None = None) -> dict:
+    """Generate (cached), judge and write eval.json / eval.md / generations/*.jsonl.
+    embedder: the frozen model of the reply/reference cosine (None: no cosine)."""
     for s in sets:
         if s not in EVAL_SETS:
             raise EvalError(f"unknown evaluation set {s!r}; known: {', '.join(EVAL_SETS)}")
+    if min_tokens < 0:
+        raise EvalError(f"--min-tokens must be >= 0, got {min_tokens}")
     out_dir = Path(out_dir)
     cache_root = Path(cache_root) if cache_root else cache_dir() / "generations"
     t0 = time.perf_counter()
@@ -269,7 +362,7 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
     if generate_fn is None:
 
         def generate_fn(prompts, **kw):
-            return generate(params, cfg, tok, prompts, **kw)
+            return generate_detailed(params, cfg, tok, prompts, **kw)
 
     def nll_fn(prompts, refs, progress=None):
         return reference_nll(params, cfg, tok, prompts, refs, seq_len=ce_seq_len,
@@ -278,7 +371,8 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
     if judge is None and any(EVAL_SETS[s].kind == "harmful" for s in sets):
         judge = judges_lib.load_judge("tfidf")
     results: dict = {}
-    counts = {"generated": 0, "cached": 0, "ce_computed": 0}
+    counts = {"generated": 0, "cached": 0, "ce_computed": 0, "cosines_computed": 0}
+    cos_key = _embedder_key(embedder) if embedder is not None else None
     timings: dict = {}
     for s in sets:
         es = EVAL_SETS[s]
@@ -286,9 +380,10 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
         recs = load_eval_records(es, limit)
         prompts = [r.prompt for r in recs]
         cpath = generations_cache_path(cache_root, mhash, s, settings)
-        responses, n_new = cached_generate(generate_fn, prompts, cpath, settings=settings,
-                                           batch_size=batch_size, progress=progress,
-                                           desc=f"generate {s}")
+        gen_rows, n_new = cached_generate(generate_fn, prompts, cpath, settings=settings,
+                                          batch_size=batch_size, progress=progress,
+                                          desc=f"generate {s}")
+        responses = [g["response"] for g in gen_rows]
         counts["generated"] += n_new
         counts["cached"] += len(prompts) - n_new
         ref_nll = ref_tok = None
@@ -301,6 +396,15 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
             counts["ce_computed"] += n_ce
         rows, m = judge_set(es, recs, responses, judge=judge, n_boot=n_boot, seed=seed,
                             ref_nll=ref_nll, ref_tokens=ref_tok)
+        if measures_helpfulness(es):
+            cos_path = Path(cache_root) / mhash[:24] / f"{s}-cos-{cos_key}.jsonl"
+            extra, m["helpfulness"], n_cos = set_helpfulness(
+                es, recs, gen_rows, tok=tok, settings=settings, min_tokens=min_tokens,
+                embedder=embedder, cos_cache=cos_path, n_boot=n_boot, seed=seed,
+                progress=progress)
+            counts["cosines_computed"] += n_cos
+            for row, e in zip(rows, extra):
+                row.update(e)
         m.update({"source_set": es.source_set, "split": es.split, "kind": es.kind,
                   "description": es.description, "generated_now": n_new})
         results[s] = m
@@ -319,7 +423,8 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
         "settings": {**dataclasses.asdict(settings), "decoding": "greedy" if
                      settings.temperature == 0 else "sampling", "batch_size": batch_size,
                      "limit": limit, "ce_seq_len": ce_seq_len, "n_boot": n_boot,
-                     "bootstrap_seed": seed, "harm_threshold": 0.5,
+                     "bootstrap_seed": seed, "harm_threshold": 0.5, "min_tokens": min_tokens,
+                     "embed_model": embedder.name if embedder is not None else None,
                      "refusal_detector": "semloss_jax.eval.judges.is_refusal"},
         "judge": judge_info,
         "counts": counts,
@@ -356,6 +461,43 @@ def fmt_ce(c: dict | None) -> str:
     return f"{c['ce']:.3f} [{lo:.3f}, {hi:.3f}] ({c['n_examples']} ex, {c['n_tokens']} tok)"
 
 
+def fmt_mean(d: dict | None, digits: int = 3) -> str:
+    """'0.250 [0.210, 0.290]' from a mean summary dict ({"mean", "ci"}); 'n/a' when there is none."""
+    if not d or d.get("mean") is None:
+        return "n/a"
+    lo, hi = d["ci"]
+    return f"{d['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def fmt_length(d: dict | None) -> str:
+    """'87 [70, 101] (q1 45, q3 128)' from a length_summary dict; 'n/a' when there is none."""
+    if not d or d.get("median") is None:
+        return "n/a"
+    lo, hi = d["ci"]
+    return f"{d['median']:g} [{lo:g}, {hi:g}] (q1 {d['q1']:g}, q3 {d['q3']:g})"
+
+
+def render_helpfulness(sets: dict) -> list[str]:
+    """The markdown lines of the helpfulness table: one row per set that has the proxies."""
+    hs = {name: s["helpfulness"] for name, s in sets.items() if s.get("helpfulness")}
+    if not hs:
+        return []
+    h0 = next(iter(hs.values()))
+    lines = ["", f"Helpfulness proxies (reply tokens: median [95% interval] and quartiles; early "
+                 f"stop: ended with the end-of-turn token before {h0['min_tokens']} tokens; cut: "
+                 f"reached max_new_tokens={h0['max_new_tokens']}):", "",
+             "| set | n | reply tokens | early stop | cut at limit | ROUGE-L F1 | embedding cosine "
+             "| exact token counts |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, h in hs.items():
+        ex = h["tokens_exact"]
+        lines.append(f"| {name} | {ex['n']} | {fmt_length(h['length_tokens'])} | "
+                     f"{fmt_rate(h['early_stop_rate'])} | {fmt_rate(h['cut_at_limit_rate'])} | "
+                     f"{fmt_mean(h.get('rouge_l_f1'))} | {fmt_mean(h.get('embed_cosine'))} | "
+                     f"{ex['k']}/{ex['n']} |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """eval.md: the model, the settings and judge, and one table row per evaluation set."""
     m = report["model"]
@@ -382,6 +524,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {name} | {s['n']} | {fmt_rate(s.get('harmful_rate'))} | "
                      f"{fmt_rate(s.get('refusal_rate'))} | {fmt_rate(s.get('overrefusal_rate'))} | "
                      f"{fmt_ce(s.get('reference_ce'))} |")
+    lines += render_helpfulness(report["sets"])
     lines.append("")
     for name, s in report["sets"].items():
         lines.append(f"- **{name}**: {s['description']} (`{s['source_set']}`, {s['split']} split)")
@@ -410,6 +553,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="harm judge: tfidf (the project's, trained on PyRIT rows) or hf:DIR "
                         "(a local Hugging Face sequence-classification directory)")
     p.add_argument("--ce-seq-len", type=int, default=512)
+    p.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
+                   help="a reply ending with the end-of-turn token before this many tokens is an "
+                        "early stop (helpfulness proxy)")
+    p.add_argument("--embed-model", default=loading.DEFAULT,
+                   help="frozen model whose hidden states embed replies and references for the "
+                        "cosine (default: the embedded SmolLM2-135M-Instruct, whatever model is "
+                        "evaluated; 'none': no cosine)")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--no-progress", action="store_true")
 
@@ -427,6 +577,16 @@ def model_info_of(m: loading.LoadedModel, model_arg: str | None) -> dict:
     return info
 
 
+def load_embedder(spec: str, evaluated: loading.LoadedModel) -> TextEmbedder:
+    """The frozen embedding model `spec` names; the evaluated model itself when both name the
+    same weights (no second load)."""
+    if loading.resolve_model_path(spec).resolve() == evaluated.path.resolve():
+        e = evaluated
+    else:
+        e = loading.load_model(spec)
+    return TextEmbedder(e.params, e.cfg, e.tok, name=f"{spec} ({e.path.name})")
+
+
 def run(args) -> int:
     """Run `eval.py run`: load the model (and the harm judge if needed), evaluate, print eval.md;
     return 0."""
@@ -435,10 +595,14 @@ def run(args) -> int:
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, system=args.system)
     needs_judge = any(EVAL_SETS[s].kind == "harmful" for s in args.sets)
     judge = load_judge(args.judge) if needs_judge else None
+    embedder = None
+    if args.embed_model != "none" and any(EVAL_SETS[s].references for s in args.sets):
+        embedder = load_embedder(args.embed_model, m)
     rep = evaluate(params, cfg, tok, out_dir=args.out, sets=args.sets, limit=args.limit,
                    settings=settings, judge=judge, batch_size=args.batch_size,
                    ce_seq_len=args.ce_seq_len, n_boot=args.n_boot,
-                   model_info=model_info_of(m, args.model), progress=not args.no_progress)
+                   model_info=model_info_of(m, args.model), progress=not args.no_progress,
+                   min_tokens=args.min_tokens, embedder=embedder)
     print(render_markdown(rep))
     print(f"[eval] wrote {Path(args.out) / 'eval.json'} ({rep['counts']['generated']} generated, "
           f"{rep['counts']['cached']} cached, {rep['seconds']['total']:.1f}s)", file=sys.stderr)

@@ -11,7 +11,7 @@ are traced values: changing them does not recompile.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +139,38 @@ def generate(params, cfg: LlamaConfig, tok, prompts: Sequence[str], *, max_new_t
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        batch_size=batch_size, progress=progress)
     return [tok.decode(ids).strip() for ids in out]
+
+
+STOP_EOT = "eot"        # the reply ended with an end-of-turn token
+STOP_LENGTH = "length"  # the reply was cut at max_new_tokens
+
+
+class Generation(NamedTuple):
+    """One decoded reply with its exact length and why it stopped.
+
+    n_tokens: generated tokens before the end-of-turn token (the end-of-turn token itself is
+      not counted); stop: STOP_EOT or STOP_LENGTH.
+    """
+
+    text: str
+    n_tokens: int
+    stop: str
+
+
+def stop_reason(n_tokens: int, max_new_tokens: int) -> str:
+    """Why a reply of n_tokens generated tokens stopped: decoding ends a row at its end-of-turn
+    token or after max_new_tokens tokens, so fewer than max_new_tokens tokens means end-of-turn."""
+    return STOP_EOT if n_tokens < max_new_tokens else STOP_LENGTH
+
+
+def generate_detailed(params, cfg: LlamaConfig, tok, prompts: Sequence[str], *,
+                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: int = 0, system: str | None = None, batch_size: int = 8,
+                      progress=None) -> list[Generation]:
+    """Like `generate` (the same texts), with each reply's token count and stop reason."""
+    prompt_ids = [tok.prompt_ids(p, system) for p in prompts]
+    out = generate_ids(params, cfg, prompt_ids, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       batch_size=batch_size, progress=progress)
+    return [Generation(tok.decode(ids).strip(), len(ids), stop_reason(len(ids), max_new_tokens))
+            for ids in out]

@@ -1,0 +1,209 @@
+"""How well the automatic helpfulness proxies agree with human helpfulness labels.
+
+    python -m semloss_jax.eval.helpfulness_agreement --labels FILE [--out agreement.json]
+
+FILE (JSONL, JSON, CSV or Parquet) holds labelled replies: `prompt`, `response`, and a
+helpfulness label (`--label-field`, default `helpfulness`): `helpful`, `partly` or `unhelpful`.
+Rows whose label is missing or empty (e.g. replies to harmful prompts) are skipped. Optional
+per row: `reference` (the prompt's reference answer; else it is looked up by prompt text in
+the `--references` named set, all splits), `n_tokens` and `stop` (as written by `eval.py run`;
+else the reply is re-tokenized, see semloss_jax.eval.helpfulness) and `max_new_tokens`.
+
+For each proxy (reply length in tokens, "did not stop early" = 1 - early_stop, ROUGE-L F1 and
+embedding cosine where a reference exists) on the rows where it is defined:
+    Spearman's rho against the label as a score (helpful 2, partly 1, unhelpful 0), and
+    the ROC AUC of the proxy for helpful vs partly-or-unhelpful,
+each with a paired bootstrap 95% interval (semloss_jax.eval.agreement).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from semloss_jax.data import registry
+from semloss_jax.data.readers import read_table
+from semloss_jax.errors import DataError, cli_main
+from semloss_jax.eval.agreement import auc_summary, spearman_summary
+from semloss_jax.eval.embedding import TextEmbedder, pair_cosines
+from semloss_jax.eval.helpfulness import DEFAULT_MIN_TOKENS, early_stops, rouge_l_f1, token_lengths
+from semloss_jax.models import loading
+from semloss_jax.models.tokenizer import load_tokenizer
+from semloss_jax.paths import atomic_write_text
+
+LABEL_SCORES = {"helpful": 2, "partly": 1, "unhelpful": 0}
+PROXIES = ("reply_tokens", "not_early_stop", "rouge_l", "embed_cosine")
+
+
+@dataclass(frozen=True)
+class LabelledReply:
+    """One labelled reply: its generation row fields, reference (or None) and label score."""
+
+    row: dict
+    reference: str | None
+    score: int
+
+
+def _text(row: dict, key: str, path: Path, loc: str) -> str:
+    v = row.get(key)
+    if not isinstance(v, str):
+        raise DataError(path, loc, key, f"missing or not a string (got {type(v).__name__})")
+    return v
+
+
+def read_labelled(path: str | Path, *, label_field: str = "helpfulness",
+                  references: dict[str, str] | None = None) -> tuple[list[LabelledReply], int]:
+    """The labelled rows of FILE and the number of rows skipped (no label); DataError names the
+    file, line and field of a bad row."""
+    path = Path(path)
+    rows, locs = read_table(path)
+    out: list[LabelledReply] = []
+    skipped = 0
+    for row, loc in zip(rows, locs):
+        lab = row.get(label_field)
+        if lab is None or (isinstance(lab, str) and not lab.strip()):
+            skipped += 1
+            continue
+        if lab not in LABEL_SCORES:
+            raise DataError(path, loc, label_field, f"unknown label {lab!r}; expected one of "
+                                                    f"{', '.join(LABEL_SCORES)}")
+        prompt = _text(row, "prompt", path, loc)
+        r = {"prompt": prompt, "response": _text(row, "response", path, loc),
+             "n_tokens": row.get("n_tokens"), "stop": row.get("stop"),
+             "max_new_tokens": row.get("max_new_tokens")}
+        ref = row.get("reference")
+        if not (isinstance(ref, str) and ref.strip()):
+            ref = (references or {}).get(prompt)
+        out.append(LabelledReply(r, ref, LABEL_SCORES[lab]))
+    if not out:
+        raise DataError(path, None, label_field, "no labelled rows (is --label-field right?)")
+    return out, skipped
+
+
+def reference_map(set_name: str) -> dict[str, str]:
+    """Map prompt -> reference answer over every split of a named set (empty answers left out)."""
+    return {r.prompt: r.response for r in registry.load_set(set_name, "all") if r.response.strip()}
+
+
+def proxy_values(items: Sequence[LabelledReply], *, tok, embedder: TextEmbedder | None,
+                 max_new_tokens: int, min_tokens: int = DEFAULT_MIN_TOKENS
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Map proxy name -> (values [N], defined [N] bool). A row's own max_new_tokens (if recorded)
+    decides its stop reason when it has to be re-tokenized."""
+    n = len(items)
+    n_tok = np.zeros(n, np.float64)
+    not_early = np.zeros(n, np.float64)
+    for i, it in enumerate(items):
+        mnt = int(it.row.get("max_new_tokens") or max_new_tokens)
+        k, stops, _ = token_lengths([it.row], tok, mnt)
+        n_tok[i] = k[0]
+        not_early[i] = 1.0 - float(early_stops(k, stops, min_tokens)[0])
+    has_ref = np.array([it.reference is not None for it in items], bool)
+    idx = np.flatnonzero(has_ref)
+    replies = [items[i].row["response"] for i in idx]
+    refs = [items[i].reference for i in idx]
+    rouge = np.zeros(n, np.float64)
+    rouge[idx] = rouge_l_f1(replies, refs)
+    out = {"reply_tokens": (n_tok, np.ones(n, bool)), "not_early_stop": (not_early, np.ones(n, bool)),
+           "rouge_l": (rouge, has_ref)}
+    if embedder is not None:
+        cos = np.zeros(n, np.float64)
+        cos[idx] = pair_cosines(embedder, replies, refs)
+        out["embed_cosine"] = (cos, has_ref)
+    return out
+
+
+def agreement(proxies: dict[str, tuple[np.ndarray, np.ndarray]], scores: np.ndarray, *,
+              n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per proxy: Spearman's rho against the label scores and the AUC for helpful (score 2)
+    vs not, each on the rows where the proxy is defined."""
+    scores = np.asarray(scores, np.float64)
+    out = {}
+    for name, (v, defined) in proxies.items():
+        s = scores[defined]
+        out[name] = {"n": int(defined.sum()),
+                     "labels": {k: int((s == c).sum()) for k, c in LABEL_SCORES.items()},
+                     "spearman": spearman_summary(v[defined], s, n_boot=n_boot, seed=seed),
+                     "auc_helpful": auc_summary(v[defined], s == 2, n_boot=n_boot, seed=seed)}
+    return out
+
+
+def _fmt(d: dict, key: str) -> str:
+    if d.get(key) is None:
+        return "n/a"
+    return f"{d[key]:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"
+
+
+def render_markdown(result: dict) -> str:
+    """A table: one row per proxy with n, label counts, Spearman's rho and the AUC."""
+    lines = [f"Agreement of the helpfulness proxies with the labels of `{result['labels_file']}` "
+             f"({result['n_labelled']} labelled rows, {result['n_skipped']} without a label; "
+             f"early stop: end-of-turn before {result['min_tokens']} tokens)", "",
+             "| proxy | n | helpful / partly / unhelpful | Spearman rho [95%] | AUC helpful vs not [95%] |",
+             "|---|---|---|---|---|"]
+    for name, a in result["proxies"].items():
+        c = a["labels"]
+        lines.append(f"| {name} | {a['n']} | {c['helpful']} / {c['partly']} / {c['unhelpful']} | "
+                     f"{_fmt(a['spearman'], 'rho')} | {_fmt(a['auc_helpful'], 'auc')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_agreement(labels: str | Path, *, tok, embedder: TextEmbedder | None,
+                  label_field: str = "helpfulness", references: dict[str, str] | None = None,
+                  max_new_tokens: int = 128, min_tokens: int = DEFAULT_MIN_TOKENS,
+                  n_boot: int = 2000, seed: int = 0) -> dict:
+    """Read the labelled rows, compute every proxy and its agreement with the labels."""
+    items, skipped = read_labelled(labels, label_field=label_field, references=references)
+    proxies = proxy_values(items, tok=tok, embedder=embedder, max_new_tokens=max_new_tokens,
+                           min_tokens=min_tokens)
+    scores = np.array([it.score for it in items], np.float64)
+    return {"labels_file": str(labels), "label_field": label_field, "n_labelled": len(items),
+            "n_skipped": int(skipped), "n_with_reference": int(sum(it.reference is not None
+                                                                    for it in items)),
+            "min_tokens": min_tokens, "max_new_tokens": max_new_tokens,
+            "embed_model": embedder.name if embedder is not None else None,
+            "label_scores": LABEL_SCORES, "n_boot": n_boot, "bootstrap_seed": seed,
+            "proxies": agreement(proxies, scores, n_boot=n_boot, seed=seed)}
+
+
+def main(argv: list[str]) -> int:
+    """The CLI (module docstring): print the table, write --out as JSON."""
+    ap = argparse.ArgumentParser(prog="python -m semloss_jax.eval.helpfulness_agreement",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", required=True, help="labelled replies (JSONL/JSON/CSV/Parquet)")
+    ap.add_argument("--label-field", default="helpfulness")
+    ap.add_argument("--references", default="benign",
+                    help="named set whose reference answers are looked up by prompt ('none': "
+                         "only the rows' own `reference` field)")
+    ap.add_argument("--embed-model", default=loading.DEFAULT,
+                    help="frozen model of the embedding cosine ('none': no cosine)")
+    ap.add_argument("--max-new-tokens", type=int, default=128,
+                    help="the generation limit of rows that do not record theirs")
+    ap.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS)
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    refs = None if args.references == "none" else reference_map(args.references)
+    if args.embed_model == "none":  # the tokenizer of the default model counts the tokens
+        embedder, tok = None, load_tokenizer(loading.resolve_model_path(loading.DEFAULT))
+    else:
+        m = loading.load_model(args.embed_model)
+        embedder, tok = TextEmbedder(m.params, m.cfg, m.tok, f"{args.embed_model} ({m.path.name})"), m.tok
+    res = run_agreement(args.labels, tok=tok, embedder=embedder, label_field=args.label_field,
+                        references=refs, max_new_tokens=args.max_new_tokens,
+                        min_tokens=args.min_tokens, n_boot=args.n_boot)
+    print(render_markdown(res))
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(res, indent=2))
+        print(f"[agreement] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main("python -m semloss_jax.eval.helpfulness_agreement", main))
