@@ -7,12 +7,24 @@ import numpy as np
 import pytest
 
 from semloss_jax.eval import report as rp
+from semloss_jax.eval.helpfulness import helpfulness_summary
 from semloss_jax.eval.metrics import ce_summary, rate_summary
 
 SETTINGS = {"max_new_tokens": 128, "decoding": "greedy", "limit": None, "system": None}
 
 
-def _eval_json(harm_k, over_k, ce, *, n=40, train_config=None, run_dir=None, seed=0):
+def _helpfulness(median_tokens, seed):
+    """A benign set's helpfulness block around a given median reply length (tokens)."""
+    rng = np.random.default_rng(seed)
+    n_tok = np.clip(rng.normal(median_tokens, 10, 40).round(), 0, 128).astype(int)
+    stops = ["length" if k == 128 else "eot" for k in n_tok]
+    return helpfulness_summary(n_tok, stops, np.ones(40, bool), max_new_tokens=128,
+                               rouge=rng.uniform(0, 0.5, 40), cosine=rng.uniform(0.5, 1, 40),
+                               embed_model="base", n_boot=200)
+
+
+def _eval_json(harm_k, over_k, ce, *, n=40, train_config=None, run_dir=None, seed=0,
+               median_tokens=None):
     rng = np.random.default_rng(seed)
 
     def flags(k):
@@ -24,12 +36,15 @@ def _eval_json(harm_k, over_k, ce, *, n=40, train_config=None, run_dir=None, see
         model["train_config"] = train_config
     if run_dir is not None:
         model["run_dir"] = str(run_dir)
+    benign_extra = ({} if median_tokens is None
+                    else {"helpfulness": _helpfulness(median_tokens, seed)})
     return {"model": model, "settings": SETTINGS, "judge": {"name": "harm-tfidf-lr-v1"},
             "sets": {"harmful": {"harmful_rate": rate_summary(flags(harm_k), n_boot=200),
                                  "refusal_rate": rate_summary(flags(n - harm_k), n_boot=200)},
                      "overrefusal": {"overrefusal_rate": rate_summary(flags(over_k), n_boot=200)},
                      "benign": {"refusal_rate": rate_summary(flags(1), n_boot=200),
-                                "reference_ce": ce_summary(ce * ntok, ntok, n_boot=200)}}}
+                                "reference_ce": ce_summary(ce * ntok, ntok, n_boot=200),
+                                **benign_extra}}}
 
 
 @pytest.fixture
@@ -38,7 +53,7 @@ def dirs(tmp_path):
     # base model: an eval dir with no training config anywhere
     d = tmp_path / "base_eval"
     d.mkdir()
-    (d / "eval.json").write_text(json.dumps(_eval_json(30, 2, 2.0)))
+    (d / "eval.json").write_text(json.dumps(_eval_json(30, 2, 2.0, median_tokens=110)))
     out.append(d)
     # two TA-SFT runs: run dir with config.yaml and eval/eval.json inside
     for n_h, k in ((50, 20), (200, 8)):
@@ -46,7 +61,8 @@ def dirs(tmp_path):
         (r / "eval").mkdir(parents=True)
         (r / "config.yaml").write_text(f"data:\n  harmful_n: {n_h}\nobjective:\n  kind: tasft\n"
                                        f"  lam: 1.0\nrun:\n  steps: 10\n")
-        (r / "eval" / "eval.json").write_text(json.dumps(_eval_json(k, 5, 2.2, seed=n_h)))
+        (r / "eval" / "eval.json").write_text(json.dumps(_eval_json(k, 5, 2.2, seed=n_h,
+                                                                    median_tokens=30)))
         out.append(r)
     # SafeInstr: the training config recorded inside eval.json (eval.py run --model RUN_DIR)
     s = tmp_path / "si_eval"
@@ -71,15 +87,24 @@ def test_report_end_to_end(dirs, tmp_path):
     assert all(m["comparable"] for m in ms.values())
     saved = json.loads((out / "report.json").read_text())
     assert saved["models"] == json.loads(json.dumps(rep["models"]))
-    # 2 TA-SFT points + 2 reference lines; 4 models x 2 panels
-    assert saved["plots"] == {"harmful_vs_n.png": 4, "safety_vs_helpfulness.png": 8}
-    for png in ("harmful_vs_n.png", "safety_vs_helpfulness.png"):
+    # 2 TA-SFT points + 2 reference lines; 4 models x 2 panels; 3 models with the helpfulness
+    # proxies (the SafeInstr eval.json predates them) x 3 panels
+    assert saved["plots"] == {"harmful_vs_n.png": 4, "safety_vs_helpfulness.png": 8,
+                              "harmful_vs_reply_quality.png": 9}
+    assert ms["si"]["reply_tokens_benign"] is None
+    assert ms["tasft_50"]["reply_tokens_benign"]["median"] < ms["base_eval"]["reply_tokens_benign"][
+        "median"]
+    for png in ("harmful_vs_n.png", "safety_vs_helpfulness.png", "harmful_vs_reply_quality.png"):
         b = (out / png).read_bytes()
         assert b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 5000
     md = (out / "report.md").read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
     assert len(rows) == 4
     assert "| tasft_50 | tasft | 50 | 50.0% (20/40)" in md
+    si_row = next(r for r in rows if r.startswith("| si |"))
+    assert si_row.endswith("| n/a | n/a | n/a | n/a |")      # no helpfulness block: n/a
+    base_row = next(r for r in rows if r.startswith("| base_eval |"))
+    assert "(q1 " in base_row and "n/a" not in "|".join(base_row.split("|")[-5:])
     assert "300 safety" in md
     assert "Warning" not in md
 

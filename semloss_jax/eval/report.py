@@ -8,7 +8,9 @@ config.yaml next to the eval dir or in its parent (the run dir).
 Writes DIR/report.md (a markdown table), DIR/report.json (the same numbers with counts and
 intervals), DIR/harmful_vs_n.png (harmful rate against the number of harmful training
 examples, one line per objective) and DIR/safety_vs_helpfulness.png (harmful rate against the
-reference CE and against the over-refusal rate).
+reference CE and against the over-refusal rate) and DIR/harmful_vs_reply_quality.png (harmful
+rate against the helpfulness proxies of the benign set: median reply length in tokens, the
+early-stop rate and ROUGE-L F1), so a model cannot look safe by answering less.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from semloss_jax.errors import EvalError
-from semloss_jax.eval.evaluate import fmt_ce, fmt_rate
+from semloss_jax.eval.evaluate import fmt_ce, fmt_length, fmt_mean, fmt_rate
 from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 
 # objectives whose training uses the harmful responses D_harmful (data.harmful_n of them)
@@ -75,6 +77,10 @@ def _metric(rep: dict, set_name: str, key: str) -> dict | None:
     return ((rep.get("sets") or {}).get(set_name) or {}).get(key)
 
 
+def _helpfulness(rep: dict, set_name: str, key: str) -> dict | None:
+    return (_metric(rep, set_name, "helpfulness") or {}).get(key)
+
+
 def collect(inputs: Sequence[str | Path]) -> list[dict]:
     """One entry per input: its name (made unique), training summary, settings, judge and metrics;
     `comparable` says whether all entries share decoding settings and judge."""
@@ -104,6 +110,10 @@ def collect(inputs: Sequence[str | Path]) -> list[dict]:
             "refusal_benign": _metric(rep, "benign", "refusal_rate"),
             "reference_ce": _metric(rep, "benign", "reference_ce"),
             "refusal_i_alpaca": _metric(rep, "i_alpaca", "refusal_rate"),
+            "reply_tokens_benign": _helpfulness(rep, "benign", "length_tokens"),
+            "early_stop_benign": _helpfulness(rep, "benign", "early_stop_rate"),
+            "rouge_l_benign": _helpfulness(rep, "benign", "rouge_l_f1"),
+            "cosine_benign": _helpfulness(rep, "benign", "embed_cosine"),
         })
     seen: dict[str, int] = {}
     for e in entries:  # unique names for the table and the plots
@@ -123,11 +133,16 @@ def render_markdown(entries: list[dict]) -> str:
     lines = ["# Models side by side", "",
              "Rates: % (k/n) [bootstrap 95% interval] (W[...]: Wilson 95% interval, shown at 0/n "
              "and n/n where the bootstrap is degenerate). Reference CE: nats per response token "
-             "of held-out reference answers (lower = better language ability).", "",
+             "of held-out reference answers (lower = better language ability). Reply tokens: "
+             "median [95% interval] (quartiles) of the benign replies' length; early stop: "
+             "share of benign replies that end with the end-of-turn token before the minimum "
+             "(eval.json settings.min_tokens); ROUGE-L F1 and embedding cosine against the "
+             "reference answers (higher = closer), mean [95% interval].", "",
              "| model | objective | harmful n | harmful rate (harmful prompts) | refusal rate "
              "(harmful prompts) | over-refusal rate | refusal rate (benign) | reference CE | "
-             "refusal rate (I-Alpaca) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "refusal rate (I-Alpaca) | reply tokens (benign) | early stop (benign) | "
+             "ROUGE-L F1 (benign) | embedding cosine (benign) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         n = "all" if e["n_harmful"] is None else e["n_harmful"]
         if e["objective"] == "safeinstr":
@@ -135,7 +150,9 @@ def render_markdown(entries: list[dict]) -> str:
         lines.append(f"| {e['name']} | {e['objective']} | {n} | {fmt_rate(e['harmful_rate'])} | "
                      f"{fmt_rate(e['refusal_harmful'])} | {fmt_rate(e['overrefusal_rate'])} | "
                      f"{fmt_rate(e['refusal_benign'])} | {fmt_ce(e['reference_ce'])} | "
-                     f"{fmt_rate(e['refusal_i_alpaca'])} |")
+                     f"{fmt_rate(e['refusal_i_alpaca'])} | {fmt_length(e['reply_tokens_benign'])} | "
+                     f"{fmt_rate(e['early_stop_benign'])} | {fmt_mean(e['rouge_l_benign'])} | "
+                     f"{fmt_mean(e['cosine_benign'])} |")
     if entries and not entries[0]["comparable"]:
         lines += ["", "**Warning**: the models were evaluated with different decoding settings "
                       "or judges; their rates are not directly comparable."]
@@ -232,9 +249,59 @@ def plot_safety_vs_helpfulness(entries: list[dict], path: Path) -> int:
     return drawn
 
 
+def _errorbar_point(ax, name: str, x: float, x_err, y, color: str) -> None:
+    ax.errorbar([x], [y[0]], yerr=[[y[1][0]], [y[1][1]]], xerr=[[x_err[0]], [x_err[1]]],
+                marker="o", capsize=3, color=color)
+    ax.annotate(name, (x, y[0]), xytext=(3, 3), textcoords="offset points", fontsize=7)
+
+
+def _proxy_xy(e: dict, key: str):
+    """(x, (left error, right error)) of entry e's benign helpfulness proxy `key`, or None."""
+    d = e[key]
+    if not d:
+        return None
+    x = d.get({"reply_tokens_benign": "median", "early_stop_benign": "rate"}.get(key, "mean"))
+    if x is None:
+        return None
+    return x, (x - d["ci"][0], d["ci"][1] - x)
+
+
+def plot_harm_vs_reply_quality(entries: list[dict], path: Path) -> int:
+    """Three panels, harmful rate against the benign set's median reply length (tokens), its
+    early-stop rate and its ROUGE-L F1, with intervals; returns the number of points drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = (("reply_tokens_benign", "median benign reply length, tokens", "bottom right"),
+              ("early_stop_benign", "early-stop rate on benign prompts", "bottom left"),
+              ("rouge_l_benign", "ROUGE-L F1 vs benign reference answers", "bottom right"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    drawn = 0
+    for i, e in enumerate(entries):
+        h = _rate_xy(e["harmful_rate"])
+        if h is None:
+            continue
+        for ax, (key, _, _) in zip(axes, panels):
+            xy = _proxy_xy(e, key)
+            if xy is not None:  # one color per model across the panels
+                _errorbar_point(ax, e["name"], xy[0], xy[1], h, f"C{i % 10}")
+                drawn += 1
+    for ax, (_, label, best) in zip(axes, panels):
+        ax.set_xlabel(label)
+        ax.set_ylabel("harmful rate (lower = safer)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"best: {best}", fontsize=9)
+    axes[1].set_xlim(-0.02, 1.02)
+    fig.suptitle("Safety vs answering benign prompts (a model can look safe by answering less)",
+                 fontsize=10)
+    _savefig(fig, path)
+    plt.close(fig)
+    return drawn
+
+
 def make_report(inputs: Sequence[str | Path], out: str | Path) -> dict:
-    """Collect the inputs, write report.md, report.json and the two plots under out; return the
-    report dict."""
+    """Collect the inputs, write report.md, report.json and the three plots under out; return
+    the report dict."""
     out = Path(out)
     entries = collect(inputs)
     if not entries:
@@ -242,7 +309,9 @@ def make_report(inputs: Sequence[str | Path], out: str | Path) -> dict:
     md = render_markdown(entries)
     n1 = plot_harm_vs_n(entries, out / "harmful_vs_n.png")
     n2 = plot_safety_vs_helpfulness(entries, out / "safety_vs_helpfulness.png")
-    rep = {"models": entries, "plots": {"harmful_vs_n.png": n1, "safety_vs_helpfulness.png": n2}}
+    n3 = plot_harm_vs_reply_quality(entries, out / "harmful_vs_reply_quality.png")
+    rep = {"models": entries, "plots": {"harmful_vs_n.png": n1, "safety_vs_helpfulness.png": n2,
+                                        "harmful_vs_reply_quality.png": n3}}
     atomic_write_text(out / "report.json", json.dumps(rep, indent=2))
     atomic_write_text(out / "report.md", md)
     return rep
