@@ -251,3 +251,16 @@ def test_agreement_cli(tmp_path, real_model_path):
     res = json.loads(out.read_text())
     assert res["n_labelled"] == 6 and "embed_cosine" not in res["proxies"]
     assert res["n_with_reference"] == 2
+
+
+def test_own_reference_auc(embedder):
+    refs = [REF, "Paris is the capital of France.", "Water boils at 100 degrees Celsius at sea level.",
+            "A haiku has three lines of five, seven and five syllables."]
+    same = ha.own_reference_auc(refs, refs, embedder=embedder, n_boot=200)
+    for name in ("rouge_l", "embed_cosine"):             # each reply is its own reference
+        assert same[name]["mean"] == 1.0 and same[name]["mean_own"] == pytest.approx(1.0)
+        assert same[name]["ci"][0] <= 1.0 <= same[name]["ci"][1]
+    empty = ha.own_reference_auc([""] * 4, refs, embedder=embedder, n_boot=50)
+    assert empty["rouge_l"]["mean"] == 0.5 and empty["embed_cosine"]["mean"] == 0.5  # all ties
+    with pytest.raises(ValueError):
+        ha.own_reference_auc(["a"], ["a"], embedder=None)

@@ -1,6 +1,7 @@
 """How well the automatic helpfulness proxies agree with human helpfulness labels.
 
     python -m semloss_jax.eval.helpfulness_agreement --labels FILE [--out agreement.json]
+    python -m semloss_jax.eval.helpfulness_agreement --own-reference GENERATIONS.jsonl
 
 FILE (JSONL, JSON, CSV or Parquet) holds labelled replies: `prompt`, `response`, and a
 helpfulness label (`--label-field`, default `helpfulness`): `helpful`, `partly` or `unhelpful`.
@@ -14,6 +15,13 @@ embedding cosine where a reference exists) on the rows where it is defined:
     Spearman's rho against the label as a score (helpful 2, partly 1, unhelpful 0), and
     the ROC AUC of the proxy for helpful vs partly-or-unhelpful,
 each with a paired bootstrap 95% interval (semloss_jax.eval.agreement).
+
+--own-reference checks that the reference-based proxies see the reply and not only the topic
+or the style: on a generations file of `eval.py run` (rows with `response` and `reference`),
+for each reply i the share of other rows' references j for which proxy(reply i, reference i)
+> proxy(reply i, reference j) (ties count one half); the mean over replies is the AUC of own vs
+other references (0.5: the proxy ignores which prompt the reply answers), with a bootstrap
+interval over replies.
 """
 from __future__ import annotations
 
@@ -30,8 +38,14 @@ from semloss_jax.data import registry
 from semloss_jax.data.readers import read_table
 from semloss_jax.errors import DataError, cli_main
 from semloss_jax.eval.agreement import auc_summary, spearman_summary
-from semloss_jax.eval.embedding import TextEmbedder, pair_cosines
-from semloss_jax.eval.helpfulness import DEFAULT_MIN_TOKENS, early_stops, rouge_l_f1, token_lengths
+from semloss_jax.eval.embedding import TextEmbedder, cosine_rows, embed_texts, pair_cosines
+from semloss_jax.eval.helpfulness import (
+    DEFAULT_MIN_TOKENS,
+    early_stops,
+    mean_summary,
+    rouge_l_f1,
+    token_lengths,
+)
 from semloss_jax.models import loading
 from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.paths import atomic_write_text
@@ -171,12 +185,55 @@ def run_agreement(labels: str | Path, *, tok, embedder: TextEmbedder | None,
             "proxies": agreement(proxies, scores, n_boot=n_boot, seed=seed)}
 
 
+def own_reference_auc(replies: Sequence[str], refs: Sequence[str], *,
+                      embedder: TextEmbedder | None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per reference-based proxy: the mean over replies of the share of other references that
+    score below the reply's own reference (module docstring), with its bootstrap interval."""
+    n = len(replies)
+    if n < 2 or len(refs) != n:
+        raise ValueError(f"need >= 2 replies with one reference each, got {n} and {len(refs)}")
+    grids = {"rouge_l": np.array([rouge_l_f1([r] * n, refs) for r in replies])}
+    if embedder is not None:
+        a, _ = embed_texts(embedder, replies)
+        b, _ = embed_texts(embedder, refs)
+        grids["embed_cosine"] = np.array([cosine_rows(np.repeat(a[i:i + 1], n, 0), b)
+                                          for i in range(n)])
+    off = ~np.eye(n, dtype=bool)
+    out = {}
+    for name, g in grids.items():  # g[i, j] = proxy(reply i, reference j)
+        own = np.diag(g)[:, None]
+        wins = ((own > g) + 0.5 * (own == g)) * off
+        per_reply = wins.sum(1) / (n - 1)
+        out[name] = {**mean_summary(per_reply, n_boot=n_boot, seed=seed),
+                     "mean_own": float(np.diag(g).mean()), "mean_other": float(g[off].mean())}
+    return out
+
+
+def _own_reference_main(path: str, embedder: TextEmbedder | None, n_boot: int) -> dict:
+    rows, locs = read_table(Path(path))
+    replies, refs = [], []
+    for row, loc in zip(rows, locs):
+        replies.append(_text(row, "response", Path(path), loc))
+        refs.append(_text(row, "reference", Path(path), loc))
+    res = own_reference_auc(replies, refs, embedder=embedder, n_boot=n_boot)
+    print(f"Own vs other references on `{path}` ({len(replies)} replies): AUC [95%], mean "
+          f"proxy with the own / other references")
+    for name, d in res.items():
+        print(f"  {name}: {d['mean']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]; "
+              f"{d['mean_own']:.3f} / {d['mean_other']:.3f}")
+    return {"generations_file": str(path), "n": len(replies),
+            "embed_model": embedder.name if embedder is not None else None, "proxies": res}
+
+
 def main(argv: list[str]) -> int:
-    """The CLI (module docstring): print the table, write --out as JSON."""
+    """The CLI (module docstring): print the result, write --out as JSON."""
     ap = argparse.ArgumentParser(prog="python -m semloss_jax.eval.helpfulness_agreement",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", required=True, help="labelled replies (JSONL/JSON/CSV/Parquet)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labels", help="labelled replies (JSONL/JSON/CSV/Parquet)")
+    what.add_argument("--own-reference", metavar="GENERATIONS",
+                      help="a generations file with `response` and `reference` (module docstring)")
     ap.add_argument("--label-field", default="helpfulness")
     ap.add_argument("--references", default="benign",
                     help="named set whose reference answers are looked up by prompt ('none': "
@@ -189,16 +246,19 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
-    refs = None if args.references == "none" else reference_map(args.references)
     if args.embed_model == "none":  # the tokenizer of the default model counts the tokens
         embedder, tok = None, load_tokenizer(loading.resolve_model_path(loading.DEFAULT))
     else:
         m = loading.load_model(args.embed_model)
         embedder, tok = TextEmbedder(m.params, m.cfg, m.tok, f"{args.embed_model} ({m.path.name})"), m.tok
-    res = run_agreement(args.labels, tok=tok, embedder=embedder, label_field=args.label_field,
-                        references=refs, max_new_tokens=args.max_new_tokens,
-                        min_tokens=args.min_tokens, n_boot=args.n_boot)
-    print(render_markdown(res))
+    if args.own_reference:
+        res = _own_reference_main(args.own_reference, embedder, args.n_boot)
+    else:
+        refs = None if args.references == "none" else reference_map(args.references)
+        res = run_agreement(args.labels, tok=tok, embedder=embedder, label_field=args.label_field,
+                            references=refs, max_new_tokens=args.max_new_tokens,
+                            min_tokens=args.min_tokens, n_boot=args.n_boot)
+        print(render_markdown(res))
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(res, indent=2))
         print(f"[agreement] wrote {args.out}", file=sys.stderr)
