@@ -298,7 +298,8 @@ def cached_cosines(embedder: TextEmbedder, replies: Sequence[str], refs: Sequenc
     todo = list(dict.fromkeys(k for k in keyed if k not in cache))
     if todo:
         pairs = [json.loads(k) for k in todo]
-        with tqdm(total=2 * len(todo), desc="embed cosine", unit="text", disable=not progress,
+        n_texts = len({t for pair in pairs for t in pair})  # pair_cosines embeds each text once
+        with tqdm(total=n_texts, desc="embed cosine", unit="text", disable=not progress,
                   file=sys.stderr) as bar:
             cos = pair_cosines(embedder, [a for a, _ in pairs], [b for _, b in pairs],
                                progress=bar)
