@@ -168,6 +168,11 @@ def test_helpfulness_fields_and_exact_counts(tiny, harm_judge, tmp_path):
         assert r["early_stop"] == (r["stop"] == "eot" and r["n_tokens"] < 4)
         assert 0.0 <= r["rouge_l"] <= 1.0 and -1.0 <= r["embed_cosine"] <= 1.0
     assert h["cut_at_limit_rate"]["k"] == sum(r["stop"] == "length" for r in rows)
+    # cached_generate keeps its contract for other callers: response strings
+    resp, n_new = ev.cached_generate(gen, [r["prompt"] for r in rows], ev.generations_cache_path(
+        tmp_path / "c", ev.model_fingerprint(params, cfg, tok), "benign", SETTINGS),
+        settings=SETTINGS, batch_size=4, progress=False)
+    assert resp == [r["response"] for r in rows] and n_new == 0
     assert "| benign | 3 |" in (tmp_path / "o" / "eval.md").read_text().split("Helpfulness")[1]
 
 

@@ -12,8 +12,8 @@ import pytest
 from semloss_jax.errors import DataError
 from semloss_jax.eval import helpfulness as hp
 from semloss_jax.eval import helpfulness_agreement as ha
-from semloss_jax.eval.agreement import auc_summary, spearman_summary
 from semloss_jax.eval.embedding import TextEmbedder, cosine_rows, embed_texts, pair_cosines
+from semloss_jax.eval.rank_stats import auc_summary, spearman_summary
 from semloss_jax.models.generation import generate, generate_detailed, generate_ids
 from semloss_jax.models.llama import init_params, tiny_config
 
@@ -191,8 +191,10 @@ def _labelled_file(path):
         {"prompt": "Rules of kickball?", "response": "", "helpfulness": "unhelpful"},
         {"prompt": "How to pick a lock?", "response": "I can't help with that.", "label": "refusal"},
         {"prompt": "Name a fruit.", "response": "An apple is a fruit; so are pears and plums.",
-         "helpfulness": "partly"},
+         "helpfulness": "partly", "decoding": {"max_new_tokens": 8}},   # cut at its own limit
     ]
+    for r in rows:
+        r["kind"] = "overrefusal" if r["prompt"] == "Name a fruit." else "benign"
     refs = {"How is kickball played?": REF, "Explain kickball.": REF, "Rules of kickball?": REF}
     for r in rows:  # the reference is given on some rows and looked up for the others
         if r["prompt"] == "How is kickball played?":
@@ -221,8 +223,29 @@ def test_agreement_on_hand_labelled_file(tmp_path, real_tokenizer, embedder):
         for key, est in (("spearman", "rho"), ("auc_helpful", "auc")):
             d = a[key]
             assert d[est] is None or d["ci"][0] <= d[est] <= d["ci"][1]
+    assert set(res["groups"]) == {"benign", "overrefusal"}
+    assert res["groups"]["benign"]["reply_tokens"]["n"] == 5
+    assert res["groups"]["overrefusal"]["rouge_l"]["n"] == 0
     md = ha.render_markdown(res)
-    assert "| reply_tokens | 6 | 2 / 2 / 2 |" in md
+    assert "| all | reply_tokens | 6 | 2 / 2 / 2 |" in md
+    assert "| benign | reply_tokens | 5 | 2 / 1 / 2 |" in md
+
+
+def test_row_limit_decides_stop_of_retokenized_rows(tmp_path, real_tokenizer):
+    """A row recorded with decoding.max_new_tokens = 8 and 8+ tokens was cut, not an early stop."""
+    f = tmp_path / "labels.jsonl"
+    _labelled_file(f)
+    items, _ = ha.read_labelled(f)
+    fruit = [i for i, it in enumerate(items) if it.row["prompt"] == "Name a fruit."][0]
+    assert items[fruit].row["max_new_tokens"] == 8 and items[fruit].group == "overrefusal"
+    p = ha.proxy_values(items, tok=real_tokenizer, embedder=None, max_new_tokens=128)
+    assert p["not_early_stop"][0][fruit] == 1.0          # cut at its limit of 8
+    empty = [i for i, it in enumerate(items) if it.row["response"] == ""][0]
+    assert p["not_early_stop"][0][empty] == 0.0           # an empty reply stopped early
+    no_limit = [ha.LabelledReply({**it.row, "max_new_tokens": None}, it.reference, it.score)
+                for it in items]
+    q = ha.proxy_values(no_limit, tok=real_tokenizer, embedder=None, max_new_tokens=128)
+    assert q["not_early_stop"][0][fruit] == 0.0           # under 32 of 128: an early stop
 
 
 def test_agreement_bad_input_names_file_line_field(tmp_path, real_tokenizer):

@@ -194,9 +194,9 @@ def _cache_row(prompt: str, out) -> dict:
     return {"prompt": prompt, "response": out}
 
 
-def cached_generate(generate_fn: Callable, prompts: Sequence[str], cache_path: Path, *,
-                    settings: DecodeSettings, batch_size: int, progress: bool = True,
-                    desc: str = "generate") -> tuple[list[dict], int]:
+def cached_generation_rows(generate_fn: Callable, prompts: Sequence[str], cache_path: Path, *,
+                           settings: DecodeSettings, batch_size: int, progress: bool = True,
+                           desc: str = "generate") -> tuple[list[dict], int]:
     """Generation rows for `prompts`, generating only those missing from the cache.
     Returns (rows {"prompt", "response", and "n_tokens", "stop" when the generator returns
     Generation tuples} in prompt order, number generated now)."""
@@ -218,6 +218,15 @@ def cached_generate(generate_fn: Callable, prompts: Sequence[str], cache_path: P
                     cache[p] = _cache_row(p, r)
                 _write_cache(cache_path, cache)
     return [cache[p] for p in prompts], len(missing)
+
+
+def cached_generate(generate_fn: Callable, prompts: Sequence[str], cache_path: Path, *,
+                    settings: DecodeSettings, batch_size: int, progress: bool = True,
+                    desc: str = "generate") -> tuple[list[str], int]:
+    """The responses of cached_generation_rows: (responses in prompt order, number generated now)."""
+    rows, n_new = cached_generation_rows(generate_fn, prompts, cache_path, settings=settings,
+                                         batch_size=batch_size, progress=progress, desc=desc)
+    return [r["response"] for r in rows], n_new
 
 
 def cached_reference_nll(nll_fn: Callable, prompts: Sequence[str], refs: Sequence[str],
@@ -381,9 +390,9 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
         recs = load_eval_records(es, limit)
         prompts = [r.prompt for r in recs]
         cpath = generations_cache_path(cache_root, mhash, s, settings)
-        gen_rows, n_new = cached_generate(generate_fn, prompts, cpath, settings=settings,
-                                          batch_size=batch_size, progress=progress,
-                                          desc=f"generate {s}")
+        gen_rows, n_new = cached_generation_rows(generate_fn, prompts, cpath, settings=settings,
+                                                 batch_size=batch_size, progress=progress,
+                                                 desc=f"generate {s}")
         responses = [g["response"] for g in gen_rows]
         counts["generated"] += n_new
         counts["cached"] += len(prompts) - n_new

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from semloss_jax.eval.agreement import bootstrap_stat_ci
 from semloss_jax.eval.metrics import (
     DEFAULT_LEVEL,
     DEFAULT_N_BOOT,
@@ -35,6 +34,7 @@ from semloss_jax.eval.metrics import (
     bootstrap_mean_ci,
     rate_summary,
 )
+from semloss_jax.eval.rank_stats import bootstrap_stat_ci
 from semloss_jax.models.generation import STOP_EOT, STOP_LENGTH, stop_reason
 
 DEFAULT_MIN_TOKENS = 32

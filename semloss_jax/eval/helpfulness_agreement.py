@@ -8,13 +8,15 @@ helpfulness label (`--label-field`, default `helpfulness`): `helpful`, `partly` 
 Rows whose label is missing or empty (e.g. replies to harmful prompts) are skipped. Optional
 per row: `reference` (the prompt's reference answer; else it is looked up by prompt text in
 the `--references` named set, all splits), `n_tokens` and `stop` (as written by `eval.py run`;
-else the reply is re-tokenized, see semloss_jax.eval.helpfulness) and `max_new_tokens`.
+else the reply is re-tokenized, see semloss_jax.eval.helpfulness), the generation limit
+(`max_new_tokens`, or `decoding.max_new_tokens`) and a group (`--group-field`, default `kind`:
+benign / overrefusal), for which the agreement is also reported group by group.
 
 For each proxy (reply length in tokens, "did not stop early" = 1 - early_stop, ROUGE-L F1 and
 embedding cosine where a reference exists) on the rows where it is defined:
     Spearman's rho against the label as a score (helpful 2, partly 1, unhelpful 0), and
     the ROC AUC of the proxy for helpful vs partly-or-unhelpful,
-each with a paired bootstrap 95% interval (semloss_jax.eval.agreement).
+each with a paired bootstrap 95% interval (semloss_jax.eval.rank_stats).
 
 --own-reference checks that the reference-based proxies see the reply and not only the topic
 or the style: on a generations file of `eval.py run` (rows with `response` and `reference`),
@@ -37,7 +39,6 @@ import numpy as np
 from semloss_jax.data import registry
 from semloss_jax.data.readers import read_table
 from semloss_jax.errors import DataError, cli_main
-from semloss_jax.eval.agreement import auc_summary, spearman_summary
 from semloss_jax.eval.embedding import TextEmbedder, cosine_rows, embed_texts, pair_cosines
 from semloss_jax.eval.helpfulness import (
     DEFAULT_MIN_TOKENS,
@@ -46,6 +47,7 @@ from semloss_jax.eval.helpfulness import (
     rouge_l_f1,
     token_lengths,
 )
+from semloss_jax.eval.rank_stats import auc_summary, spearman_summary
 from semloss_jax.models import loading
 from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.paths import atomic_write_text
@@ -61,6 +63,7 @@ class LabelledReply:
     row: dict
     reference: str | None
     score: int
+    group: str | None = None
 
 
 def _text(row: dict, key: str, path: Path, loc: str) -> str:
@@ -70,8 +73,17 @@ def _text(row: dict, key: str, path: Path, loc: str) -> str:
     return v
 
 
+def _max_new_tokens(row: dict) -> int | None:
+    """The row's generation limit: `max_new_tokens`, else `decoding.max_new_tokens`, else None."""
+    v = row.get("max_new_tokens")
+    if v is None and isinstance(row.get("decoding"), dict):
+        v = row["decoding"].get("max_new_tokens")
+    return None if v is None else int(v)
+
+
 def read_labelled(path: str | Path, *, label_field: str = "helpfulness",
-                  references: dict[str, str] | None = None) -> tuple[list[LabelledReply], int]:
+                  references: dict[str, str] | None = None, group_field: str | None = "kind"
+                  ) -> tuple[list[LabelledReply], int]:
     """The labelled rows of FILE and the number of rows skipped (no label); DataError names the
     file, line and field of a bad row."""
     path = Path(path)
@@ -89,11 +101,12 @@ def read_labelled(path: str | Path, *, label_field: str = "helpfulness",
         prompt = _text(row, "prompt", path, loc)
         r = {"prompt": prompt, "response": _text(row, "response", path, loc),
              "n_tokens": row.get("n_tokens"), "stop": row.get("stop"),
-             "max_new_tokens": row.get("max_new_tokens")}
+             "max_new_tokens": _max_new_tokens(row)}
         ref = row.get("reference")
         if not (isinstance(ref, str) and ref.strip()):
             ref = (references or {}).get(prompt)
-        out.append(LabelledReply(r, ref, LABEL_SCORES[lab]))
+        group = row.get(group_field) if group_field else None
+        out.append(LabelledReply(r, ref, LABEL_SCORES[lab], None if group is None else str(group)))
     if not out:
         raise DataError(path, None, label_field, "no labelled rows (is --label-field right?)")
     return out, skipped
@@ -158,31 +171,45 @@ def render_markdown(result: dict) -> str:
     lines = [f"Agreement of the helpfulness proxies with the labels of `{result['labels_file']}` "
              f"({result['n_labelled']} labelled rows, {result['n_skipped']} without a label; "
              f"early stop: end-of-turn before {result['min_tokens']} tokens)", "",
-             "| proxy | n | helpful / partly / unhelpful | Spearman rho [95%] | AUC helpful vs not [95%] |",
-             "|---|---|---|---|---|"]
-    for name, a in result["proxies"].items():
-        c = a["labels"]
-        lines.append(f"| {name} | {a['n']} | {c['helpful']} / {c['partly']} / {c['unhelpful']} | "
-                     f"{_fmt(a['spearman'], 'rho')} | {_fmt(a['auc_helpful'], 'auc')} |")
+             f"| rows ({result['group_field']}) | proxy | n | helpful / partly / unhelpful | "
+             "Spearman rho [95%] | AUC helpful vs not [95%] |",
+             "|---|---|---|---|---|---|"]
+    for group, proxies in [("all", result["proxies"]), *result["groups"].items()]:
+        for name, a in proxies.items():
+            if a["n"] == 0:
+                continue
+            c = a["labels"]
+            lines.append(f"| {group} | {name} | {a['n']} | {c['helpful']} / {c['partly']} / "
+                         f"{c['unhelpful']} | {_fmt(a['spearman'], 'rho')} | "
+                         f"{_fmt(a['auc_helpful'], 'auc')} |")
     return "\n".join(lines) + "\n"
 
 
 def run_agreement(labels: str | Path, *, tok, embedder: TextEmbedder | None,
                   label_field: str = "helpfulness", references: dict[str, str] | None = None,
+                  group_field: str | None = "kind",
                   max_new_tokens: int = 128, min_tokens: int = DEFAULT_MIN_TOKENS,
                   n_boot: int = 2000, seed: int = 0) -> dict:
     """Read the labelled rows, compute every proxy and its agreement with the labels."""
-    items, skipped = read_labelled(labels, label_field=label_field, references=references)
+    items, skipped = read_labelled(labels, label_field=label_field, references=references,
+                                   group_field=group_field)
     proxies = proxy_values(items, tok=tok, embedder=embedder, max_new_tokens=max_new_tokens,
                            min_tokens=min_tokens)
     scores = np.array([it.score for it in items], np.float64)
+    groups = sorted({it.group for it in items if it.group is not None})
+    by_group = {}
+    for g in groups:
+        sel = np.array([it.group == g for it in items])
+        by_group[g] = agreement({k: (v[sel], d[sel]) for k, (v, d) in proxies.items()},
+                                scores[sel], n_boot=n_boot, seed=seed)
     return {"labels_file": str(labels), "label_field": label_field, "n_labelled": len(items),
             "n_skipped": int(skipped), "n_with_reference": int(sum(it.reference is not None
                                                                     for it in items)),
             "min_tokens": min_tokens, "max_new_tokens": max_new_tokens,
             "embed_model": embedder.name if embedder is not None else None,
             "label_scores": LABEL_SCORES, "n_boot": n_boot, "bootstrap_seed": seed,
-            "proxies": agreement(proxies, scores, n_boot=n_boot, seed=seed)}
+            "proxies": agreement(proxies, scores, n_boot=n_boot, seed=seed),
+            "group_field": group_field, "groups": by_group}
 
 
 def own_reference_auc(replies: Sequence[str], refs: Sequence[str], *,
@@ -235,6 +262,8 @@ def main(argv: list[str]) -> int:
     what.add_argument("--own-reference", metavar="GENERATIONS",
                       help="a generations file with `response` and `reference` (module docstring)")
     ap.add_argument("--label-field", default="helpfulness")
+    ap.add_argument("--group-field", default="kind",
+                    help="also report the agreement per value of this field ('none': not)")
     ap.add_argument("--references", default="benign",
                     help="named set whose reference answers are looked up by prompt ('none': "
                          "only the rows' own `reference` field)")
@@ -257,6 +286,7 @@ def main(argv: list[str]) -> int:
         refs = None if args.references == "none" else reference_map(args.references)
         res = run_agreement(args.labels, tok=tok, embedder=embedder, label_field=args.label_field,
                             references=refs, max_new_tokens=args.max_new_tokens,
+                            group_field=None if args.group_field == "none" else args.group_field,
                             min_tokens=args.min_tokens, n_boot=args.n_boot)
         print(render_markdown(res))
     if args.out:
