@@ -360,11 +360,7 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
              embedder: TextEmbedder | None = None) -> dict:
     """Generate (cached), judge and write eval.json / eval.md / generations/*.jsonl.
     embedder: the frozen model of the reply/reference cosine (None: no cosine)."""
-    for s in sets:
-        if s not in EVAL_SETS:
-            raise EvalError(f"unknown evaluation set {s!r}; known: {', '.join(EVAL_SETS)}")
-    if min_tokens < 0:
-        raise EvalError(f"--min-tokens must be >= 0, got {min_tokens}")
+    _check_request(sets, min_tokens)
     out_dir = Path(out_dir)
     cache_root = Path(cache_root) if cache_root else cache_dir() / "generations"
     t0 = time.perf_counter()
@@ -407,24 +403,18 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
         rows, m = judge_set(es, recs, responses, judge=judge, n_boot=n_boot, seed=seed,
                             ref_nll=ref_nll, ref_tokens=ref_tok)
         if measures_helpfulness(es):
-            cos_path = Path(cache_root) / mhash[:24] / f"{s}-cos-{cos_key}.jsonl"
             extra, m["helpfulness"], n_cos = set_helpfulness(
                 es, recs, gen_rows, tok=tok, settings=settings, min_tokens=min_tokens,
-                embedder=embedder, cos_cache=cos_path, n_boot=n_boot, seed=seed,
-                progress=progress)
+                embedder=embedder, n_boot=n_boot, seed=seed, progress=progress,
+                cos_cache=Path(cache_root) / mhash[:24] / f"{s}-cos-{cos_key}.jsonl")
             counts["cosines_computed"] += n_cos
-            for row, e in zip(rows, extra):
-                row.update(e)
+            rows = [{**row, **e} for row, e in zip(rows, extra)]
         m.update({"source_set": es.source_set, "split": es.split, "kind": es.kind,
                   "description": es.description, "generated_now": n_new})
         results[s] = m
         atomic_write_text(out_dir / "generations" / f"{s}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         timings[s] = time.perf_counter() - ts
-    judge_info = None
-    if judge is not None:
-        judge_info = {"name": getattr(judge, "name", type(judge).__name__),
-                      "meta": _jsonable(getattr(judge, "meta", {}))}
     report = {
         "eval_version": EVAL_VERSION,
         "model": {**(model_info or {}), "hash": mhash,
@@ -436,7 +426,7 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
                      "bootstrap_seed": seed, "harm_threshold": 0.5, "min_tokens": min_tokens,
                      "embed_model": embedder.name if embedder is not None else None,
                      "refusal_detector": "semloss_jax.eval.judges.is_refusal"},
-        "judge": judge_info,
+        "judge": _judge_info(judge),
         "counts": counts,
         "sets": results,
         "seconds": {"total": time.perf_counter() - t0, **timings},
@@ -445,6 +435,23 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
     atomic_write_text(out_dir / "eval.md", render_markdown(report))
     return report
+
+
+def _check_request(sets: Sequence[str], min_tokens: int) -> None:
+    """EvalError for an unknown set name or a negative --min-tokens."""
+    for s in sets:
+        if s not in EVAL_SETS:
+            raise EvalError(f"unknown evaluation set {s!r}; known: {', '.join(EVAL_SETS)}")
+    if min_tokens < 0:
+        raise EvalError(f"--min-tokens must be >= 0, got {min_tokens}")
+
+
+def _judge_info(judge) -> dict | None:
+    """The harm judge's name and metadata for eval.json (None without a judge)."""
+    if judge is None:
+        return None
+    return {"name": getattr(judge, "name", type(judge).__name__),
+            "meta": _jsonable(getattr(judge, "meta", {}))}
 
 
 def _jsonable(x):
