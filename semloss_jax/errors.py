@@ -14,14 +14,19 @@ subclass, and each subclass also derives from the builtin its callers would expe
     ├── ShardingError   a mesh or partitioning that does not fit the devices or the arrays
     ├── TrainError      a run that cannot start or go on
     │   ├── CheckpointError
-    │   └── NonFiniteLoss
+    │   ├── NonFiniteLoss
+    │   └── Interrupted a run stopped by SIGTERM / SIGINT after saving (exit code 128 + signal)
     └── EvalError       evaluation and report inputs
 
 `cli_main` is how every entry point (train.py, eval.py, `python -m semloss_jax....`) reports
-them: one line on stderr and exit code 2; `--debug` shows the traceback instead.
+them: one line on stderr and exit code 2 (an error's own `exit_code` where it has one);
+`--debug` shows the traceback instead. Ctrl-C outside a training loop is one line too (exit
+code 130).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -94,22 +99,68 @@ class NonFiniteLoss(TrainError):
     """The loss or the parameters became NaN/inf; the message names the last good checkpoint."""
 
 
+class Interrupted(TrainError):
+    """A run stopped on SIGTERM / SIGINT after finishing its step and saving a checkpoint; the
+    message names the checkpoint and the resume command. Exit code 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        super().__init__(message)
+
+
 class EvalError(SemlossError, ValueError):
     """Bad evaluation or report input (sets, limits, result files)."""
+
+
+class _DropLibraryTracebacks(logging.Filter):
+    """Drops the ERROR records with a traceback that absl-logging libraries (Orbax) write from
+    their background threads: the same exception reaches the caller, which reports it in one
+    line (a failed checkpoint save would otherwise print hundreds of lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+
+@contextlib.contextmanager
+def _quiet_library_noise():
+    """While a CLI runs without --debug: _DropLibraryTracebacks on the "absl" logger, and no
+    'Event loop is closed' tracebacks (TensorStore callbacks of a save that already failed)."""
+    flt, absl_log, old_hook = _DropLibraryTracebacks(), logging.getLogger("absl"), sys.unraisablehook
+
+    def hook(u):  # TensorStore reports these through PyErr_WriteUnraisable
+        if not (type(u.exc_value) is RuntimeError and str(u.exc_value) == "Event loop is closed"):
+            old_hook(u)
+
+    absl_log.addFilter(flt)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        absl_log.removeFilter(flt)
+        sys.unraisablehook = old_hook
 
 
 def cli_main(prog: str, main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`; a SemlossError becomes one line `prog: error: ...` and exit code 2.
 
-    `--debug` anywhere in argv is removed and lets the exception (and its traceback) through.
+    `--debug` anywhere in argv is removed and lets the exception (and its traceback) through,
+    with every library log record; without it, library tracebacks of errors that the project
+    reports itself are left out (_quiet_library_noise).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        return int(main(args) or 0)
+        with contextlib.nullcontext() if debug else _quiet_library_noise():
+            return int(main(args) or 0)
     except SemlossError as e:
         if debug:
             raise
         print(f"{prog}: error: {e} (--debug shows the traceback)", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130

@@ -5,8 +5,9 @@
     python -m semloss_jax.data fetch all        # both (what `make fetch` runs)
     python -m semloss_jax.data sets [--force]   # (re)build the sources and print each set's counts
 
-Every step is idempotent: a rerun finds the verified files and the up-to-date build and does
-nothing.
+Every step is idempotent: a rerun checks the size and sha256 recorded for every extracted and
+every built file and does nothing more when they match; a missing or damaged file is rewritten
+(from the verified archive, or by rebuilding), so a damaged cache repairs itself.
 """
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ def main(argv: list[str]) -> int:
             print(f"[fetch] model: {fetch.fetch_model()}", file=sys.stderr)
         if args.what in ("data", "all"):
             fetch.fetch_archives()
-            registry.build_all()
+            registry.build_all(verify=True)
             print(f"[fetch] data: {cache_dir()}", file=sys.stderr)
         return 0
-    registry.build_all(force=args.force)
+    registry.build_all(force=args.force, verify=True)
     for name, counts in set_counts().items():
         print(f"{name}: {counts}")
     return 0

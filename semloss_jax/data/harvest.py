@@ -175,6 +175,17 @@ def harvest(params, cfg, tok, n: int, *, judge=None, threshold: float = 0.5,
     return filter_responses(prompts, responses, judge=judge, threshold=threshold)
 
 
+def check_args(args, out: Path) -> None:
+    """DataError for options that would fail only after the model has run (or never make sense)."""
+    for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise DataError(None, None, flag, f"must be >= 1, got {value}")
+    if out.is_dir():
+        raise DataError(out, None, "--out", "is a directory; --out takes the JSONL file to write "
+                        f"(e.g. {out / 'd_harmful.jsonl'})")
+
+
 def main(argv: list[str]) -> int:
     """Harvest D_harmful for --n training prompts (or take PyRIT's pairs), write the JSONL and,
     with --soft-targets, the mu(q) side files; print the counts and return 0."""
@@ -198,9 +209,8 @@ def main(argv: list[str]) -> int:
                     help="also store mu(q) per response token (OUT.mu.npy, OUT.mu_index.npy)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error("--n must be >= 1")
     out = Path(args.out)
+    check_args(args, out)
     need_model = args.source == "model" or args.soft_targets
     params = cfg = tok = None
     if need_model:

@@ -63,6 +63,21 @@ class ReadSummary:
 OnError = Literal["raise", "skip"]
 
 
+def check_utf8(path: Path) -> None:
+    """DataError naming the first line that is not valid UTF-8 (read line by line, in binary)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, None, _utf8_message(raw, e)) from None
+
+
+def _utf8_message(raw: bytes, e: UnicodeDecodeError) -> str:
+    return (f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-save the "
+            f"file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
 def _fmt_of(path: Path, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
@@ -232,6 +247,8 @@ def read_table(path: str | os.PathLike, fmt: str | None = None, *, on_error: OnE
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "file not found")
+    if path.suffix.lower() not in (".parquet", ".pq") and fmt != "parquet":
+        check_utf8(path)
     fmt = _fmt_of(path, fmt)
     summary = summary if summary is not None else ReadSummary(file=str(path))
     if fmt == "jsonl":
@@ -483,8 +500,12 @@ def read_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise"
         raise DataError(p, None, None, "file not found")
     summary = ReadSummary(file=str(p))
     out: list[Record] = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(p, "rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(p, lineno, None, _utf8_message(raw_bytes, e)) from None
             if not raw.strip():
                 continue
             try:
@@ -503,13 +524,23 @@ def read_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise"
                     raise DataError(p, lineno, "split", f"unknown split {d['split']!r}")
                 if not isinstance(d["prompt"], str) or not d["prompt"].strip():
                     raise DataError(p, lineno, "prompt", "empty value")
-                out.append(Record.from_dict(d))
+                out.append(_record_at(d, p, lineno))
             except DataError as e:
                 if on_error == "raise":
                     raise
                 summary.skip(e, _reason(e))
     summary.kept = len(out)
     return out, summary
+
+
+def _record_at(d: dict, file: Path, lineno: int) -> Record:
+    """Record.from_dict(d), its errors placed at the file and line the dict came from."""
+    try:
+        return Record.from_dict(d)
+    except DataError as e:
+        if e.file is not None:
+            raise
+        raise DataError(file, lineno, e.field, e.message) from None
 
 
 def save_response_mu(out: str | Path, mus: Sequence[np.ndarray]) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from semloss_jax.data import fetch
 from semloss_jax.data.readers import read_jsonl, write_jsonl
 from semloss_jax.data.schema import Record
 from semloss_jax.data.sources import SOURCES, Source
@@ -111,13 +112,45 @@ def convert_source(name: str) -> list[Record]:
     return recs
 
 
-def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
-              val_frac: float = DEFAULT_VAL_FRAC, force: bool = False, verbose: bool = True) -> dict:
-    """Convert every available source into data_dir() (JSONL per source + manifest.json).
+def _stale(old: dict, prints: dict, seed: int, test_frac: float, val_frac: float, out_dir: Path,
+           verify: bool) -> str | None:
+    """Why the build recorded in manifest `old` cannot be reused (None: it can). Every built
+    file must have its recorded size (verify=True: and sha256)."""
+    if (old.get("seed"), old.get("test_frac"), old.get("val_frac")) != (seed, test_frac, val_frac):
+        return "other split settings"
+    if {k: v.get("fingerprint") for k, v in old.get("sources", {}).items()} != prints:
+        return "the inputs changed"
+    files = {f"{k}.jsonl": old["sources"][k].get("file") for k, v in prints.items() if v}
+    if any(not isinstance(f, dict) for f in files.values()):
+        return "the manifest records no file sizes and hashes"
+    bad = fetch.damaged(out_dir, files, full=verify)
+    return ("damaged: " + ", ".join(f"{k} ({v})" for k, v in bad.items())) if bad else None
 
-    A rerun with the same inputs, seed and fraction is a no-op. A source whose files are
-    absent (the shared Safety-Tuned LLaMAs folder) is reported and left out of the build;
-    loading it later raises a clear DataError."""
+
+def _adopt(manifest: dict, out_dir: Path) -> bool:
+    """Record the size and sha256 of built files that a manifest without them lists, when each
+    file holds the number of records the manifest counted (a build written before files were
+    recorded); False when one does not (then it is rebuilt)."""
+    for name, entry in manifest.get("sources", {}).items():
+        if entry.get("fingerprint") is None or "file" in entry:
+            continue
+        path = out_dir / f"{name}.jsonl"
+        if not path.is_file() or path.read_bytes().count(b"\n") != entry.get("count"):
+            return False
+        entry["file"] = fetch.file_digest(path)
+    return True
+
+
+def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
+              val_frac: float = DEFAULT_VAL_FRAC, force: bool = False, verbose: bool = True,
+              verify: bool = False) -> dict:
+    """Convert every available source into data_dir() (JSONL per source + manifest.json, which
+    records each file's size and sha256).
+
+    A rerun with the same inputs, seed and fraction is a no-op when every built file has its
+    recorded size (verify=True: and sha256); a missing or damaged file is rebuilt. A source
+    whose files are absent (the shared Safety-Tuned LLaMAs folder) is reported and left out of
+    the build; loading it later raises a clear DataError."""
     out_dir = data_dir()
     manifest_path = out_dir / "manifest.json"
     prints: dict[str, str | None] = {}
@@ -129,14 +162,20 @@ def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
             if verbose:
                 print(f"[data] {name}: skipped ({e})", file=sys.stderr)
     if manifest_path.exists() and not force:
-        old = json.loads(manifest_path.read_text())
-        if (old.get("seed") == seed and old.get("test_frac") == test_frac
-                and old.get("val_frac") == val_frac
-                and {k: v.get("fingerprint") for k, v in old["sources"].items()} == prints
-                and all((out_dir / f"{k}.jsonl").exists() for k, v in prints.items() if v)):
+        try:
+            old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        why = _stale(old, prints, seed, test_frac, val_frac, out_dir, verify) if old else "unreadable"
+        if why == "the manifest records no file sizes and hashes" and _adopt(old, out_dir):
+            atomic_write_text(manifest_path, json.dumps(old, indent=1, sort_keys=True) + "\n")
+            why = None
+        if why is None:
             if verbose:
                 print(f"[data] up to date: {out_dir}", file=sys.stderr)
             return old
+        if verbose or why.startswith("damaged"):
+            print(f"[data] rebuilding {out_dir}: {why}", file=sys.stderr)
     by_source = {name: convert_source(name) for name, fp in prints.items() if fp is not None}
     split = assign_splits(by_source, {n: SOURCES[n].role for n in by_source}, seed=seed,
                           test_frac=test_frac, val_frac=val_frac)
@@ -148,6 +187,7 @@ def build_all(*, seed: int = DEFAULT_SEED, test_frac: float = DEFAULT_TEST_FRAC,
         if fp is not None:
             recs = split[name]
             write_jsonl(out_dir / f"{name}.jsonl", recs)
+            entry["file"] = fetch.file_digest(out_dir / f"{name}.jsonl")
             entry["count"] = len(recs)
             entry["splits"] = dict(sorted(Counter(r.split for r in recs).items()))
             entry["labels"] = dict(sorted(Counter(r.label for r in recs).items()))

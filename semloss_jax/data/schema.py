@@ -55,7 +55,9 @@ class Record:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise DataError(None, None, "prompt", f"empty prompt (id {self.id!r})")
         if not isinstance(self.response, str):
-            raise DataError(None, None, "response", f"response is not a string (id {self.id!r})")
+            got = "null" if self.response is None else type(self.response).__name__
+            raise DataError(None, None, "response", f"expected a string, got {got} (id {self.id!r}); "
+                            f"a record without a response has \"response\": \"\"")
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict of its fields (one JSONL line)."""

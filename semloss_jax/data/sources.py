@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from semloss_jax.data import fetch
 from semloss_jax.data.fetch import ARCHIVES
 from semloss_jax.data.readers import read_table, row_to_record
 from semloss_jax.data.schema import FieldMap, Record
@@ -42,8 +43,12 @@ class Source:
         return ARCHIVES[self.location].dest
 
     def paths(self) -> list[Path]:
-        """The input files; a clear DataError when they are absent."""
+        """The input files; a clear DataError when they are absent. An archive's extracted files
+        are checked against their recorded sizes first (and rewritten from the downloaded
+        archive when damaged: fetch.extract)."""
         root = self.root()
+        if self.location != "shared" and fetch.read_marker(ARCHIVES[self.location]) is not None:
+            fetch.extract(ARCHIVES[self.location], full=False, allow_download=False)
         out: list[Path] = []
         for pat in self.files:
             hits = sorted(Path(p) for p in glob.glob(str(root / pat)))

@@ -207,7 +207,8 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
 def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecords | None = None
                   ) -> tuple[dict[str, BatchStream], dict[str, str]]:
     """One BatchStream per part ("benign", and "harmful" when its batch is > 0), tokenized
-    with the chat template; also the tokenization statistics per part, as text."""
+    with the chat template; also the tokenization statistics per part, as text (with a warning
+    when a part has fewer examples than its batch has rows, so that every batch repeats some)."""
     records = load_records(d, objective, seed) if records is None else records
     streams, stats = {}, {}
     mpl = d.max_prompt_len or None
@@ -221,6 +222,9 @@ def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecor
         exs, st = batching.tokenize_records(recs, tok, seq_len=d.seq_len, max_prompt_len=mpl,
                                             response_mu=mu)
         stats[name] = str(st)
+        if len(exs) < bsz:
+            stats[name] += (f"; WARNING {len(exs)} example(s) < data.{name}_batch={bsz}: every batch "
+                            f"repeats examples (add data or lower data.{name}_batch)")
         streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
                                     seed=seed, shuffle=d.shuffle, pack=d.pack)
     return streams, stats

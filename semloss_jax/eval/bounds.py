@@ -221,7 +221,8 @@ def summarize(a: dict, timings: dict, *, k: int, cfg, n_pairs: int) -> dict:
             {"mean": float("nan"), "median": float("nan")}
     return {
         "positions": int(len(ex)), "pairs": int(n_pairs), "topk": int(k),
-        "sinkhorn": {"epsilon": cfg.epsilon, "threshold": cfg.threshold,
+        "sinkhorn": {"epsilon": cfg.epsilon, "final_epsilon": cfg.final_epsilon,
+                     "polish_epsilons": list(cfg.polish_epsilons), "threshold": cfg.threshold,
                      "max_iterations": cfg.max_iterations,
                      "converged_fraction": float(np.mean(a["converged"])),
                      "n_iters_median": float(np.median(a["n_iters"])),
@@ -253,6 +254,11 @@ def summarize(a: dict, timings: dict, *, k: int, cfg, n_pairs: int) -> dict:
 
 # ----------------------------------------------------------------------------- outputs
 
+def _later_epsilons(sk: dict) -> str:
+    later = [e for e in [sk.get("final_epsilon"), *sk.get("polish_epsilons", [])] if e]
+    return ", ".join(str(e) for e in later) or "no further stage"
+
+
 def render_markdown(s: dict, command: str) -> str:
     """bounds.md: the summary as markdown tables (gaps, correlations, timings) and notes."""
     t = s["seconds_per_position"]
@@ -283,7 +289,8 @@ def render_markdown(s: dict, command: str) -> str:
         f"| one-hot EMD, OTT (top-k(p) ∪ {{y}}) | {t['onehot_ott']:.2e} |",
         f"| one-hot EMD + LB, closed form (full vocabulary) | {t['onehot_closed_full']:.2e} |", "",
         "Compile time is excluded (each method is compiled ahead of time, then timed once).", "",
-        f"Sinkhorn: epsilon {s['sinkhorn']['epsilon']}, threshold {s['sinkhorn']['threshold']}, "
+        f"Sinkhorn: epsilon {s['sinkhorn']['epsilon']}, then {_later_epsilons(s['sinkhorn'])} "
+        f"(warm-started), threshold {s['sinkhorn']['threshold']}, "
         f"converged {100 * s['sinkhorn']['converged_fraction']:.1f}% of positions "
         f"(median {s['sinkhorn']['n_iters_median']:.0f} iterations, max {s['sinkhorn']['n_iters_max']}); "
         f"OTT vs LP on {s['ott_vs_lp']['positions']} positions: max |diff| "

@@ -604,9 +604,22 @@ def load_embedder(spec: str, evaluated: loading.LoadedModel) -> TextEmbedder:
     return TextEmbedder(e.params, e.cfg, e.tok, name=f"{spec} ({e.path.name})")
 
 
+def check_args(args) -> None:
+    """EvalError for option values that cannot work, before the model is loaded."""
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--batch-size", args.batch_size, 1), ("--ce-seq-len", args.ce_seq_len, 2),
+                               ("--n-boot", args.n_boot, 1), ("--limit", args.limit, 1)):
+        if value is not None and value < least:
+            raise EvalError(f"{flag} must be >= {least}, got {value}")
+    if Path(args.out).is_file():
+        raise EvalError(f"--out {args.out}: is a file; --out takes a directory (eval.json, eval.md "
+                        "and generations/ are written in it)")
+
+
 def run(args) -> int:
     """Run `eval.py run`: load the model (and the harm judge if needed), evaluate, print eval.md;
     return 0."""
+    check_args(args)
     m = loading.load_model(args.model)
     cfg, params, tok = m.cfg, m.params, m.tok
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, system=args.system)

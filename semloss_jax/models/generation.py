@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semloss_jax.errors import ModelError
+from semloss_jax.models.context import decode_whole_chars, fit_prompts
 from semloss_jax.models.llama import LlamaConfig, default_positions, forward_with_cache, init_cache
 
 
@@ -108,8 +110,16 @@ def decode(params, cfg: LlamaConfig, prompt_ids, prompt_seg, key, temperature, t
 
 def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[int]], *, eos_ids,
                  pad_id: int, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, batch_size: int = 8, progress=None) -> list[list[int]]:
-    """Generated token ids (without the end-of-turn token) for each prompt, in order."""
+                 seed: int = 0, batch_size: int = 8, progress=None,
+                 truncate_prompt: bool = False) -> list[list[int]]:
+    """Generated token ids (without the end-of-turn token) for each prompt, in order.
+
+    Every prompt plus max_new_tokens must fit the model's context (ModelError otherwise);
+    truncate_prompt=True keeps the last tokens of a prompt that does not (with a warning)."""
+    if batch_size < 1:
+        raise ModelError(f"batch_size must be >= 1, got {batch_size}")
+    prompt_token_ids, _ = fit_prompts(prompt_token_ids, max_new_tokens=max_new_tokens,
+                                      context=cfg.max_position_embeddings, truncate=truncate_prompt)
     results: list[list[int]] = []
     key = jax.random.PRNGKey(seed)
     n = len(prompt_token_ids)
@@ -132,13 +142,14 @@ def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[i
 
 def generate(params, cfg: LlamaConfig, tok, prompts: Sequence[str], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, system: str | None = None,
-             batch_size: int = 8, progress=None) -> list[str]:
-    """Chat-templated prompts -> decoded replies (special tokens removed)."""
+             batch_size: int = 8, progress=None, truncate_prompt: bool = False) -> list[str]:
+    """Chat-templated prompts -> decoded replies (special tokens removed; a reply cut inside a
+    multi-byte character ends before it). truncate_prompt: as generate_ids."""
     prompt_ids = [tok.prompt_ids(p, system) for p in prompts]
     out = generate_ids(params, cfg, prompt_ids, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       batch_size=batch_size, progress=progress)
-    return [tok.decode(ids).strip() for ids in out]
+                       batch_size=batch_size, progress=progress, truncate_prompt=truncate_prompt)
+    return [decode_whole_chars(tok.decode, ids).strip() for ids in out]
 
 
 STOP_EOT = "eot"        # the reply ended with an end-of-turn token
@@ -172,5 +183,6 @@ def generate_detailed(params, cfg: LlamaConfig, tok, prompts: Sequence[str], *,
     out = generate_ids(params, cfg, prompt_ids, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        batch_size=batch_size, progress=progress)
-    return [Generation(tok.decode(ids).strip(), len(ids), stop_reason(len(ids), max_new_tokens))
+    return [Generation(decode_whole_chars(tok.decode, ids).strip(), len(ids),
+                       stop_reason(len(ids), max_new_tokens))
             for ids in out]

@@ -21,7 +21,6 @@ from semloss_jax.errors import ModelError
 from semloss_jax.models import weights
 from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
-from semloss_jax.paths import default_model_path
 
 DEFAULT = "default"
 
@@ -45,11 +44,10 @@ def run_dir_of(spec: str | Path | None) -> Path | None:
 
 
 def resolve_model_path(spec: str | Path | None) -> Path:
-    """None or "default" -> the embedded model (fetched and verified when missing); a run
+    """None or "default" -> the embedded model (fetched when missing, verified always); a run
     directory -> its hf/ export; anything else -> that path, which must exist."""
     if spec is None or str(spec) == DEFAULT:
-        path = default_model_path()
-        return path if path.exists() else fetch_model()
+        return fetch_model()  # checks the recorded size and sha256; repairs a damaged file
     p = Path(spec).expanduser()
     run = run_dir_of(p)
     if run is not None:

@@ -204,8 +204,26 @@ def _collect_marks(node: yaml.Node, prefix: str, file: str, marks: Marks) -> Non
             _collect_marks(v, key, file, marks)
 
 
+def read_config_text(path: Path) -> str:
+    """The text of a config file; ConfigError when it is missing, a directory or not UTF-8."""
+    if path.is_dir():
+        raise ConfigError("is a directory; --config takes a YAML file (e.g. configs/smoke.yaml)",
+                          file=str(path))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("no such config file", file=str(path)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the config: {e.strerror}", file=str(path)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
+                          file=str(path), line=raw[:e.start].count(b"\n") + 1) from None
+
+
 def _load_yaml(path: Path, marks: Marks) -> dict:
-    text = path.read_text(encoding="utf-8")
+    text = read_config_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -213,8 +231,10 @@ def _load_yaml(path: Path, marks: Marks) -> dict:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", file=str(path),
                           line=(mark.line + 1) if mark else None) from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file would silently train every default (a full 135M fine-tune)
+        raise ConfigError("the config file is empty; write the sections to change (see "
+                          "configs/smoke.yaml), or leave out --config for configs/default.yaml",
+                          file=str(path))
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", file=str(path), line=1)
     _collect_marks(node, "", str(path), marks)

@@ -3,10 +3,12 @@
     result = train(load_config("configs/smoke.yaml", ["run.output_dir=/tmp/x"]))
 
 Run directory (cfg.run.output_dir):
-    config.yaml     the resolved config
+    train.lock      held while a run uses the directory (semloss_jax.train.runlock)
+    config.yaml     the resolved config (written once every check has passed)
     metrics.jsonl   one JSON object per step (step, loss, ce, emd_lower, emd_upper, emd_onehot,
                     harm_nll, grad_norm, lr, tokens, tokens_per_s, step_time_s, ...)
     checkpoints/    Orbax (semloss_jax.train.checkpoint)
+    damaged_checkpoints/  checkpoints that a resume found damaged and set aside
     tb/             TensorBoard scalars (tensorboardX)
     hf/             the final model as a Hugging Face safetensors directory (LoRA merged)
 
@@ -15,6 +17,11 @@ Run directory (cfg.run.output_dir):
 jitted ONCE with in/out shardings from semloss_jax.train.sharding and the state donated. Every
 batch has the fixed shape [grad_accum, batch, seq_len], so it compiles exactly once per run
 (`TrainResult.compiles` counts the traces; the jitted function's cache size is checked too).
+
+Faults: `run.resume` continues from the newest checkpoint that restores and verifies (damaged
+newer ones are named and set aside); SIGTERM / SIGINT finish the current step, save it and
+stop with the resume command (semloss_jax.train.interrupt); a failed save (a full disk) stops
+the run at once with one line.
 
 Data streams are deterministic functions of (seed, epoch, index): the position of each stream
 is saved in every checkpoint, so `run.resume` replays exactly the batches an uninterrupted run
@@ -27,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +44,7 @@ import jax
 import numpy as np
 
 from semloss_jax.data import streams as streams_lib
-from semloss_jax.errors import ModelError, NonFiniteLoss, TrainError
+from semloss_jax.errors import CheckpointError, Interrupted, ModelError, NonFiniteLoss, TrainError
 from semloss_jax.models import loading, weights
 from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
@@ -45,6 +53,8 @@ from semloss_jax.train import config as config_lib
 from semloss_jax.train import optim, sharding
 from semloss_jax.train import state as state_lib
 from semloss_jax.train import step as step_lib
+from semloss_jax.train.interrupt import StopSignals, signal_name
+from semloss_jax.train.runlock import RunLock
 from semloss_jax.train.telemetry import MetricsLog, device_peak_flops, read_metrics, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -117,7 +127,7 @@ def setup_run_dir(cfg: config_lib.TrainConfig, say) -> RunPaths | TrainResult:
     out = Path(cfg.run.output_dir).absolute()
     paths = RunPaths(out, out / "checkpoints", out / "metrics.jsonl")
     if not cfg.run.resume and paths.checkpoints.exists() and any(paths.checkpoints.iterdir()):
-        done = finished_run(cfg, paths)
+        done = finished_run(cfg, paths, say)
         if done is not None:
             say(f"{out} already holds the finished run of this config (step {done.final_step}); "
                 f"nothing to do")
@@ -125,8 +135,6 @@ def setup_run_dir(cfg: config_lib.TrainConfig, say) -> RunPaths | TrainResult:
         raise TrainError(f"{paths.checkpoints} already holds checkpoints: pass --resume "
                          f"(run.resume=true) to continue that run, or choose another run.output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    if is_main():
-        config_lib.write_config(cfg, out / "config.yaml")
     return paths
 
 
@@ -162,30 +170,39 @@ def setup_mesh_and_model(cfg: config_lib.TrainConfig, tok: ChatTokenizer | None,
 
 def restore_or_start(cfg: config_lib.TrainConfig, s: TrainSetup, paths: RunPaths,
                      ckpt: ckpt_lib.Checkpointer, say) -> int | None:
-    """With run.resume, restore the latest checkpoint into s.state and seek the streams;
-    returns the step resumed from (None for a fresh start). metrics.jsonl is cut to match."""
-    latest = ckpt.latest_step() if cfg.run.resume else None
-    if latest is None:
+    """With run.resume, restore the newest checkpoint that restores and verifies into s.state
+    and seek the streams; damaged newer ones are named and set aside. Returns the step resumed
+    from (None for a fresh start). metrics.jsonl is cut to match."""
+    got = None
+    if cfg.run.resume:
+        got = ckpt.restore_newest(s.state, s.plan.state_shardings, verify=_step_counter_matches)
+    if got is None:
         if cfg.run.resume:
             say(f"resume: no finalized checkpoint in {paths.checkpoints}; starting from step 0")
         if is_main() and paths.metrics.exists():
             paths.metrics.unlink()
         return None
-    saved, meta = ckpt.restore(s.state, s.plan.state_shardings, latest)
-    s.state = dict(s.state, **saved)
-    for name, pos in meta.get("data", {}).items():
+    if got.skipped:
+        moved = ckpt.set_aside([st for st, _ in got.skipped])
+        say("resume: WARNING skipped damaged checkpoint(s) " + "; ".join(
+            f"{st} ({why}) -> moved to {dest}" for (st, why), dest in zip(got.skipped, moved)))
+    s.state = dict(s.state, **got.state)
+    for name, pos in got.meta.get("data", {}).items():
         if name in s.streams:
             s.streams[name].seek(pos)
-    start = int(meta["step"])
-    if meta.get("config") not in (None, fingerprint(cfg)):
+    if got.meta.get("config") not in (None, fingerprint(cfg)):
         say("resume: WARNING the config differs from the one that wrote the checkpoint "
             "(the continuation is not the uninterrupted run of either config)")
-    if int(jax.device_get(s.state["step"])) != start:
-        raise TrainError(f"checkpoint {latest}: state step {int(s.state['step'])} != meta step {start}")
     if is_main():
-        truncate_metrics(paths.metrics, start)
-    say(f"resume: restored step {start} from {paths.checkpoints / str(latest)}")
-    return start
+        truncate_metrics(paths.metrics, got.step)
+    say(f"resume: restored step {got.step} from {paths.checkpoints / str(got.step)}")
+    return got.step
+
+
+def _step_counter_matches(step: int, state: dict, meta: dict) -> None:
+    counter = int(sharding.to_host(state["step"]))
+    if counter != step:
+        raise CheckpointError(f"checkpoint {step}: the state's step counter is {counter}")
 
 
 def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> CompiledStep:
@@ -240,54 +257,76 @@ def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> Compile
 
 
 class LoopOutcome(NamedTuple):
-    """How train_loop ended: the last step done, the finite steps' records, per-step times, and why
-    it stopped early (or None)."""
+    """How train_loop ended: the last step done, the finite steps' records, per-step times, why
+    it stopped early (or None), and the signal that stopped it (or None)."""
 
     step: int                 # the last step done
     history: list[dict]       # the finite steps' records
     times: list[float]        # wall seconds per step
     stopped: str | None       # why the loop stopped early (non-finite loss or params)
+    signum: int | None = None  # SIGTERM / SIGINT: the loop saved at `step` and stopped
+
+
+def run_step(cs: CompiledStep, s: TrainSetup, step: int) -> dict:
+    """Run one step (updating s.state); its metrics record (step = the step number it makes)."""
+    benign, harmful = cs.next_batches()
+    t = time.perf_counter()
+    s.state, m = cs.fn(s.state, benign, harmful, s.E_hat)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    dt = time.perf_counter() - t
+    peak, n_dev = device_peak_flops(), jax.device_count()
+    return {"step": step, **m, "tokens_per_s": m["tokens"] / dt if dt > 0 else None,
+            "step_time_s": dt, "flops_per_step": cs.flops_per_step,
+            "mfu": cs.flops_per_step / dt / (peak * n_dev) if (peak and dt > 0) else None}
 
 
 def train_loop(cfg: config_lib.TrainConfig, s: TrainSetup, cs: CompiledStep, paths: RunPaths,
                ckpt: ckpt_lib.Checkpointer, start: int, end: int) -> LoopOutcome:
     """Steps start+1..end: run the step, log its metrics, checkpoint on schedule; stop at the
-    first non-finite loss (or params at a checkpoint) without saving the bad state."""
-    peak, n_dev = device_peak_flops(), jax.device_count()
-    fp = fingerprint(cfg)
+    first non-finite loss (or params at a checkpoint) without saving the bad state; on SIGTERM /
+    SIGINT save after the current step and stop. A failed save stops the run (CheckpointError)."""
+    meta = {"config": fingerprint(cfg)}
     history, times = [], []
-    last_good, step, stopped = ckpt.latest_step(), start, None
-    with MetricsLog(paths.out, enabled=is_main(), tensorboard=cfg.run.tensorboard,
-                    progress=cfg.run.progress, tb_every=cfg.run.log_every, total=cfg.run.steps,
-                    initial=start) as mlog:
-        while step < end:
-            benign, harmful = cs.next_batches()
-            t = time.perf_counter()
-            s.state, m = cs.fn(s.state, benign, harmful, s.E_hat)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t
-            step += 1
-            times.append(dt)
-            rec = {"step": step, **m, "tokens_per_s": m["tokens"] / dt if dt > 0 else None,
-                   "step_time_s": dt, "flops_per_step": cs.flops_per_step,
-                   "mfu": cs.flops_per_step / dt / (peak * n_dev) if (peak and dt > 0) else None}
-            if not math.isfinite(m["loss"]):
-                stopped = f"non-finite loss ({m['loss']}) at step {step}"
-                mlog.write({**rec, "stopped": stopped})
-                break
-            history.append(rec)
-            mlog.write(rec)
-            if ckpt.should_save(step, cfg.run.steps):
-                if not bool(state_lib.params_finite(s.state["params"])):
-                    stopped = f"non-finite parameters after step {step}"
+    last_good, step, stopped, signum = ckpt.latest_step(), start, None, None
+    try:
+        with MetricsLog(paths.out, enabled=is_main(), tensorboard=cfg.run.tensorboard,
+                        progress=cfg.run.progress, tb_every=cfg.run.log_every, total=cfg.run.steps,
+                        initial=start) as mlog, StopSignals() as stop:
+            while step < end:
+                rec = run_step(cs, s, step + 1)
+                step += 1
+                times.append(rec["step_time_s"])
+                if not math.isfinite(rec["loss"]):
+                    stopped = f"non-finite loss ({rec['loss']}) at step {step}"
+                    mlog.write({**rec, "stopped": stopped})
                     break
-                ckpt.save(step, s.state, {"data": {n: st.position() for n, st in s.streams.items()},
-                                          "config": fp})
-                last_good = step
-    ckpt.wait()
+                history.append(rec)
+                mlog.write(rec)
+                ckpt.poll()  # a failed asynchronous save stops the run here
+                signum = stop.requested() if step < end else None
+                if ckpt.should_save(step, cfg.run.steps) or signum:
+                    if not bool(state_lib.params_finite(s.state["params"])):
+                        stopped, signum = f"non-finite parameters after step {step}", None
+                        break
+                    ckpt.save(step, s.state, dict(meta, data={n: st.position()
+                                                              for n, st in s.streams.items()}))
+                    last_good = step
+                if signum:
+                    break
+        ckpt.wait()
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; stopped after step {step}; the last good checkpoint is step "
+                              f"{ckpt.latest_step()} in {paths.checkpoints}: make room, then resume "
+                              f"with: {resume_command(paths.out)}") from e
     if stopped:
         stopped += f": stopping; the last good checkpoint is step {last_good} in {paths.checkpoints}"
-    return LoopOutcome(step, history, times, stopped)
+    return LoopOutcome(step, history, times, stopped, signum)
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in `out` (its config.yaml, its directory, --resume)."""
+    return (f"python train.py --config {shlex.quote(str(out / 'config.yaml'))} "
+            f"run.output_dir={shlex.quote(str(out))} --resume")
 
 
 def finish(cfg: config_lib.TrainConfig, s: TrainSetup, cs: CompiledStep, paths: RunPaths,
@@ -326,13 +365,23 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
           ) -> TrainResult:
     """Run (or resume) the training described by cfg; returns figures and where things are.
 
-    max_steps_this_run: stop after this many steps of this invocation (tests), checkpointing
-    as configured; None runs to cfg.run.steps. tokenizer: an already loaded ChatTokenizer for
-    the run's tokenizer (saves reloading it when one process runs several trainings).
+    The run holds the lock of run.output_dir throughout (semloss_jax.train.runlock): a second
+    run on the same directory fails at once. max_steps_this_run: stop after this many steps of
+    this invocation (tests), checkpointing as configured; None runs to cfg.run.steps.
+    tokenizer: an already loaded ChatTokenizer for the run's tokenizer (saves reloading it when
+    one process runs several trainings).
     """
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a backend
     echo = echo or (lambda line: print(line, flush=True))
     say = echo if is_main() else (lambda line: None)
+    with RunLock(cfg.run.output_dir, jax.process_index()):
+        return train_locked(cfg, say, max_steps_this_run, tokenizer)
+
+
+def train_locked(cfg: config_lib.TrainConfig, say: Callable[[str], None],
+                 max_steps_this_run: int | None, tokenizer: ChatTokenizer | None) -> TrainResult:
+    """train() once the run directory is locked: set up, restore, write config.yaml (every check
+    has passed by then), run the loop, finish."""
     paths = setup_run_dir(cfg, say)
     if isinstance(paths, TrainResult):
         return paths
@@ -341,11 +390,18 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
                                  keep_last=cfg.run.keep_last, async_save=cfg.run.async_checkpoint)
     try:
         resumed_from = restore_or_start(cfg, s, paths, ckpt, say)
+        if is_main():
+            config_lib.write_config(cfg, paths.out / "config.yaml")
         start = resumed_from or 0
         end = cfg.run.steps if max_steps_this_run is None else min(cfg.run.steps,
                                                                   start + max_steps_this_run)
         cs = setup_train_step(cfg, s, say)
         outcome = train_loop(cfg, s, cs, paths, ckpt, start, end)
+        if outcome.signum:
+            raise Interrupted(f"stopped by {signal_name(outcome.signum)} after step {outcome.step} "
+                              f"of {cfg.run.steps}; checkpoint {outcome.step} saved in "
+                              f"{paths.checkpoints}; resume with: {resume_command(paths.out)}",
+                              outcome.signum)
         if outcome.stopped:
             say(outcome.stopped)
             raise NonFiniteLoss(outcome.stopped)
@@ -365,14 +421,19 @@ def fingerprint(cfg: config_lib.TrainConfig) -> str:
     return ckpt_lib.config_fingerprint(config_lib.to_yaml(dataclasses.replace(cfg, run=run)))
 
 
-def finished_run(cfg: config_lib.TrainConfig, paths: RunPaths) -> TrainResult | None:
-    """The result of a completed run of the same config in the run dir (reruns are no-ops)."""
+def finished_run(cfg: config_lib.TrainConfig, paths: RunPaths, say) -> TrainResult | None:
+    """The result of a completed run of the same config in the run dir (reruns are no-ops).
+    Checkpoints whose meta cannot be read are named and passed over (the newest readable one
+    decides)."""
     ck = ckpt_lib.Checkpointer(paths.checkpoints, every=0, keep_last=cfg.run.keep_last,
                                async_save=False)
     try:
-        meta = ck.read_meta()
+        step, meta, skipped = ck.newest_meta()
     finally:
         ck.close()
+    for st, why in skipped:
+        say(f"WARNING checkpoint {st} in {paths.checkpoints} is damaged ({why}); "
+            f"--resume continues from the newest good one")
     if not meta or int(meta.get("step", -1)) != cfg.run.steps or meta.get("config") != fingerprint(cfg):
         return None
     hf = paths.out / "hf"

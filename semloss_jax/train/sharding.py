@@ -297,7 +297,15 @@ def maybe_initialize_distributed(dist_cfg, environ: Mapping[str, str] | None = N
         kw["num_processes"] = nproc
     if pid >= 0:
         kw["process_id"] = pid
-    jax.distributed.initialize(**kw)
+    try:
+        jax.distributed.initialize(**kw)
+    except (ValueError, RuntimeError) as e:  # no cluster found, or the coordinator unreachable
+        raise ShardingError(
+            f"distributed: jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kw.items())})"
+            f" failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; on "
+            f"one host set distributed.enabled=false, otherwise give distributed.coordinator_address,"
+            f" num_processes and process_id (or SEMLOSS_COORDINATOR / SEMLOSS_NUM_PROCESSES / "
+            f"SEMLOSS_PROCESS_ID)") from e
     return True
 
 

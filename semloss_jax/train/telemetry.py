@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
+from semloss_jax.errors import TrainError
 from semloss_jax.paths import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,12 @@ class MetricsLog:
     def write(self, rec: dict) -> None:
         """Append one step's record (and show it on the bar and in TensorBoard)."""
         if self.file is not None:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(rec) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: one clear line instead of a traceback
+                raise TrainError(f"{self.file.name}: cannot write the metrics of step "
+                                 f"{rec.get('step')} ({e.strerror})") from e
         step = rec["step"]
         if self.tb is not None and step % self.tb_every == 0:
             for k, v in rec.items():
@@ -96,7 +101,10 @@ class MetricsLog:
         """Close the progress bar, metrics.jsonl and the TensorBoard writer (those that are open)."""
         for h in (self.bar, self.file, self.tb):
             if h is not None:
-                h.close()
+                try:
+                    h.close()
+                except OSError as e:  # what a full disk left unwritten was reported by write()
+                    log.debug("closing %s: %s", h, e)
 
     def __enter__(self) -> "MetricsLog":
         return self
