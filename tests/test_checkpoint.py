@@ -124,3 +124,115 @@ def test_sigkill_during_async_save_keeps_previous_latest(tmp_path):
     _assert_tree_equal(restored, CK.saved_part(_state(1)))
     assert meta["n"] == 1
     ck.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints: verification, fallback to the newest good one, setting aside
+
+
+def _three_steps(d: Path) -> CK.Checkpointer:
+    ck = CK.Checkpointer(d, every=1, keep_last=5, async_save=False)
+    for s in (1, 2, 3):
+        ck.save(s, _state(s, n=64), {"n": s})
+    ck.close()
+    return CK.Checkpointer(d, every=1, keep_last=5, async_save=False)
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(path: Path) -> None:
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    path.write_bytes(bytes(b))
+
+
+DAMAGES = {
+    "truncated array file": lambda d: _largest_data_file(d).write_bytes(b"\0" * 10),
+    "changed array byte": lambda d: _flip_byte(_largest_data_file(d)),
+    "bad meta json": lambda d: (d / "meta" / "metadata").write_text("{not json"),
+    "missing meta": lambda d: (d / "meta" / "metadata").unlink(),
+    "meta of another step": lambda d: (d / "meta" / "metadata").write_text('{"step": 2}'),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_restore_newest_skips_a_damaged_latest_checkpoint(tmp_path, damage):
+    d = tmp_path / "ck"
+    _three_steps(d).close()
+    DAMAGES[damage](d / "3")
+    ck = CK.Checkpointer(d, every=1, keep_last=5)
+    with pytest.raises(Exception) as ei:  # noqa: PT011 - which type depends on the damage
+        ck.restore(_state(0, n=64), step=3)
+    assert isinstance(ei.value, CK.DAMAGE) or type(ei.value) is Exception, repr(ei.value)
+    if damage == "changed array byte":  # Orbax reads it without complaint: only the checksum sees it
+        assert isinstance(ei.value, CheckpointError) and "checksum" in str(ei.value)
+    got = ck.restore_newest(_state(0, n=64))
+    assert got.step == 2 and [s for s, _ in got.skipped] == [3] and got.meta["n"] == 2
+    _assert_tree_equal(got.state, CK.saved_part(_state(2, n=64)))
+    assert "\n" not in got.skipped[0][1] and len(got.skipped[0][1]) < 300
+    moved = ck.set_aside([3])
+    assert moved == [d.parent / "damaged_checkpoints" / "3"] and moved[0].is_dir()
+    assert ck.all_steps() == [1, 2]
+    ck.save(3, _state(3, n=64), {"n": 3})  # the step can be saved again
+    ck.wait()
+    restored, meta = ck.restore(_state(0, n=64))
+    assert meta["n"] == 3
+    _assert_tree_equal(restored, CK.saved_part(_state(3, n=64)))
+    ck.close()
+
+
+def test_checksum_sees_every_bit_and_the_structure():
+    st = CK.saved_part(_state(1))
+    c = CK.tree_checksum(st)
+    assert c == CK.tree_checksum(CK.saved_part(_state(1))) and len(c) == 16
+    w = np.asarray(st["params"]["w"]).copy()
+    for idx in [(0, 0), (7, 3), (15, 15)]:
+        for bit in (0, 17, 31):
+            flipped = w.view(np.uint32).copy()
+            flipped[idx] ^= np.uint32(1 << bit)
+            other = dict(st, params=dict(st["params"], w=jnp.asarray(flipped.view(np.float32))))
+            assert CK.tree_checksum(other) != c, (idx, bit)
+    swapped = w.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places
+    assert CK.tree_checksum(dict(st, params=dict(st["params"], w=jnp.asarray(swapped)))) != c
+    bf = {"x": jnp.arange(6, dtype=jnp.bfloat16), "k": jnp.ones((2, 3), bool)}
+    assert CK.tree_checksum(bf) != CK.tree_checksum({"x": bf["x"], "k": ~bf["k"]})
+
+
+def test_no_checkpoint_restores_is_one_clear_error(tmp_path):
+    d = tmp_path / "ck"
+    _three_steps(d).close()
+    for s in (1, 2, 3):
+        (d / str(s) / "meta" / "metadata").write_text("[")
+    ck = CK.Checkpointer(d, every=1, keep_last=5)
+    with pytest.raises(CheckpointError, match="no checkpoint in .* restores: 3: .*; 2: .*; 1: ") as ei:
+        ck.restore_newest(_state(0, n=64))
+    assert "\n" not in str(ei.value)
+    assert ck.all_steps() == [1, 2, 3]  # nothing is moved when nothing restores
+    ck.close()
+    assert CK.Checkpointer(tmp_path / "empty", every=1, keep_last=1).restore_newest(_state(0)) is None
+
+
+def test_a_failed_asynchronous_save_is_reported_by_poll(tmp_path, monkeypatch):
+    """A save that fails in Orbax's background thread (a full disk) is one CheckpointError naming
+    its step, raised at the next poll; closing afterwards does not raise it again."""
+    ck = CK.Checkpointer(tmp_path / "ck", every=1, keep_last=3, async_save=True)
+    ck.save(1, _state(1), {})
+    ck.wait()
+
+    def full_disk():
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 8 bytes: "
+                         "No space left on device [os_error_code='28']\n(more lines)")
+
+    ck.save(2, _state(2), {})
+    ck.manager.wait_until_finished()
+    monkeypatch.setattr(ck.manager, "wait_until_finished", full_disk)
+    with pytest.raises(CheckpointError) as ei:
+        ck.poll()
+    assert str(ei.value) == f"saving checkpoint 2 in {tmp_path / 'ck'} failed: no space left on device"
+    ck.poll()  # reported once
+    monkeypatch.undo()
+    ck.close()

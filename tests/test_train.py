@@ -299,3 +299,114 @@ def test_packed_stream_places_every_example_once_per_epoch_and_resumes():
     got = c.next_batch()
     for k in ("input_ids", "segment_ids", "positions", "loss_mask"):
         np.testing.assert_array_equal(got[k], batches[1][k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: signals, damaged checkpoints, a failed resume, a full disk
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _metrics(run)}
+
+
+def _assert_same_losses(got: dict, ref: dict) -> None:
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=0), (s, got[s], ref[s])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_after_the_step_and_resume_gives_the_same_losses(smoke_run, tmp_path, sig):
+    """SIGTERM (preemption) / SIGINT (Ctrl-C) after step 3: the step finishes, a checkpoint of
+    it is saved, the one-line message gives the resume command, and the resumed run logs the
+    uninterrupted losses."""
+    ref_run, _ = smoke_run
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(SMOKE),
+                              f"output_dir={run}", "--quiet"], cwd=REPO, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while child.poll() is None and time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 3:
+            break
+        time.sleep(0.01)
+    os.kill(child.pid, sig)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 128 + sig, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"stopped by {signal.Signals(sig).name}" in lines[0], err[-3000:]
+    stopped = len(_metrics(run))
+    assert 3 <= stopped < 6
+    assert f"after step {stopped} of 6; checkpoint {stopped} saved" in lines[0]
+    assert stopped in {int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()}
+    resume = lines[0].split("resume with: ")[1].split(" (--debug")[0].split()
+    assert resume[:2] == ["python", "train.py"] and resume[-1] == "--resume"
+    proc = _train(resume[2:] + ["--quiet"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert f"resume: restored step {stopped}" in proc.stdout
+    _assert_same_losses(_losses(run), _losses(ref_run))
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one_exactly(smoke_run, tmp_path):
+    """A finished run whose newest checkpoint (6) has a bad meta: a rerun names the damaged
+    checkpoint and asks for --resume; --resume names it, sets it aside, restores 4 and logs the
+    uninterrupted losses (the other kinds of damage: tests/test_checkpoint.py)."""
+    ref_run, _ = smoke_run
+    run = _copy_run(ref_run, tmp_path / "run")
+    (run / "checkpoints" / "6" / "meta" / "metadata").write_text("{not json")
+    said: list[str] = []
+    cfg = C.load_config(run / "config.yaml", [f"run.output_dir={run}", "run.tensorboard=false"])
+    with pytest.raises(TrainError, match="--resume"):
+        train_loop.train(cfg, echo=said.append)
+    assert any("checkpoint 6" in s and "damaged" in s for s in said), said
+    res = train_loop.train(C.replace(cfg, run__resume=True), echo=said.append)
+    assert res.resumed_from == 4 and res.final_step == 6
+    assert any("skipped damaged checkpoint(s) 6" in s for s in said), said
+    assert (run / "damaged_checkpoints" / "6").is_dir()
+    _assert_same_losses(_losses(run), _losses(ref_run))
+
+
+def test_a_failed_resume_leaves_config_yaml_as_it_was(smoke_run, tmp_path):
+    ref_run, _ = smoke_run
+    run = _copy_run(ref_run, tmp_path / "run")
+    before = (run / "config.yaml").read_text()
+    cfg = C.load_config(run / "config.yaml", [f"run.output_dir={run}", "data.benign_n=12",
+                                              "run.resume=true"])
+    with pytest.raises(TrainError, match="examples"):  # the data changed: no exact resume
+        train_loop.train(cfg, echo=lambda s: None)
+    assert (run / "config.yaml").read_text() == before
+    assert not (run / "train.lock").exists()
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path):
+    """On a 60 MB tmpfs the first checkpoint (35 MB) fits and the second does not: the run stops
+    at once with one line naming the failed save, the last good checkpoint and the resume
+    command. Needs root (mount); skipped otherwise."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "60m"):
+        pytest.skip("cannot mount a tmpfs (needs root)")
+    try:
+        proc = _train(["--config", str(SMOKE), f"output_dir={disk / 'run'}", "--quiet"])
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-5000:]
+        assert "saving checkpoint 4" in lines[0] and "no space left on device" in lines[0]
+        assert "last good checkpoint is step 2" in lines[0] and "--resume" in lines[0]
+        assert len(_metrics(disk / "run")) <= 6
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
