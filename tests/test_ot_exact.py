@@ -144,3 +144,66 @@ def test_batch_size_not_dividing_positions():
     b = ot_exact.batched_topk_emd(zp, zq, E_hat, k=4, cfg=ot_exact.SinkhornConfig(batch_size=8))
     for key in ("exact", "lower", "upper"):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+
+
+def test_emd_lp_feasible_with_weights_below_the_solver_tolerance():
+    """HiGHS's presolve called these infeasible (weights < 1e-7): the LP now solves them all."""
+    b = np.array([8.56e-08, 0.4551076665, 0.0, 6.29e-08])
+    b[2] = 1.0 - b.sum()
+    C = np.random.default_rng(0).uniform(0, 1, (1, 4))
+    assert ot_exact.emd_lp(np.array([1.0]), b, C) == pytest.approx(float(C[0] @ b), abs=1e-12)
+    rng = np.random.default_rng(1)
+
+    def weights(k):
+        x = rng.uniform(0, 1, k)
+        tiny = rng.random(k) < 0.4
+        x[tiny] = rng.uniform(0, 1e-7, tiny.sum())
+        x[rng.integers(k)] += 0.1
+        return x / x.sum()
+
+    for _ in range(576):
+        n, m = rng.integers(1, 5, size=2)
+        a, b, C = weights(n), weights(m), rng.uniform(0, 2, (n, m))
+        value = ot_exact.emd_lp(a, b, C)
+        assert C.min() - 1e-9 <= value <= C.max() + 1e-9
+
+
+def _near_duplicate_problems(n_problems: int = 100, n: int = 6, seed: int = 0):
+    """Supports of n/2 pairs of near-duplicate tokens (cost ~1e-3 within a pair); a random p, the
+    same p with the mass of each pair swapped, the cost matrix."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_problems):
+        base = rng.normal(size=(n // 2, 8))
+        X = np.concatenate([base, base + rng.normal(size=base.shape) * 0.045])
+        C = cost.cost_matrix(cost.unit_embeddings(jnp.asarray(X, jnp.float32)), jnp.arange(n))
+        a = rng.dirichlet(np.ones(n)).astype(np.float32)
+        b = np.concatenate([a[n // 2:], a[:n // 2]])
+        rng.dirichlet(np.ones(n))  # the generator of ot_exact.SinkhornConfig's figures draws a third
+        yield a, b, C
+
+
+def test_near_duplicate_tokens_no_entropic_blur_at_p_equals_q():
+    """EMD(p, p) = 0 (two stages of Sinkhorn alone left up to 4.8e-4 on near-duplicates), and
+    moving mass between near-duplicates is within 1e-4 of the LP (the polish stage)."""
+    f = jax.jit(lambda a, b, C: ot_exact.sinkhorn_emd(a, b, C, CFG)["cost"])
+    worst_pp, worst_swap, pair_costs = 0.0, 0.0, []
+    for a, b, C in _near_duplicate_problems():
+        pair_costs += [float(C[i, i + 3]) for i in range(3)]
+        worst_pp = max(worst_pp, float(f(jnp.asarray(a), jnp.asarray(a), C)))
+        lp = ot_exact.emd_lp(a, b, np.asarray(C, np.float64))
+        got = float(f(jnp.asarray(a), jnp.asarray(b), C))
+        assert got >= lp - 1e-6  # feasible: never below the optimum
+        worst_swap = max(worst_swap, got - lp)
+    assert np.median(pair_costs) < 2e-3  # the pairs really are near-duplicates
+    assert worst_pp < 1e-6 and worst_swap < 1e-4, (worst_pp, worst_swap)
+
+
+def test_diagonal_plan_is_a_coupling():
+    rng = np.random.default_rng(3)
+    a, b = rng.dirichlet(np.ones(7)), rng.dirichlet(np.ones(7))
+    P = np.asarray(ot_exact.diagonal_plan(jnp.asarray(a), jnp.asarray(b)))
+    assert P.min() >= 0
+    np.testing.assert_allclose(P.sum(1), a, atol=1e-6)
+    np.testing.assert_allclose(P.sum(0), b, atol=1e-6)
+    np.testing.assert_allclose(np.diag(P)[:3] >= np.minimum(a, b)[:3] - 1e-7, True)
+    np.testing.assert_allclose(ot_exact.diagonal_plan(jnp.asarray(a), jnp.asarray(a)), np.diag(a), atol=1e-7)
