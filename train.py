@@ -11,6 +11,9 @@ as YAML (true, 3, 0.5, [a, b], null). The run directory gets config.yaml (resolv
 metrics.jsonl, checkpoints/, tb/ and hf/ (the exported model).
 
 Any error of the project is reported as one line and exit code 2 (`--debug`: the traceback).
+A run holds run.output_dir/train.lock (a second run on the directory stops at once); SIGTERM or
+Ctrl-C finishes the current step, saves it and stops with the resume command (exit code 143 /
+130); --resume continues from the newest checkpoint that restores and verifies.
 """
 from __future__ import annotations
 

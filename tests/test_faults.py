@@ -20,7 +20,7 @@ import pytest
 
 from semloss_jax.data import harvest, readers
 from semloss_jax.data import streams as streams_lib
-from semloss_jax.errors import ConfigError, DataError, EvalError, Interrupted, ModelError, cli_main
+from semloss_jax.errors import ConfigError, DataError, Interrupted, ModelError, cli_main
 from semloss_jax.models import context
 from semloss_jax.models.generation import generate, generate_ids
 from semloss_jax.models.llama import init_params, tiny_config
@@ -169,12 +169,25 @@ def test_train_cli_data_errors_are_one_line(tmp_path):
 # CLI options
 
 
-def test_eval_cli_rejects_zero_tokens_and_batch(tmp_path):
-    for opt in ("--max-new-tokens", "--batch-size"):
-        line = _one_line_error(_cli("eval.py", "run", "--out", str(tmp_path / "ev"), opt, "0"), "eval.py")
-        assert f"{opt} must be >= 1, got 0" in line
+def test_eval_cli_rejects_zero_tokens_and_batch_before_loading(tmp_path, capsys):
+    ev = _load_module("eval_cli", REPO / "eval.py")
+    for opt in ("--max-new-tokens", "--batch-size", "--limit"):
+        assert cli_main("eval.py", ev.main, ["run", "--out", str(tmp_path / "ev"), opt, "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"eval.py: error: {opt} must be >= 1, got 0") and "\n" not in err
+    assert not (tmp_path / "ev").exists()
     line = _one_line_error(_cli("eval.py", "chat", "--prompt", "hi", "--max-new-tokens", "0"), "eval.py")
     assert "--max-new-tokens" in line
+
+
+def test_eval_cli_model_errors_are_one_line(tmp_path):
+    line = _one_line_error(_cli("eval.py", "chat", "--prompt", "hi", "--model", str(tmp_path / "nope")),
+                           "eval.py")
+    assert str(tmp_path / "nope") in line and "no such file" in line
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    line = _one_line_error(_cli("eval.py", "chat", "--prompt", "hi", "--model", str(bad)), "eval.py")
+    assert str(bad) in line
 
 
 def test_harvest_out_directory_is_one_line_and_leaves_no_temporary_file(tmp_path):
@@ -284,12 +297,6 @@ def test_chat_cli_oversize_prompt_is_one_line_not_an_oom():
     proc = _cli("eval.py", "chat", "--prompt", "word " * 10500)
     line = _one_line_error(proc, "eval.py")
     assert "context of 8192" in line and "--truncate-prompt" in line
-
-
-def test_eval_run_check_args_before_loading(tmp_path):
-    ev = _load_module("eval_cli", REPO / "eval.py")
-    with pytest.raises(EvalError, match="--limit must be >= 1"):
-        ev.main(["run", "--out", str(tmp_path / "ev"), "--limit", "0"])
 
 
 def _load_module(name: str, path: Path):
