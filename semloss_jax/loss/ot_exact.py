@@ -50,17 +50,22 @@ class SinkhornConfig:
     the LP by more than 1e-3 in 0.8% of cases (up to 1.4e-3), two stages (1e-2 -> 2e-3) in none.
 
     polish_epsilons: further warm-started stages. Token pairs closer than epsilon in cost
-    (near-duplicate tokens, cost ~1e-3) are blurred together at 2e-3: on 100 random 6-point
-    problems made of 3 near-duplicate pairs (tests/test_ot_exact.py's generator), moving the
-    mass between the duplicates was over the LP by 9.3e-5 on average (max 2.6e-4; 40% of the
-    value) with two stages, 1.2e-5 (max 7.3e-5) with a third at 4e-4, 8.7e-7 with a fourth at
-    1e-4. On 64 real SmolLM2 positions (top-32 supports) the third stage took 1.25x the time of
-    two and the fourth 2.1x, with |OTT - LP| 7.3e-6 -> 6.6e-6 -> 6.5e-6 on average: the default
-    is three. Whatever the stages, the plan that leaves min(a, b) in place (`diagonal_plan`) is
-    a candidate too, so EMD(p, p) is 0 up to fp32 (two stages alone gave up to 4.8e-4)."""
+    (near-duplicate tokens, cost ~1e-3) are blurred together at 2e-3. `python
+    bench/sinkhorn_stages.py` (2026-11-28, load ~13 on 2 cores): on 100 random 6-point problems
+    made of 3 near-duplicate pairs (tests/test_ot_exact.py's generator), moving each pair's mass
+    to its twin came out above the LP by 9.3e-5 on average (max 2.6e-4; 32% of the value) with
+    two stages, 1.2e-5 (max 7.3e-5; 6%) with a third at 4e-4, 8.7e-7 with a fourth at 1e-4. On
+    64 real SmolLM2 positions (top-32 supports) |OTT - LP| was 7.3e-6, 6.6e-6, 6.5e-6 on average
+    at 1.00x, 1.54x, 1.96x the time: the default is three stages.
+
+    diagonal: also try the plan that leaves min(a, b) in place (`diagonal_plan`, square C),
+    so EMD(p, p) is 0 up to fp32 (same bench: at most 1.4e-7; the Sinkhorn plans alone, two
+    stages, up to 4.8e-4 on the near-duplicate problems).
+    """
     epsilon: float = 1e-2
     final_epsilon: float | None = 2e-3
     polish_epsilons: tuple[float, ...] = (4e-4,)
+    diagonal: bool = True
     threshold: float = 1e-5
     max_iterations: int = 10000
     # positions per vmapped chunk: bounds memory; a chunk runs as long as its slowest position
@@ -141,7 +146,7 @@ def sinkhorn_emd(a: jax.Array, b: jax.Array, C: jax.Array, cfg: SinkhornConfig =
         better = cost2 <= cost_
         cost_, marg_err = jnp.where(better, cost2, cost_), jnp.where(better, err2, marg_err)
         converged, n_iters = converged | out.converged, n_iters + out.n_iters
-    if C.shape[0] == C.shape[1]:  # one support: the plan that moves nothing shared is feasible too
+    if cfg.diagonal and C.shape[0] == C.shape[1]:  # one support: the plan that moves nothing shared
         cost_ = jnp.minimum(cost_, jnp.sum(diagonal_plan(a, b) * C))
     return {
         "cost": cost_,
