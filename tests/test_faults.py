@@ -304,3 +304,22 @@ def _load_module(name: str, path: Path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals (the end-to-end resume after SIGTERM / SIGINT is in test_train.py)
+
+
+def test_stop_signals_flag_then_second_ctrl_c_stops_at_once():
+    from semloss_jax.train.interrupt import StopSignals
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        assert stop.requested() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() == signal.SIGTERM  # the process was not terminated
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # after a first signal, Ctrl-C stops at once
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() == signal.SIGINT

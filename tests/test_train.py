@@ -354,6 +354,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one_exactly(smoke_run, tmp_path):
     """A finished run whose newest checkpoint (6) has a bad meta: a rerun names the damaged
     checkpoint and asks for --resume; --resume names it, sets it aside, restores 4 and logs the
