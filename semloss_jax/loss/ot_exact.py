@@ -56,7 +56,7 @@ class SinkhornConfig:
     to its twin came out above the LP by 9.3e-5 on average (max 2.6e-4; 32% of the value) with
     two stages, 1.2e-5 (max 7.3e-5; 6%) with a third at 4e-4, 8.7e-7 with a fourth at 1e-4. On
     64 real SmolLM2 positions (top-32 supports) |OTT - LP| was 7.3e-6, 6.6e-6, 6.5e-6 on average
-    at 1.00x, 1.54x, 1.96x the time: the default is three stages.
+    at 1.00x, 1.67x, 2.10x the time: the default is three stages.
 
     diagonal: also try the plan that leaves min(a, b) in place (`diagonal_plan`, square C),
     so EMD(p, p) is 0 up to fp32 (same bench: at most 1.4e-7; the Sinkhorn plans alone, two
