@@ -15,10 +15,11 @@ from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.models.weights import export_hf
 from semloss_jax.paths import default_model_path
 
-SUMMARY_KEYS = {"positions", "pairs", "topk", "sinkhorn", "relative_gap", "spearman", "means",
+SUMMARY_KEYS = {"positions", "pairs", "topk", "sinkhorn", "relative_gap", "spearman", "means", "gelbrich",
                 "bound_violations", "ott_vs_lp", "onehot", "seconds_per_position", "compile_seconds",
                 "model_forward_seconds_per_position", "load_seconds"}
-METHODS = {"exact_ott", "exact_lp", "bounds_topk", "bounds_full", "onehot_ott", "onehot_closed_full"}
+METHODS = {"exact_ott", "exact_lp", "bounds_topk", "bounds_full", "onehot_ott", "onehot_closed_full",
+           "gelbrich_topk_r4", "gelbrich_topk_r32", "gelbrich_full_r4", "gelbrich_full_r32"}
 
 
 def _tiny_dir(root, seed):
@@ -44,7 +45,7 @@ def test_bounds_subcommand_end_to_end(tiny_models, tmp_path, capsys):
     out = tmp_path / "bounds"
     rc = eval_cli.main(["bounds", "--out", str(out), "--model", str(q_dir), "--model-p", str(p_dir),
                         "--positions", "10", "--topk", "4", "--max-response-tokens", "4",
-                        "--lp-check", "3", "--no-progress"])
+                        "--lp-check", "3", "--gelbrich-ranks", "4,full", "--no-progress"])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["positions"] == 10
@@ -65,6 +66,11 @@ def test_bounds_subcommand_end_to_end(tiny_models, tmp_path, capsys):
                 "onehot_closed_full", "y"):
         assert len(rep[key]) == 10, key
     assert np.all(lo <= ex + 1e-4) and np.all(ex <= up + 1e-4)
+    # the Gelbrich bound: LB <= LB_G(r=4) <= LB_G(full d = 32) <= exact at every position
+    g4, g32 = np.asarray(rep["gelbrich_r4"]), np.asarray(rep["gelbrich_r32"])
+    assert np.all(lo <= g4 + 1e-4) and np.all(g4 <= g32 + 1e-4) and np.all(g32 <= ex + 1e-4)
+    assert set(s["gelbrich"]) == {"4", "32"} and s["gelbrich"]["32"]["violations"] == 0
+    assert s["gelbrich"]["32"]["relative_gap"]["mean"] <= s["relative_gap"]["lower"]["mean"] + 1e-9
     assert s["bound_violations"]["lower_gt_exact"] == 0 and s["bound_violations"]["exact_gt_upper"] == 0
     # p and q come from different models: the distributions really differ
     assert ex.max() > 1e-4
@@ -75,7 +81,7 @@ def test_bounds_subcommand_end_to_end(tiny_models, tmp_path, capsys):
     assert len(rep["lp"]) == 3
     np.testing.assert_allclose(ex[:3], rep["lp"], atol=1e-3)
     md = (out / "bounds.md").read_text()
-    assert "seconds per position" in md and "Spearman" in md and "--model-p" in md
+    assert "seconds per position" in md and "Spearman" in md and "--model-p" in md and "LB_G" in md
 
 
 def test_summary_math_on_known_arrays():

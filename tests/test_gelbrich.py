@@ -62,7 +62,8 @@ def test_fidelity_gradient_matches_central_differences():
     with jax.enable_x64(True):
         for r in (1, 2, 5):
             A, B = _rand_psd(rng, r, ridge=0.5), _rand_psd(rng, r, ridge=0.5)
-            dA, dB = (jnp.asarray((x + x.T) / 2) for x in (rng.normal(size=(r, r)), rng.normal(size=(r, r))))
+            dA, dB = (jnp.asarray((x + x.T) / 2) for x in (rng.normal(size=(r, r)),
+                                                          rng.normal(size=(r, r))))
             _, tangent = jax.jvp(bures.fidelity, (A, B), (dA, dB))
             h = 1e-6
             fd = (bures.fidelity(A + h * dA, B + h * dB) - bures.fidelity(A - h * dA, B - h * dB)) / (2 * h)
@@ -103,7 +104,8 @@ def test_projected_moments_match_a_dense_computation():
             np.testing.assert_allclose(np.asarray(mu), mu_ref, atol=1e-12)
             np.testing.assert_allclose(np.asarray(cov), Pn @ full @ Pn.T, atol=1e-12)
     # nested bases: each basis is a prefix of the larger ones
-    np.testing.assert_allclose(np.asarray(emd.principal_basis(E, 3)), np.asarray(emd.principal_basis(E, 5))[:3])
+    np.testing.assert_allclose(np.asarray(emd.principal_basis(E, 3)),
+                               np.asarray(emd.principal_basis(E, 5))[:3])
 
 
 @settings(max_examples=30, deadline=None)
@@ -175,7 +177,8 @@ def test_gradients_match_finite_differences():
     with jax.enable_x64(True):
         E = _embeddings(rng, 9, 5)
         zp = jnp.asarray(rng.normal(size=(3, 9)))
-        for kind, tgt in (("logits", jnp.asarray(rng.normal(size=(3, 9)))), ("onehot", jnp.asarray([1, 4, 7]))):
+        targets = (("logits", jnp.asarray(rng.normal(size=(3, 9)))), ("onehot", jnp.asarray([1, 4, 7])))
+        for kind, tgt in targets:
             for r in (2, 5):
                 Pi = emd.principal_basis(E, r)
                 check_grads(lambda z, Pi=Pi, kind=kind, tgt=tgt: jnp.sum(

@@ -14,6 +14,9 @@ Per position:
     onehot_*     q = δ_y (y the actual response token): OTT on top-k(p) ∪ {y} versus the closed
                  form 1 - μ(p̃)·ê_y on the same truncated p̃; and the full-vocabulary closed form
     lp           the exact LP (HiGHS) on the first --lp-check positions (validates OTT)
+    gelbrich_rR  the Gelbrich bound LB_G (means plus covariances in the top-R principal basis of
+                 Ê) of the same truncated p̃, q̃, for each R of --gelbrich-ranks; its cost on the
+                 full vocabulary is timed beside LB's for R <= 64
 
 Writes DIR/bounds.json (per-position arrays + summary), DIR/bounds.md and DIR/bounds.png.
 Ê comes from the base model (--model), the frozen geometry of METHOD.md.
@@ -65,6 +68,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lp-check", type=int, default=32, help="positions also solved by the exact LP")
     p.add_argument("--epsilon", type=float, default=None, help="Sinkhorn epsilon (absolute; default 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="order in which pairs are drawn")
+    p.add_argument("--gelbrich-ranks", default="16,64,full",
+                   help="basis sizes r of the Gelbrich bound LB_G ('full' = all d directions)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -199,6 +204,94 @@ def compute(P, Q, Y, E_hat, *, k: int, cfg, lp_check: int, progress: bool) -> tu
                                                               "compile_seconds": compile_s}
 
 
+def parse_ranks(spec: str, d: int) -> list[int]:
+    """--gelbrich-ranks "16,64,full" -> [16, 64, d] (capped at d, sorted, unique)."""
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part != "full" and not part.isdigit():
+            raise EvalError(f"--gelbrich-ranks: {part!r} is not a positive integer or 'full'")
+        r = d if part == "full" else int(part)
+        if r < 1:
+            raise EvalError("--gelbrich-ranks: ranks must be >= 1")
+        out.add(min(r, d))
+    return sorted(out)
+
+
+def compute_gelbrich(P, Q, E_hat, *, k: int, ranks: list[int], full_vocab_ranks: list[int],
+                     progress: bool) -> tuple[dict, dict]:
+    """LB_G per position on the top-k support (comparable to the exact EMD) for every r, and the
+    seconds per position of LB_G on the full vocabulary for the ranks in full_vocab_ranks."""
+    Pj, Qj = jnp.asarray(P), jnp.asarray(Q)
+    N = P.shape[0]
+    arrays, timing, compile_s = {}, {}, {}
+    bar = tqdm(total=len(ranks) + len(full_vocab_ranks), desc="bounds: Gelbrich", disable=not progress,
+               file=sys.stderr)
+    for r in ranks:
+        basis = emd.principal_basis(E_hat, r)
+        fn = partial(ot_exact.batched_topk_gelbrich, k=k)
+        arrays[f"gelbrich_r{r}"], compile_s[f"gelbrich_topk_r{r}"], t = _timed(fn, Pj, Qj, E_hat, basis)
+        timing[f"gelbrich_topk_r{r}"] = t / N
+        bar.update()
+    for r in full_vocab_ranks:
+        basis = emd.principal_basis(E_hat, r)
+
+        def full(pl, ql, E, B):
+            return jax.lax.map(lambda a: emd.gelbrich_bound(a[0], a[1], E, B, kind="logits"),
+                               (pl, ql), batch_size=16)
+        _, compile_s[f"gelbrich_full_r{r}"], t = _timed(full, Pj, Qj, E_hat, basis)
+        timing[f"gelbrich_full_r{r}"] = t / N
+        bar.update()
+    bar.close()
+    return {key: np.asarray(v) for key, v in arrays.items()}, {"seconds_per_position": timing,
+                                                              "compile_seconds": compile_s}
+
+
+def summarize_gelbrich(a: dict, ranks: list[int], timings: dict) -> dict:
+    """Per rank: relative gap to the exact EMD (mean, median), Spearman with exact, violations,
+    how often LB_G improves on LB, and its cost per position relative to LB (full vocabulary)."""
+    ex, lo = a["exact"].astype(np.float64), a["lower"].astype(np.float64)
+    keep = ex >= GAP_FLOOR
+    t = timings["seconds_per_position"]
+    out = {}
+    for r in ranks:
+        g = a[f"gelbrich_r{r}"].astype(np.float64)
+        gap = (ex[keep] - g[keep]) / ex[keep]
+        full_t = t.get(f"gelbrich_full_r{r}")
+        out[str(r)] = {
+            "relative_gap": {"mean": float(np.mean(gap)), "median": float(np.median(gap))},
+            "spearman_vs_exact": _spearman(g, ex),
+            "violations": int(np.sum(g > ex + 1e-4)), "below_lb": int(np.sum(g < lo - 1e-4)),
+            "improves_on_lb": float(np.mean(g > lo + 1e-6)),
+            "mean": float(np.mean(g)),
+            "seconds_per_position_topk": t[f"gelbrich_topk_r{r}"],
+            "seconds_per_position_full_vocab": full_t,
+            "cost_vs_lb_full_vocab": (full_t / t["bounds_full"]) if full_t else None,
+        }
+    return out
+
+
+def render_gelbrich(gs: dict, exact_mean: float) -> list[str]:
+    """The markdown section of LB_G: one row per basis size r."""
+    lines = ["## Means plus covariances: the Gelbrich bound LB_G", "",
+             "LB <= LB_G = ½[||μ(p) - μ(q)||² + B²(ΠΣ_pΠᵀ, ΠΣ_qΠᵀ)] <= EMD, Π the top-r principal "
+             "directions of Ê (semloss_jax/loss/emd.py); on the same truncated p, q as the exact EMD "
+             f"(mean exact {exact_mean:.4f}).", "",
+             "| r | mean rel. gap | median rel. gap | Spearman | violations (> exact) | below LB | "
+             "improves on LB | s/position (top-k) | s/position (full vocab) | cost vs LB (full vocab) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r, v in gs.items():
+        full = v["seconds_per_position_full_vocab"]
+        ratio = v["cost_vs_lb_full_vocab"]
+        lines.append(f"| {r} | {v['relative_gap']['mean']:.3f} | {v['relative_gap']['median']:.3f} | "
+                     f"{v['spearman_vs_exact']:.3f} | {v['violations']} | {v['below_lb']} | "
+                     f"{100 * v['improves_on_lb']:.0f}% | {v['seconds_per_position_topk']:.2e} | "
+                     + (f"{full:.2e} | {ratio:.1f}x |" if full else "- | - |"))
+    return lines + [""]
+
+
 def _spearman(x, y) -> float:
     from scipy.stats import spearmanr
     if len(x) < 3:
@@ -317,6 +410,10 @@ def plot(a: dict, path: Path) -> None:
     hi = float(max(ex.max(), a["upper"].max(), 1e-3)) * 1.05
     ax[0].scatter(ex, a["upper"], s=8, alpha=0.6, label="UB = 1 - μ(p)·μ(q)", color="tab:red")
     ax[0].scatter(ex, a["lower"], s=8, alpha=0.6, label="LB = ½||μ(p) - μ(q)||²", color="tab:blue")
+    gel = sorted((int(key[len("gelbrich_r"):]), key) for key in a if key.startswith("gelbrich_r"))
+    if gel:
+        r, key = gel[-1]
+        ax[0].scatter(ex, a[key], s=8, alpha=0.6, label=f"LB_G (Gelbrich, r = {r})", color="tab:purple")
     ax[0].plot([0, hi], [0, hi], "k--", lw=1, label="y = exact")
     ax[0].set_xlabel("exact EMD (OTT, top-k union support)")
     ax[0].set_ylabel("bound (same truncated p, q)")
@@ -394,7 +491,15 @@ def run(args) -> int:
 
     cfg = SinkhornConfig() if args.epsilon is None else SinkhornConfig(epsilon=args.epsilon)
     arrays, timings = compute(P, Q, Y, E_hat, k=args.topk, cfg=cfg, lp_check=args.lp_check, progress=progress)
+    ranks = parse_ranks(args.gelbrich_ranks, int(E_hat.shape[1]))
+    g_arrays, g_timings = compute_gelbrich(P, Q, E_hat, k=args.topk, ranks=ranks,
+                                           full_vocab_ranks=[r for r in ranks if r <= 64],
+                                           progress=progress)
+    arrays.update(g_arrays)
+    for key in ("seconds_per_position", "compile_seconds"):
+        timings[key].update(g_timings[key])
     summary = summarize(arrays, timings, k=args.topk, cfg=cfg, n_pairs=n_pairs)
+    summary["gelbrich"] = summarize_gelbrich(arrays, ranks, timings)
     summary["model_forward_seconds_per_position"] = t_fwd / len(Y)
     summary["load_seconds"] = t_load
 
@@ -408,9 +513,10 @@ def run(args) -> int:
            for key, v in arrays.items()},
     }
     atomic_write_text(out / "bounds.json", json.dumps(_jsonable(report), indent=1) + "\n")
-    atomic_write_text(out / "bounds.md", render_markdown(summary, command))
+    atomic_write_text(out / "bounds.md", render_markdown(summary, command) + "\n".join(
+        render_gelbrich(summary["gelbrich"], summary["means"]["exact"])))
     plot(arrays, out / "bounds.png")
     print(json.dumps(_jsonable({"out": str(out), **{k: summary[k] for k in
                                                      ("positions", "relative_gap", "spearman",
-                                                      "seconds_per_position")}})))
+                                                      "gelbrich", "seconds_per_position")}})))
     return 0

@@ -276,6 +276,26 @@ def batched_topk_bounds(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Arr
     return jax.vmap(one)(p_logits, q_logits)
 
 
+def topk_gelbrich(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, basis: jax.Array,
+                  k: int) -> jax.Array:
+    """One position: the Gelbrich bound LB_G (emd.gelbrich_from_moments, basis [r, d]) of the
+    SAME truncated distributions a, b that topk_emd solves exactly (comparable to its value)."""
+    prob = topk_problem(p_logits, q_logits, E_hat, k)
+    E_s = E_hat[prob["ids"]]
+    mu_a, cov_a = emd.projected_moments(prob["a"], E_s, basis)
+    mu_b, cov_b = emd.projected_moments(prob["b"], E_s, basis)
+    return emd.gelbrich_from_moments(mu_a, cov_a, mu_b, cov_b)
+
+
+@partial(jax.jit, static_argnames=("k", "batch_size"))
+def batched_topk_gelbrich(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array,
+                          basis: jax.Array, *, k: int, batch_size: int = 16) -> jax.Array:
+    """topk_gelbrich over positions: p_logits, q_logits [N, V] -> [N] (chunks of batch_size
+    positions bound the memory of the r x r eigendecompositions at large r)."""
+    return jax.lax.map(lambda args: topk_gelbrich(args[0], args[1], E_hat, basis, k),
+                       (p_logits, q_logits), batch_size=batch_size)
+
+
 def lp_from_problem(prob: dict, E_hat: jax.Array) -> float:
     """The exact LP value of one truncated problem (a topk_problem dict for one position)."""
     keep = np.asarray(prob["valid"])
