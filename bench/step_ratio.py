@@ -7,10 +7,17 @@ Both steps are `semloss_jax.train.step.make_train_step` on the real SmolLM2-135M
           so both forward/backward the same tokens; the difference is the loss head:
           TA-SFT adds μ(p) = softmax(z) @ Ê on the harmful rows (one positions x V x d product
           forward, one backward) and its logged extras (harmful NLL, unlikelihood, bounds).
-Each (objective, trainable setting) step is jitted once, warmed up, then the two objectives
-are timed interleaved; medians and ratios are printed (and written to --out as JSON).
+Each (objective, trainable setting) step is jitted once, warmed up, then the objectives are
+timed interleaved; medians and ratios are printed (and written to --out as JSON).
+
+--compare gelbrich times the Gelbrich divergence (objective.divergence=gelbrich, rank
+--gelbrich-rank) against the lower bound on the same batches, for one-hot targets and for soft
+targets (target_mu = μ(q) of random next-token distributions, followed by their packed
+covariances for the Gelbrich step).
 
     python bench/step_ratio.py --out bench/results/step_ratio.json
+    python bench/step_ratio.py --compare gelbrich --settings last_k2 \
+        --out bench/results/step_ratio_gelbrich.json
 """
 from __future__ import annotations
 
@@ -23,12 +30,17 @@ import numpy as np
 from common import block, finish, interleaved, loadavg, machine, summary, write_json
 
 from semloss_jax import paths
-from semloss_jax.loss import cost
+from semloss_jax.loss import cost, emd
 from semloss_jax.loss import objective as obj_lib
 from semloss_jax.models import llama as model_lib
 from semloss_jax.models import weights
 from semloss_jax.train import optim
 from semloss_jax.train import step as step_lib
+
+COMPARISONS = {  # name -> pairs (numerator, denominator) of contenders timed together
+    "sft": [("tasft", "sft")],
+    "gelbrich": [("gelbrich_onehot", "tasft"), ("gelbrich_soft", "tasft_soft")],
+}
 
 SETTINGS = {
     "all": dict(trainable="all"),
@@ -55,6 +67,27 @@ def make_batches(V: int, B: int, T: int, seed: int = 0):
     return benign, harmful, both
 
 
+def contenders(rank: int) -> dict:
+    """Contender name -> (objective, which harmful batch: None (SFT), "onehot", "soft_mu", "soft_cov")."""
+    obj = obj_lib.ObjectiveConfig
+    return {"tasft": (obj(kind="tasft", divergence="lower_bound"), "onehot"),
+            "sft": (obj(kind="sft"), None),
+            "gelbrich_onehot": (obj(kind="tasft", divergence="gelbrich", gelbrich_rank=rank), "onehot"),
+            "tasft_soft": (obj(kind="tasft", target="soft"), "soft_mu"),
+            "gelbrich_soft": (obj(kind="tasft", divergence="gelbrich", target="soft", gelbrich_rank=rank),
+                              "soft_cov")}
+
+
+def soft_targets(harmful: dict, E_hat, rank: int, seed: int = 1) -> dict:
+    """The harmful batch with target_mu = μ(q) of random next-token distributions ("soft_mu"),
+    and with their packed covariances after it ("soft_cov")."""
+    shape = harmful["input_ids"].shape + (E_hat.shape[0],)
+    q = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(seed), shape) * 3.0, axis=-1)
+    mu, cov = emd.projected_moments(q, E_hat, emd.principal_basis(E_hat, rank))
+    return {"soft_mu": dict(harmful, target_mu=mu),
+            "soft_cov": dict(harmful, target_mu=jnp.concatenate([mu, emd.pack_symmetric(cov)], -1))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=2, help="rows per stream (benign and harmful)")
@@ -63,6 +96,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--settings", default="all,last_k2,lora_r8_qv")
     ap.add_argument("--model", default=None, help="model path (default: the SmolLM2-135M GGUF)")
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="sft",
+                    help="sft: TA-SFT (LB) vs SFT; gelbrich: the Gelbrich divergence vs LB")
+    ap.add_argument("--gelbrich-rank", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -79,17 +115,21 @@ def main(argv=None):
           f"tokens per step {tokens} (TA-SFT {args.batch}x{args.seq} benign + {args.batch}x{args.seq} "
           f"harmful; SFT the same {2 * args.batch}x{args.seq} rows as benign)")
 
+    pairs = COMPARISONS[args.compare]
+    names = list(dict.fromkeys(n for pair in pairs for n in pair))
+    table = contenders(args.gelbrich_rank)
+    harm = {"onehot": harmful, **(soft_targets(harmful, E_hat, args.gelbrich_rank)
+                                  if args.compare == "gelbrich" else {})}
     results = {}
     for name in args.settings.split(","):
         ocfg = optim.OptimConfig(lr=1e-5, clip_norm=1.0, **SETTINGS[name])
         opt = optim.make_optimizer(ocfg)
         state = step_lib.init_train_state(params, cfg, ocfg, opt, jax.random.PRNGKey(0))
-        objs = {"tasft": obj_lib.ObjectiveConfig(kind="tasft", lam=1.0, divergence="lower_bound"),
-                "sft": obj_lib.ObjectiveConfig(kind="sft")}
         calls, compile_s = {}, {}
-        for kind, obj in objs.items():
+        for kind in names:
+            obj, which = table[kind]
             step = jax.jit(step_lib.make_train_step(cfg, obj, ocfg, opt))
-            b, h = (benign, harmful) if kind == "tasft" else (both, None)
+            b, h = (benign, harm[which]) if which else (both, None)
             t = time.perf_counter()
             compiled = step.lower(state, b, h, E_hat).compile()
             compile_s[kind] = time.perf_counter() - t
@@ -97,14 +137,14 @@ def main(argv=None):
             for _ in range(args.warmup):
                 calls[kind]()
         times = interleaved(calls, args.reps)
-        s = summary(times, "tasft", "sft")
-        s["compile_s"] = compile_s
-        s["tokens_per_step"] = tokens
-        results[name] = s
-        print(f"[{name}] TA-SFT {s['median_s']['tasft']:.3f} s, SFT {s['median_s']['sft']:.3f} s "
-              f"(medians of {args.reps}); ratio {s['ratio']:.3f} "
-              f"(median per-rep {s['ratio_median_per_rep']:.3f}); "
-              f"compile TA-SFT {compile_s['tasft']:.1f} s, SFT {compile_s['sft']:.1f} s; load {loadavg()}")
+        results[name] = {"compile_s": compile_s, "tokens_per_step": tokens}
+        for a, b in pairs:
+            s = summary({k: times[k] for k in (a, b)}, a, b)
+            results[name][f"{a}/{b}"] = s
+            print(f"[{name}] {a} {s['median_s'][a]:.3f} s, {b} {s['median_s'][b]:.3f} s "
+                  f"(medians of {args.reps}); ratio {s['ratio']:.3f} "
+                  f"(median per-rep {s['ratio_median_per_rep']:.3f}); "
+                  f"compile {a} {compile_s[a]:.1f} s, {b} {compile_s[b]:.1f} s; load {loadavg()}")
         del state, calls
     finish(info)
     print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}")

@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
+from semloss_jax.errors import ConfigError, LossError
 from semloss_jax.loss import bures, cost, emd
+from semloss_jax.loss import objective as ob
 from semloss_jax.loss.ot_exact import emd_lp
 
 TOL = 3e-5  # fp32 bounds vs float64 LP
@@ -204,3 +206,63 @@ def test_no_large_intermediate_in_the_jaxpr():
     assert max(sizes) <= max(N * V, V * d, V * r * (r + 1) // 2), max(sizes)
     with pytest.raises(Exception, match="does not give"):
         emd.gelbrich_bound(z, jnp.zeros((N, d)), E, Pi, kind="mean")
+
+
+# ----------------------------------------------------------------------------- as a training divergence
+
+
+def _harmful_batch(rng, B, T, V):
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    mask[0, 0] = 1.0
+    return {"input_ids": rng.integers(0, V, (B, T)).astype(np.int32),
+            "targets": rng.integers(0, V, (B, T)).astype(np.int32), "loss_mask": mask}
+
+
+def test_objective_gelbrich_onehot_is_lb_plus_half_projected_trace_and_exact_at_full_rank():
+    rng = np.random.default_rng(7)
+    V, d, B, T = 40, 8, 2, 5
+    E = _embeddings(rng, V, d)
+    logits = jnp.asarray(rng.normal(size=(B, T, V)) * 2, jnp.float32)
+    batch = _harmful_batch(rng, B, T, V)
+    m = np.asarray(batch["loss_mask"]) > 0
+    p = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    En = np.asarray(E, np.float64)
+    for r in (3, d):
+        obj = ob.ObjectiveConfig(kind="tasft", divergence="gelbrich", gelbrich_rank=r).validate()
+        sums = ob.harmful_sums(logits, batch, E, obj)
+        Pi = np.asarray(emd.principal_basis(E, r), np.float64)
+        mu = p @ En
+        cov = np.einsum("btv,vi,vj->btij", p, En, En) - mu[..., :, None] * mu[..., None, :]
+        tr = np.trace(Pi @ cov @ Pi.T, axis1=-2, axis2=-1)
+        lb = 0.5 * np.sum((mu - En[np.asarray(batch["targets"])]) ** 2, -1)
+        assert float(sums["div_sum"]) == pytest.approx(float(np.sum((lb + 0.5 * tr)[m])), rel=1e-4)
+        assert float(sums["lower_sum"]) <= float(sums["div_sum"]) + 1e-5
+        assert float(sums["div_sum"]) <= float(sums["emd_onehot_sum"]) + 1e-4
+    # r = d: the Gelbrich divergence to a one-hot target IS the exact EMD
+    assert float(sums["div_sum"]) == pytest.approx(float(sums["emd_onehot_sum"]), rel=1e-5)
+
+
+def test_objective_gelbrich_soft_target_reads_the_packed_covariance_and_trains():
+    rng = np.random.default_rng(8)
+    V, d, B, T, r = 30, 6, 2, 4, 3
+    E = _embeddings(rng, V, d)
+    basis = emd.principal_basis(E, r)
+    q = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32), -1)
+    mu_q, cov_q = emd.projected_moments(q, E, basis)
+    batch = _harmful_batch(rng, B, T, V)
+    batch["target_mu"] = np.asarray(jnp.concatenate([mu_q, emd.pack_symmetric(cov_q)], -1))
+    logits = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
+    obj = ob.ObjectiveConfig(kind="tasft", divergence="gelbrich", target="soft", gelbrich_rank=r).validate()
+    sums = ob.harmful_sums(logits, batch, E, obj)
+    want = emd.gelbrich_bound(logits, q, E, basis, kind="probs", mask=jnp.asarray(batch["loss_mask"]) > 0)
+    assert float(sums["div_sum"]) == pytest.approx(float(jnp.sum(want)), rel=1e-4)
+    # the same file read as plain μ(q) by LB: the covariance columns are ignored
+    lb = ob.harmful_sums(logits, batch, E, ob.ObjectiveConfig(kind="tasft", target="soft"))
+    assert float(lb["div_sum"]) <= float(sums["div_sum"])
+    g = jax.grad(lambda z: ob.harmful_sums(z, batch, E, obj)["div_sum"])(logits)
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+    bad = dict(batch, target_mu=np.asarray(mu_q))
+    with pytest.raises(LossError, match="gelbrich-rank 3"):
+        ob.harmful_sums(logits, bad, E, obj)
+    with pytest.raises(ConfigError, match="gelbrich_rank"):
+        ob.ObjectiveConfig(divergence="gelbrich", gelbrich_rank=0).validate()

@@ -40,6 +40,7 @@ from semloss_jax.data.registry import load_set
 from semloss_jax.data.schema import Record
 from semloss_jax.errors import DataError, cli_main
 from semloss_jax.eval.judges import is_refusal, load_judge
+from semloss_jax.loss import emd
 from semloss_jax.loss.cost import unit_embeddings
 from semloss_jax.loss.emd import mean_embedding
 from semloss_jax.models import loading
@@ -130,10 +131,13 @@ def generate_responses(params, cfg, tok, prompts: Sequence[str], *, max_new_toke
 
 
 def response_mu(params, cfg, tok, records: Sequence[Record], *, system: str | None = None,
-                batch_size: int = 4, progress: bool = True) -> list[np.ndarray]:
+                batch_size: int = 4, progress: bool = True,
+                gelbrich_rank: int | None = None) -> list[np.ndarray]:
     """mu(q) per response token: the generating model's next-token distribution along
     tok.response_ids(response) (teacher-forced), mapped to its mean unit embedding
-    (emd.mean_embedding). Returns one float32 [len(tok.response_ids(response)), d] per record."""
+    (emd.mean_embedding). Returns one float32 [len(tok.response_ids(response)), d] per record;
+    with gelbrich_rank r, each row is μ(q) followed by the packed covariance Π Σ_q Πᵀ in the
+    top-r principal basis of Ê (emd.projected_moments): d + r(r+1)/2 values."""
     if not records:
         return []
     seq_len = max(len(tok.prompt_ids(r.prompt, system)) + len(tok.response_ids(r.response)) - 1
@@ -143,9 +147,15 @@ def response_mu(params, cfg, tok, records: Sequence[Record], *, system: str | No
         raise DataError(None, None, "response", f"mu(q) needs a response for every record: {stats}")
     E_hat = unit_embeddings(embedding_matrix(params))
 
+    basis = None if gelbrich_rank is None else emd.principal_basis(E_hat, gelbrich_rank)
+
     @jax.jit
     def mu_of(p, ids, pos, seg):
-        return mean_embedding(forward(p, cfg, ids, positions=pos, segment_ids=seg), E_hat)
+        logits = forward(p, cfg, ids, positions=pos, segment_ids=seg)
+        if basis is None:
+            return mean_embedding(logits, E_hat)
+        mu, cov = emd.projected_moments(emd.probs_from_logits(logits), E_hat, basis)
+        return jnp.concatenate([mu, emd.pack_symmetric(cov)], axis=-1)
 
     out: list[np.ndarray | None] = [None] * len(exs)
     batches = list(make_batches(exs, batch_size=batch_size, seq_len=seq_len, pad_id=tok.pad_id,
@@ -184,6 +194,9 @@ def check_args(args, out: Path) -> None:
     if out.is_dir():
         raise DataError(out, None, "--out", "is a directory; --out takes the JSONL file to write "
                         f"(e.g. {out / 'd_harmful.jsonl'})")
+    if args.gelbrich_rank is not None and (args.gelbrich_rank < 1 or not args.soft_targets):
+        raise DataError(None, None, "--gelbrich-rank", "needs --soft-targets and a rank >= 1, got "
+                        f"{args.gelbrich_rank}")
 
 
 def main(argv: list[str]) -> int:
@@ -207,6 +220,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--system", default=None)
     ap.add_argument("--soft-targets", action="store_true",
                     help="also store mu(q) per response token (OUT.mu.npy, OUT.mu_index.npy)")
+    ap.add_argument("--gelbrich-rank", type=int, default=None,
+                    help="with --soft-targets: also store each token's covariance in the top-r "
+                         "principal basis (for objective.divergence=gelbrich with "
+                         "objective.gelbrich_rank=r)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -230,7 +247,8 @@ def main(argv: list[str]) -> int:
     write_jsonl(out, kept)
     if args.soft_targets:
         save_response_mu(out, response_mu(params, cfg, tok, kept, system=args.system,
-                                          progress=not args.no_progress))
+                                          progress=not args.no_progress,
+                                          gelbrich_rank=args.gelbrich_rank))
     print(f"[harvest] {stats}")
     print(json.dumps({"out": str(out), "prompts": stats.prompts, "kept": stats.kept,
                       "dropped": dict(stats.dropped)}))

@@ -33,7 +33,8 @@ from semloss_jax.errors import LossError
 from semloss_jax.loss import bures
 
 TARGET_KINDS = ("onehot", "logits", "probs", "mean")
-DIVERGENCES = ("lower_bound", "exact_onehot", "upper_bound")
+DIVERGENCES = ("lower_bound", "exact_onehot", "upper_bound", "gelbrich")
+GELBRICH_RANK = 16  # the default basis size r of the Gelbrich bound
 
 # fp32 throughout; HIGHEST keeps accelerators from using reduced-precision matmuls,
 # which would swamp small differences ||μ(p) - μ(q)||.
@@ -202,9 +203,10 @@ def principal_basis(E_hat: jax.Array, r: int | None = None) -> jax.Array:
     return Q[:, ::-1][:, :r].T
 
 
-def projected_moments(probs: jax.Array, E_hat: jax.Array, basis: jax.Array
-                      ) -> tuple[jax.Array, jax.Array]:
-    """(μ(p) [..., d], Π Σ_p Πᵀ [..., r, r]) for distributions probs [..., V].
+def projected_moments(probs: jax.Array, E_hat: jax.Array, basis: jax.Array,
+                      mu: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(μ(p) [..., d], Π Σ_p Πᵀ [..., r, r]) for distributions probs [..., V] (mu: μ(p) when
+    the caller has it already).
 
     Σ_p = Σ_v p_v ê_v ê_vᵀ - μ(p) μ(p)ᵀ is computed in the basis Π [r, d] only: with z_v = Π ê_v,
     Π Σ_p Πᵀ = Σ_v p_v z_v z_vᵀ - (Πμ)(Πμ)ᵀ, from one [..., V] @ [V, r(r+1)/2] product of the
@@ -214,14 +216,45 @@ def projected_moments(probs: jax.Array, E_hat: jax.Array, basis: jax.Array
     probs, E = _f32(probs), _f32(E_hat)
     basis = jnp.asarray(basis, E.dtype)
     r = basis.shape[0]
-    mu = mean_embedding_from_probs(probs, E)
+    mu = mean_embedding_from_probs(probs, E) if mu is None else _f32(mu)
     Z = jnp.einsum("vd,rd->vr", E, basis, precision=_PREC)
     iu, ju = jnp.triu_indices(r)
-    second = jnp.einsum("...v,vk->...k", probs, Z[:, iu] * Z[:, ju], precision=_PREC)
-    S = jnp.zeros(probs.shape[:-1] + (r, r), second.dtype).at[..., iu, ju].set(second)
-    S = S + jnp.swapaxes(S, -1, -2) - S * jnp.eye(r, dtype=S.dtype)
+    S = unpack_symmetric(jnp.einsum("...v,vk->...k", probs, Z[:, iu] * Z[:, ju], precision=_PREC), r)
     m = jnp.einsum("...d,rd->...r", mu, basis, precision=_PREC)
     return mu, S - m[..., :, None] * m[..., None, :]
+
+
+def projected_trace(probs: jax.Array, E_hat: jax.Array, basis: jax.Array,
+                    mu: jax.Array | None = None) -> jax.Array:
+    """tr(Π Σ_p Πᵀ) [...] = Σ_v p_v ||z_v||² - ||Πμ(p)||²: the Bures term against a one-hot
+    target (Σ_q = 0), from one [..., V] @ [V] product and μ(p) (given, or computed)."""
+    probs, E = _f32(probs), _f32(E_hat)
+    basis = jnp.asarray(basis, E.dtype)
+    Z = jnp.einsum("vd,rd->vr", E, basis, precision=_PREC)
+    mu = mean_embedding_from_probs(probs, E) if mu is None else _f32(mu)
+    m = jnp.einsum("...d,rd->...r", mu, basis, precision=_PREC)
+    return jnp.einsum("...v,v->...", probs, jnp.sum(Z * Z, axis=-1), precision=_PREC) - jnp.sum(m * m, -1)
+
+
+def packed_size(r: int) -> int:
+    """Entries of a symmetric r x r matrix stored as its upper triangle: r (r + 1) / 2."""
+    return r * (r + 1) // 2
+
+
+def pack_symmetric(M: jax.Array) -> jax.Array:
+    """[..., r, r] symmetric -> [..., r(r+1)/2] (the upper triangle, row by row)."""
+    iu, ju = jnp.triu_indices(M.shape[-1])
+    return M[..., iu, ju]
+
+
+def unpack_symmetric(v: jax.Array, r: int) -> jax.Array:
+    """The inverse of pack_symmetric: [..., r(r+1)/2] -> [..., r, r]."""
+    if v.shape[-1] != packed_size(r):
+        raise LossError(f"a packed {r} x {r} symmetric matrix has {packed_size(r)} entries, got "
+                        f"{v.shape[-1]}")
+    iu, ju = jnp.triu_indices(r)
+    S = jnp.zeros(v.shape[:-1] + (r, r), v.dtype).at[..., iu, ju].set(v)
+    return S + jnp.swapaxes(S, -1, -2) - S * jnp.eye(r, dtype=v.dtype)
 
 
 def gelbrich_from_moments(mu_p: jax.Array, cov_p: jax.Array, mu_q: jax.Array,
@@ -252,12 +285,16 @@ def gelbrich_bound(logits: jax.Array, target: jax.Array, E_hat: jax.Array, basis
 
 
 def divergence(name: str, logits: jax.Array, target: jax.Array, E_hat: jax.Array, *, kind: str = "onehot",
-               mask: jax.Array | None = None) -> jax.Array:
-    """Per-position D(p, q) for the training objective, D in {"lower_bound", "exact_onehot", "upper_bound"}.
+               mask: jax.Array | None = None, basis: jax.Array | None = None) -> jax.Array:
+    """Per-position D(p, q), D in DIVERGENCES (lower_bound, exact_onehot, upper_bound, gelbrich).
 
     Returns values [...] in [0, 2], 0 at masked-out positions. "exact_onehot" needs
     kind="onehot" (the exact EMD to a soft target has no closed form: see ot_exact.py).
+    "gelbrich" uses `basis` [r, d] (default: the top-GELBRICH_RANK principal directions of Ê).
     """
+    if name == "gelbrich":
+        basis = principal_basis(E_hat, GELBRICH_RANK) if basis is None else basis
+        return gelbrich_bound(logits, target, E_hat, basis, kind=kind, mask=mask)
     if name == "lower_bound":
         return lower_bound(logits, target, E_hat, kind=kind, mask=mask)
     if name == "upper_bound":

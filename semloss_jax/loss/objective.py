@@ -39,7 +39,7 @@ from semloss_jax.loss import emd
 from semloss_jax.models import llama as model_lib
 
 KINDS = ("sft", "tasft", "nll_ascent", "unlikelihood", "safeinstr")
-DIVERGENCES = emd.DIVERGENCES  # ("lower_bound", "exact_onehot", "upper_bound")
+DIVERGENCES = emd.DIVERGENCES  # lower_bound, exact_onehot, upper_bound, gelbrich
 TARGETS = ("onehot", "soft")
 
 # -log(1 - p) is clamped at -log(UL_EPS) (about 13.8) so a token with p == 1 in float32
@@ -60,6 +60,7 @@ class ObjectiveConfig:
     kind: str = "tasft"
     lam: float = 1.0
     divergence: str = "lower_bound"
+    gelbrich_rank: int = emd.GELBRICH_RANK  # r of divergence="gelbrich" (emd.principal_basis)
     target: str = "onehot"
     nll_clip: float | None = None
 
@@ -78,6 +79,9 @@ class ObjectiveConfig:
         if self.lam < 0:
             raise ConfigError(key=f"{where}.lam",
                               message=f"must be >= 0 (the sign is fixed by the objective), got {self.lam}")
+        r = self.gelbrich_rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(key=f"{where}.gelbrich_rank", message=f"expected an integer >= 1, got {r!r}")
         if self.divergence == "exact_onehot" and self.target != "onehot":
             raise ConfigError(key=f"{where}.divergence",
                               message=f"'exact_onehot' needs target='onehot' (the exact EMD to a soft "
@@ -195,15 +199,12 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
     mask = token_mask(batch)
     targets = jnp.asarray(batch["targets"])
     logits = logits.astype(jnp.float32)
-    mu_p = emd.mean_embedding(logits, E_hat)                    # [B, T, d]
-    e_y = emd.target_mean(targets, E_hat, "onehot", mask)      # [B, T, d]
+    probs = emd.probs_from_logits(logits)
+    mu_p = emd.mean_embedding_from_probs(probs, E_hat)            # [B, T, d]
+    e_y = emd.target_mean(targets, E_hat, "onehot", mask)        # [B, T, d]
+    target_extra = None
     if obj.target == "soft":
-        if "target_mu" not in batch or batch["target_mu"] is None:
-            raise LossError("objective.target='soft' needs harmful batches with 'target_mu' [B, T, d]")
-        mu_q = emd.target_mean(jnp.asarray(batch["target_mu"]), E_hat, "mean")
-        if mu_q.shape != mu_p.shape:
-            raise LossError(f"harmful batch: field 'target_mu' has shape {mu_q.shape}, expected {mu_p.shape}")
-        mu_q = jnp.where(mask[..., None], mu_q, 0.0)  # anything (NaN included) allowed off-mask
+        mu_q, target_extra = _soft_target(batch, E_hat, mask)
     else:
         mu_q = e_y
     mu_q = jax.lax.stop_gradient(mu_q)
@@ -216,6 +217,9 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
     mu_div = mu_p if train_div else sg_mu
     if obj.divergence == "lower_bound":
         div = emd.lower_bound_from_means(mu_div, mu_q)
+    elif obj.divergence == "gelbrich":
+        div = _gelbrich(probs if train_div else jax.lax.stop_gradient(probs), mu_div, mu_q,
+                        target_extra, E_hat, obj)
     else:  # upper_bound, or exact_onehot (== UB to the one-hot target; validate() enforces onehot)
         div = emd.upper_bound_from_means(mu_div, mu_q)
 
@@ -234,6 +238,39 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
         "harm_nll_clip_sum": msum(nll_clip) if obj.kind == "nll_ascent" else sg(msum(nll_clip)),
         "ul_sum": msum(ul) if obj.kind == "unlikelihood" else sg(msum(ul)),
     }
+
+
+def _soft_target(batch: Mapping, E_hat: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """μ(q) [B, T, d] from the batch's target_mu, and whatever the harvest stored after it (the
+    packed covariance Π Σ_q Πᵀ for the Gelbrich divergence; [B, T, 0] when nothing)."""
+    if "target_mu" not in batch or batch["target_mu"] is None:
+        raise LossError("objective.target='soft' needs harmful batches with 'target_mu' [B, T, d]")
+    tm = jnp.asarray(batch["target_mu"], jnp.float32)
+    d = E_hat.shape[1]
+    if tm.shape[:-1] != mask.shape or tm.shape[-1] < d:
+        raise LossError(f"harmful batch: field 'target_mu' has shape {tm.shape}, expected "
+                        f"{mask.shape + (d,)} (or wider, with a packed covariance after μ(q))")
+    tm = jnp.where(mask[..., None], tm, 0.0)  # anything (NaN included) allowed off-mask
+    return tm[..., :d], tm[..., d:]
+
+
+def _gelbrich(probs, mu_p, mu_q, target_extra, E_hat, obj: ObjectiveConfig) -> jax.Array:
+    """Per-token LB_G (emd.gelbrich_from_moments) in the top-r principal basis of Ê: for a
+    one-hot target Σ_q = 0 and the Bures term is tr(Π Σ_p Πᵀ) (no eigendecomposition); a soft
+    target needs its covariance stored after μ(q) (harvest --soft-targets --gelbrich-rank r)."""
+    r = obj.gelbrich_rank
+    basis = jax.lax.stop_gradient(emd.principal_basis(E_hat, r))
+    if obj.target == "onehot":
+        return emd.lower_bound_from_means(mu_p, mu_q) + 0.5 * emd.projected_trace(
+            probs, E_hat, basis, mu=mu_p)
+    if target_extra is None or target_extra.shape[-1] != emd.packed_size(r):
+        got = None if target_extra is None else target_extra.shape[-1]
+        raise LossError(f"divergence 'gelbrich' with soft targets needs target_mu = μ(q) followed by "
+                        f"the packed {r} x {r} covariance ({emd.packed_size(r)} values; got {got}): "
+                        f"harvest with --soft-targets --gelbrich-rank {r}")
+    _, cov_p = emd.projected_moments(probs, E_hat, basis, mu=mu_p)
+    cov_q = jax.lax.stop_gradient(emd.unpack_symmetric(target_extra, r))
+    return emd.gelbrich_from_moments(mu_p, cov_p, mu_q, cov_q)
 
 
 def sums_from_logits(benign_logits: jax.Array, benign: Mapping, harmful_logits: jax.Array | None,
