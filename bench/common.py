@@ -19,11 +19,11 @@ from typing import Callable, Mapping
 
 import jax
 
-from semloss_jax.paths import atomic_write_text
-
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python bench/x.py` from the repository root
+if str(REPO) not in sys.path:  # `python bench/x.py`: this checkout's package, not an installed one
     sys.path.insert(0, str(REPO))
+
+from semloss_jax.paths import atomic_write_text  # noqa: E402 - after the path line above
 
 
 def loadavg() -> list[float]:

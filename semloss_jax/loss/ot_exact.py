@@ -276,23 +276,41 @@ def batched_topk_bounds(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Arr
     return jax.vmap(one)(p_logits, q_logits)
 
 
+def support_basis(E_s: jax.Array, a: jax.Array, b: jax.Array, r: int) -> jax.Array:
+    """[r, d]: the top-r principal directions of the pooled covariance of (a + b) / 2 on the
+    support points E_s [n, d], computed in the support's span (an n x n eigendecomposition).
+    Directions with (numerically) zero variance come back as zero rows: Π then projects onto
+    fewer dimensions, still a 1-Lipschitz map, so LB_G stays a lower bound."""
+    w = 0.5 * (a + b)
+    X = (E_s - w @ E_s) * jnp.sqrt(w)[:, None]                  # [n, d]
+    lam, U = jnp.linalg.eigh(X @ X.T)                           # ascending
+    lam, U = lam[::-1][:r], U[:, ::-1][:, :r]
+    keep = lam > 1e-9 * jnp.maximum(lam[0], jnp.finfo(lam.dtype).tiny)
+    V = (X.T @ U) / jnp.sqrt(jnp.where(keep, lam, 1.0))         # [d, r], orthonormal columns
+    return jnp.where(keep[None, :], V, 0.0).T
+
+
 def topk_gelbrich(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, basis: jax.Array,
-                  k: int) -> jax.Array:
-    """One position: the Gelbrich bound LB_G (emd.gelbrich_from_moments, basis [r, d]) of the
-    SAME truncated distributions a, b that topk_emd solves exactly (comparable to its value)."""
+                  k: int, adaptive_r: int = 0) -> jax.Array:
+    """One position: the Gelbrich bound LB_G (emd.gelbrich_from_moments) of the SAME truncated
+    distributions a, b that topk_emd solves exactly (comparable to its value), in the fixed
+    basis [r, d], or with adaptive_r > 0 in this position's own support_basis of that size."""
     prob = topk_problem(p_logits, q_logits, E_hat, k)
     E_s = E_hat[prob["ids"]]
+    if adaptive_r:
+        basis = support_basis(E_s, prob["a"], prob["b"], adaptive_r)
     mu_a, cov_a = emd.projected_moments(prob["a"], E_s, basis)
     mu_b, cov_b = emd.projected_moments(prob["b"], E_s, basis)
     return emd.gelbrich_from_moments(mu_a, cov_a, mu_b, cov_b)
 
 
-@partial(jax.jit, static_argnames=("k", "batch_size"))
+@partial(jax.jit, static_argnames=("k", "adaptive_r", "batch_size"))
 def batched_topk_gelbrich(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array,
-                          basis: jax.Array, *, k: int, batch_size: int = 16) -> jax.Array:
+                          basis: jax.Array, *, k: int, adaptive_r: int = 0,
+                          batch_size: int = 16) -> jax.Array:
     """topk_gelbrich over positions: p_logits, q_logits [N, V] -> [N] (chunks of batch_size
     positions bound the memory of the r x r eigendecompositions at large r)."""
-    return jax.lax.map(lambda args: topk_gelbrich(args[0], args[1], E_hat, basis, k),
+    return jax.lax.map(lambda args: topk_gelbrich(args[0], args[1], E_hat, basis, k, adaptive_r),
                        (p_logits, q_logits), batch_size=batch_size)
 
 
