@@ -128,7 +128,8 @@ def main(argv=None):
         calls, compile_s = {}, {}
         for kind in names:
             obj, which = table[kind]
-            step = jax.jit(step_lib.make_train_step(cfg, obj, ocfg, opt))
+            basis = emd.principal_basis(E_hat, obj.gelbrich_rank) if obj.divergence == "gelbrich" else None
+            step = jax.jit(step_lib.make_train_step(cfg, obj, ocfg, opt, basis))
             b, h = (benign, harm[which]) if which else (both, None)
             t = time.perf_counter()
             compiled = step.lower(state, b, h, E_hat).compile()

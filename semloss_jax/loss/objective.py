@@ -184,7 +184,7 @@ def benign_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, 
 
 
 def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.Array,
-                 obj: ObjectiveConfig) -> dict[str, jax.Array]:
+                 obj: ObjectiveConfig, basis: jax.Array | None = None) -> dict[str, jax.Array]:
     """Sums over the harmful response tokens, from the harmful logits [B, T, V].
 
     div_sum      Σ D(p_t, q_t), D = obj.divergence, q_t one-hot on targets or soft (target_mu)
@@ -195,6 +195,8 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
 
     Only the term that drives the gradient for obj.kind keeps its gradient; the logged ones
     go through stop_gradient. μ(p) is computed once (one [N, V] @ [V, d] product).
+    basis: the [r, d] basis of divergence="gelbrich" (emd.principal_basis(E_hat, r), which a
+    train step computes once, outside the step); None computes it here.
     """
     mask = token_mask(batch)
     targets = jnp.asarray(batch["targets"])
@@ -219,7 +221,7 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
         div = emd.lower_bound_from_means(mu_div, mu_q)
     elif obj.divergence == "gelbrich":
         div = _gelbrich(probs if train_div else jax.lax.stop_gradient(probs), mu_div, mu_q,
-                        target_extra, E_hat, obj)
+                        target_extra, E_hat, obj, basis)
     else:  # upper_bound, or exact_onehot (== UB to the one-hot target; validate() enforces onehot)
         div = emd.upper_bound_from_means(mu_div, mu_q)
 
@@ -254,12 +256,15 @@ def _soft_target(batch: Mapping, E_hat: jax.Array, mask: jax.Array) -> tuple[jax
     return tm[..., :d], tm[..., d:]
 
 
-def _gelbrich(probs, mu_p, mu_q, target_extra, E_hat, obj: ObjectiveConfig) -> jax.Array:
+def _gelbrich(probs, mu_p, mu_q, target_extra, E_hat, obj: ObjectiveConfig, basis) -> jax.Array:
     """Per-token LB_G (emd.gelbrich_from_moments) in the top-r principal basis of Ê: for a
     one-hot target Σ_q = 0 and the Bures term is tr(Π Σ_p Πᵀ) (no eigendecomposition); a soft
     target needs its covariance stored after μ(q) (harvest --soft-targets --gelbrich-rank r)."""
     r = obj.gelbrich_rank
-    basis = jax.lax.stop_gradient(emd.principal_basis(E_hat, r))
+    basis = emd.principal_basis(E_hat, r) if basis is None else basis
+    if basis.shape != (r, E_hat.shape[1]):
+        raise LossError(f"gelbrich basis has shape {basis.shape}, expected {(r, E_hat.shape[1])}")
+    basis = jax.lax.stop_gradient(basis)
     if obj.target == "onehot":
         return emd.lower_bound_from_means(mu_p, mu_q) + 0.5 * emd.projected_trace(
             probs, E_hat, basis, mu=mu_p)
@@ -274,13 +279,14 @@ def _gelbrich(probs, mu_p, mu_q, target_extra, E_hat, obj: ObjectiveConfig) -> j
 
 
 def sums_from_logits(benign_logits: jax.Array, benign: Mapping, harmful_logits: jax.Array | None,
-                     harmful: Mapping | None, E_hat: jax.Array | None, obj: ObjectiveConfig) -> dict:
+                     harmful: Mapping | None, E_hat: jax.Array | None, obj: ObjectiveConfig,
+                     basis: jax.Array | None = None) -> dict:
     """loss_sums without the model: the objective as a function of the logits."""
     out = benign_sums(benign_logits, benign)
     if harmful is not None:
         if E_hat is None:
             raise LossError("a harmful batch needs E_hat (cost.unit_embeddings of the frozen embeddings)")
-        out.update(harmful_sums(harmful_logits, harmful, E_hat, obj))
+        out.update(harmful_sums(harmful_logits, harmful, E_hat, obj, basis))
     return out
 
 
@@ -298,14 +304,16 @@ def _concat_ok(a: Mapping, b: Mapping) -> bool:
 
 
 def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat: jax.Array | None,
-              obj: ObjectiveConfig, *, frozen_layers: int = 0) -> dict[str, jax.Array]:
+              obj: ObjectiveConfig, *, frozen_layers: int = 0,
+              basis: jax.Array | None = None) -> dict[str, jax.Array]:
     """Forward the model on the benign (and harmful) batch and return SUMS and COUNTS.
 
     Keys: ce_sum, ce_count; with a harmful batch also harm_count, div_sum, lower_sum,
     upper_sum, emd_onehot_sum, harm_nll_sum, harm_nll_clip_sum, ul_sum (see harmful_sums).
     Benign and harmful batches with the same sequence length go through ONE forward
     (concatenated along the batch axis); otherwise two. frozen_layers: the first n decoder
-    layers get no gradient and skip their backward pass (model.forward).
+    layers get no gradient and skip their backward pass (model.forward). basis: the Gelbrich
+    divergence's basis (harmful_sums).
     """
     _check_batch(benign, "benign", BENIGN_KEYS)
     if harmful is None:
@@ -321,7 +329,7 @@ def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat
     else:
         b_logits = _forward(params, model_cfg, benign, frozen_layers)
         h_logits = _forward(params, model_cfg, harmful, frozen_layers)
-    return sums_from_logits(b_logits, benign, h_logits, harmful, E_hat, obj)
+    return sums_from_logits(b_logits, benign, h_logits, harmful, E_hat, obj, basis)
 
 
 def _safe_div(num, den):

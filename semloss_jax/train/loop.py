@@ -45,6 +45,7 @@ import numpy as np
 
 from semloss_jax.data import streams as streams_lib
 from semloss_jax.errors import CheckpointError, Interrupted, ModelError, NonFiniteLoss, TrainError
+from semloss_jax.loss import emd
 from semloss_jax.models import loading, weights
 from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
@@ -207,7 +208,10 @@ def _step_counter_matches(step: int, state: dict, meta: dict) -> None:
 
 def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> CompiledStep:
     """The step jitted once with in/out shardings, and the feeder of its global batches."""
-    raw = step_lib.make_train_step(s.model_cfg, cfg.objective, cfg.optim, s.plan.optimizer)
+    basis = None
+    if cfg.objective.divergence == "gelbrich":  # the step's frozen basis, computed once
+        basis = np.asarray(emd.principal_basis(s.E_hat, cfg.objective.gelbrich_rank))
+    raw = step_lib.make_train_step(s.model_cfg, cfg.objective, cfg.optim, s.plan.optimizer, basis)
     traces = [0]
 
     def counted_step(state, benign, harmful, E_hat):

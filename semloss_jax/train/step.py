@@ -61,7 +61,7 @@ def _leading(batch, name):
 
 
 def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
-                    optimizer: optax.GradientTransformation):
+                    optimizer: optax.GradientTransformation, basis: jax.Array | None = None):
     """A pure step(state, benign_micro, harmful_micro, E_hat) -> (state, metrics).
 
     benign_micro / harmful_micro: batch dicts whose fields have a leading micro-batch axis
@@ -70,6 +70,8 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
     metrics: dict of float32 scalars with METRIC_KEYS (loss of the whole batch, token means of
     its parts, grad_norm before clipping, lr of this update, token counts).
     No sharding code here: jit it with in/out shardings and donate_argnums outside.
+    basis: for objective.divergence=gelbrich, emd.principal_basis(E_hat, r) computed once
+    (a small [r, d] constant of the step); None computes it inside every step (V x d² work).
     """
     obj.validate()
     ocfg.validate()
@@ -80,7 +82,8 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
 
     def loss_fn(trainable, frozen, b, h, E_hat, counts, mask):
         params = full_params(stop_frozen(trainable, mask), frozen, ocfg)
-        sums = obj_lib.loss_sums(params, model_cfg, b, h, E_hat, obj, frozen_layers=frozen_layers)
+        sums = obj_lib.loss_sums(params, model_cfg, b, h, E_hat, obj, frozen_layers=frozen_layers,
+                                 basis=basis)
         return obj_lib.combine(sums, counts, obj), sums
 
     def step(state, benign_micro, harmful_micro, E_hat):
