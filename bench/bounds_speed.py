@@ -129,12 +129,12 @@ def main(argv=None):
         for name in fns:
             if name.startswith("ott"):
                 o = outs[name]
-                row["ott"][name] = {"median_iters": float(np.median(np.asarray(o["n_iters"]))),
-                                    "converged_frac": float(np.mean(np.asarray(o["converged"]))),
-                                    "mean_exact": float(np.mean(np.asarray(o["exact"])))}
+                row["ott"][name] = {"median_iters": float(np.median(np.asarray(o.n_iters))),
+                                    "converged_frac": float(np.mean(np.asarray(o.converged))),
+                                    "mean_exact": float(np.mean(np.asarray(o.exact)))}
                 if name.startswith("ott_soft"):
-                    row["ott"][name]["mean_lower"] = float(np.mean(np.asarray(o["lower"])))
-                    row["ott"][name]["mean_upper"] = float(np.mean(np.asarray(o["upper"])))
+                    row["ott"][name]["mean_lower"] = float(np.mean(np.asarray(o.lower)))
+                    row["ott"][name]["mean_upper"] = float(np.mean(np.asarray(o.upper)))
         rows.append(row)
         print(f"\nV = {V}  (closed forms on {N} positions, OTT on {No} (k >= 256: {args.big_k_positions}); "
               f"load {loadavg()})")

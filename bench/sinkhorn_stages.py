@@ -41,7 +41,7 @@ def near_duplicates(cfgs: dict) -> dict:
     lps = [ot_exact.emd_lp(a, b, np.asarray(C, np.float64)) for a, b, C in probs]
     out = {}
     for name, cfg in cfgs.items():
-        f = jax.jit(lambda a, b, C, cfg=cfg: ot_exact.sinkhorn_emd(a, b, C, cfg)["cost"])
+        f = jax.jit(lambda a, b, C, cfg=cfg: ot_exact.sinkhorn_emd(a, b, C, cfg).cost)
         pp = [float(f(jnp.asarray(a), jnp.asarray(a), C)) for a, _, C in probs]
         err = [float(f(jnp.asarray(a), jnp.asarray(b), C)) - lp for (a, b, C), lp in zip(probs, lps)]
         out[name] = {"emd_p_p_max": max(pp), "swap_err_mean": float(np.mean(err)),
@@ -64,10 +64,10 @@ def real_positions(cfgs: dict, n: int, k: int, reps: int) -> dict:
     base = statistics.median(times["2 stages"])
     res = {}
     for name, o in outs.items():
-        err = np.abs(np.asarray(o["exact"]) - lp)
+        err = np.abs(np.asarray(o.exact) - lp)
         t = statistics.median(times[name])
         res[name] = {"abs_err_mean": float(err.mean()), "abs_err_max": float(err.max()),
-                     "converged": float(np.mean(o["converged"])), "s_per_position": t / n,
+                     "converged": float(np.mean(o.converged)), "s_per_position": t / n,
                      "time_vs_2_stages": t / base}
     return res
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from semloss_jax.errors import LossError
 from semloss_jax.loss import cost, emd, ot_exact
 
 CFG = ot_exact.SinkhornConfig()  # the defaults the report uses
@@ -37,10 +38,10 @@ def test_ott_matches_lp_on_tiny_supports(sinkhorn_jit, seed, temp, zeros):
     a, b, C = _tiny(seed, temp, zeros)
     lp = ot_exact.emd_lp(a, b, np.asarray(C, np.float64))
     out = sinkhorn_jit(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), C)
-    assert abs(float(out["cost"]) - lp) < 1e-3, (float(out["cost"]), lp)
+    assert abs(float(out.cost) - lp) < 1e-3, (float(out.cost), lp)
     # the rounded plan is feasible, so its cost cannot be below the LP optimum (fp32 slack)
-    assert float(out["cost"]) >= lp - 1e-5
-    assert float(out["marginal_error"]) < 1e-2
+    assert float(out.cost) >= lp - 1e-5
+    assert float(out.marginal_error) < 1e-2
 
 
 def test_emd_lp_known_values():
@@ -54,7 +55,7 @@ def test_emd_lp_known_values():
     assert ot_exact.emd_lp(np.array([0.5, 0.5, 0]), np.array([0, 0.5, 0.5]), C) == pytest.approx(1.0)
     # the orthogonal point is cheaper than the antipode: 0.5 (0 -> 1) + 0 = 0.5
     assert ot_exact.emd_lp(np.array([0.5, 0.5, 0]), np.array([0, 1.0, 0]), C) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(LossError, match="do not match"):
         ot_exact.emd_lp(a, a[:2], C)
 
 
@@ -96,46 +97,46 @@ def test_topk_emd_between_bounds_and_equal_to_lp():
     E_hat, zp, zq = _real_like(1)
     k = 6
     r = ot_exact.batched_topk_emd(zp, zq, E_hat, k=k)
-    assert r["exact"].shape == (5,)
-    assert np.all(np.asarray(r["marginal_error"]) < 1e-3)  # Sinkhorn's plan before rounding
-    assert np.all(np.asarray(r["lower"]) <= np.asarray(r["exact"]) + 1e-5)
-    assert np.all(np.asarray(r["exact"]) <= np.asarray(r["upper"]) + 1e-5)
-    assert np.all((np.asarray(r["mass_p"]) > 0) & (np.asarray(r["mass_p"]) <= 1 + 1e-6))
+    assert r.exact.shape == (5,)
+    assert np.all(np.asarray(r.marginal_error) < 1e-3)  # Sinkhorn's plan before rounding
+    assert np.all(np.asarray(r.lower) <= np.asarray(r.exact) + 1e-5)
+    assert np.all(np.asarray(r.exact) <= np.asarray(r.upper) + 1e-5)
+    assert np.all((np.asarray(r.mass_p) > 0) & (np.asarray(r.mass_p) <= 1 + 1e-6))
     for i in range(5):
         lp = ot_exact.lp_on_support(zp[i], zq[i], E_hat, k)
-        assert abs(float(r["exact"][i]) - lp) < 1e-3
+        assert abs(float(r.exact[i]) - lp) < 1e-3
     # the per-position function agrees with the batched one
     one = ot_exact.topk_emd(zp[2], zq[2], E_hat, k)
-    assert float(one["exact"]) == pytest.approx(float(r["exact"][2]), abs=1e-5)
+    assert float(one.exact) == pytest.approx(float(r.exact[2]), abs=1e-5)
 
 
 def test_full_support_reproduces_full_vocab_bounds():
     """With k = V nothing is truncated: the support bounds equal emd.py's full-vocab bounds."""
     E_hat, zp, zq = _real_like(2, V=10, d=4, N=3)
     r = ot_exact.batched_topk_emd(zp, zq, E_hat, k=10)
-    np.testing.assert_allclose(r["mass_p"], 1.0, atol=1e-6)
-    np.testing.assert_allclose(r["lower"], emd.lower_bound(zp, zq, E_hat, kind="logits"), atol=1e-5)
-    np.testing.assert_allclose(r["upper"], emd.upper_bound(zp, zq, E_hat, kind="logits"), atol=1e-5)
+    np.testing.assert_allclose(r.mass_p, 1.0, atol=1e-6)
+    np.testing.assert_allclose(r.lower, emd.lower_bound(zp, zq, E_hat, kind="logits"), atol=1e-5)
+    np.testing.assert_allclose(r.upper, emd.upper_bound(zp, zq, E_hat, kind="logits"), atol=1e-5)
     C = np.clip(1 - np.asarray(E_hat, np.float64) @ np.asarray(E_hat, np.float64).T, 0, 2)
     for i in range(3):
         lp = ot_exact.emd_lp(np.asarray(jax.nn.softmax(zp[i]), np.float64),
                              np.asarray(jax.nn.softmax(zq[i]), np.float64), C)
-        assert abs(float(r["exact"][i]) - lp) < 1e-3
+        assert abs(float(r.exact[i]) - lp) < 1e-3
 
 
 def test_onehot_mode_reproduces_closed_form():
     E_hat, zp, zq = _real_like(3, N=7)
     y = jnp.argmax(zq, -1).at[0].set(int(jnp.argmin(zp[0])))  # position 0: y outside top-k(p)
     r = ot_exact.batched_topk_onehot_emd(zp, y, E_hat, k=8, cfg=ot_exact.SinkhornConfig(batch_size=3))
-    np.testing.assert_allclose(r["exact"], r["closed"], atol=1e-4)
-    assert np.all(np.asarray(r["converged"]))
-    np.testing.assert_allclose(r["closed_full"], emd.onehot_emd(zp, y, E_hat), atol=1e-6)
+    np.testing.assert_allclose(r.exact, r.closed, atol=1e-4)
+    assert np.all(np.asarray(r.converged))
+    np.testing.assert_allclose(r.closed_full, emd.onehot_emd(zp, y, E_hat), atol=1e-6)
     # no truncation (k = V): OTT equals the full-vocabulary closed form
     E_small, zs, _ = _real_like(5, V=40, N=3)
     ys = jnp.array([0, 17, 39])
     r_full = ot_exact.batched_topk_onehot_emd(zs, ys, E_small, k=40)
-    np.testing.assert_allclose(r_full["exact"], emd.onehot_emd(zs, ys, E_small), atol=1e-4)
-    np.testing.assert_allclose(r_full["mass_p"], 1.0, atol=1e-5)
+    np.testing.assert_allclose(r_full.exact, emd.onehot_emd(zs, ys, E_small), atol=1e-4)
+    np.testing.assert_allclose(r_full.mass_p, 1.0, atol=1e-5)
 
 
 def test_batch_size_not_dividing_positions():
@@ -143,7 +144,7 @@ def test_batch_size_not_dividing_positions():
     a = ot_exact.batched_topk_emd(zp, zq, E_hat, k=4, cfg=ot_exact.SinkhornConfig(batch_size=2))
     b = ot_exact.batched_topk_emd(zp, zq, E_hat, k=4, cfg=ot_exact.SinkhornConfig(batch_size=8))
     for key in ("exact", "lower", "upper"):
-        np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), atol=1e-5)
 
 
 def test_emd_lp_feasible_with_weights_below_the_solver_tolerance():
@@ -185,7 +186,7 @@ def _near_duplicate_problems(n_problems: int = 100, n: int = 6, seed: int = 0):
 def test_near_duplicate_tokens_no_entropic_blur_at_p_equals_q():
     """EMD(p, p) = 0 (two stages of Sinkhorn alone left up to 4.8e-4 on near-duplicates), and
     moving mass between near-duplicates is within 1e-4 of the LP (the polish stage)."""
-    f = jax.jit(lambda a, b, C: ot_exact.sinkhorn_emd(a, b, C, CFG)["cost"])
+    f = jax.jit(lambda a, b, C: ot_exact.sinkhorn_emd(a, b, C, CFG).cost)
     worst_pp, worst_swap, pair_costs = 0.0, 0.0, []
     for a, b, C in _near_duplicate_problems():
         pair_costs += [float(C[i, i + 3]) for i in range(3)]

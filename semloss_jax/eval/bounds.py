@@ -154,16 +154,15 @@ def compute(P, Q, Y, E_hat, *, k: int, cfg, lp_check: int, progress: bool) -> tu
     ott = partial(ot_exact.batched_topk_emd, k=k, cfg=cfg)
     r, compile_s["exact_ott"], t = _timed(ott, Pj, Qj, E_hat)
     timing["exact_ott"] = t / N
-    arrays.update(exact=r["exact"], converged=r["converged"], n_iters=r["n_iters"],
-                  marginal_error=r["marginal_error"])
+    arrays.update(exact=r.exact, converged=r.converged, n_iters=r.n_iters, marginal_error=r.marginal_error)
     bar.update()
 
     step(steps[1])
     b, compile_s["bounds_topk"], t = _timed(partial(ot_exact.batched_topk_bounds, k=k), Pj, Qj, E_hat)
     timing["bounds_topk"] = t / N
-    arrays.update(lower=b["lower"], upper=b["upper"], mass_p=b["mass_p"], mass_q=b["mass_q"])
+    arrays.update(b._asdict())
     # the OTT call computed the same truncated bounds: they must agree
-    np.testing.assert_allclose(np.asarray(r["lower"]), np.asarray(b["lower"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.lower), np.asarray(b.lower), atol=1e-5)
     bar.update()
 
     step(steps[2])
@@ -178,8 +177,8 @@ def compute(P, Q, Y, E_hat, *, k: int, cfg, lp_check: int, progress: bool) -> tu
     oh = partial(ot_exact.batched_topk_onehot_emd, k=k, cfg=cfg)
     o, compile_s["onehot_ott"], t = _timed(oh, Pj, Yj, E_hat)
     timing["onehot_ott"] = t / N
-    arrays.update(onehot_exact=o["exact"], onehot_closed=o["closed"], onehot_converged=o["converged"],
-                  onehot_mass_p=o["mass_p"])
+    arrays.update(onehot_exact=o.exact, onehot_closed=o.closed, onehot_converged=o.converged,
+                  onehot_mass_p=o.mass_p)
     bar.update()
 
     step(steps[4])
@@ -193,9 +192,9 @@ def compute(P, Q, Y, E_hat, *, k: int, cfg, lp_check: int, progress: bool) -> tu
     step(steps[5])
     n_lp = min(lp_check, N)
     probs = jax.jit(jax.vmap(partial(ot_exact.topk_problem, E_hat=E_hat, k=k)))(Pj[:n_lp], Qj[:n_lp])
-    probs = {key: np.asarray(v) for key, v in probs.items()}
+    probs = jax.tree.map(np.asarray, probs)
     t0 = time.perf_counter()
-    lp = [ot_exact.lp_from_problem({key: v[i] for key, v in probs.items()}, E_hat) for i in range(n_lp)]
+    lp = [ot_exact.lp_from_problem(jax.tree.map(lambda v, i=i: v[i], probs), E_hat) for i in range(n_lp)]
     timing["exact_lp"] = (time.perf_counter() - t0) / n_lp if n_lp else float("nan")
     arrays["lp"] = np.asarray(lp, np.float64)
     bar.update()
@@ -522,7 +521,7 @@ def run(args) -> int:
            for key, v in arrays.items()},
     }
     atomic_write_text(out / "bounds.json", json.dumps(_jsonable(report), indent=1) + "\n")
-    atomic_write_text(out / "bounds.md", render_markdown(summary, command) + "\n".join(
+    atomic_write_text(out / "bounds.md", render_markdown(summary, command) + "\n" + "\n".join(
         render_gelbrich(summary["gelbrich"], summary["means"]["exact"])))
     plot(arrays, out / "bounds.png")
     print(json.dumps(_jsonable({"out": str(out), **{k: summary[k] for k in

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from semloss_jax.errors import LossError
 from semloss_jax.loss import emd
 from semloss_jax.loss.cost import cost_matrix
 
@@ -73,6 +75,70 @@ class SinkhornConfig:
 
 
 # ----------------------------------------------------------------------------- supports
+
+class SinkhornResult(NamedTuple):
+    """One Sinkhorn EMD: cost (<π, C> of the rounded feasible plan), converged (OTT's flag:
+    marginal error below threshold within max_iterations, any stage), n_iters (all stages),
+    marginal_error (L1 error of the unrounded plan's marginals)."""
+
+    cost: jax.Array
+    converged: jax.Array
+    n_iters: jax.Array
+    marginal_error: jax.Array
+
+
+class TopkProblem(NamedTuple):
+    """One truncated soft-target problem: ids/valid [2k] (the support S = top-k(p) ∪ top-k(q)),
+    a/b [2k] (p and q renormalized on S), mass_p/mass_q (mass kept by the truncation), and the
+    bounds LB (lower) / UB (upper) of emd.py on the same a, b."""
+
+    ids: jax.Array
+    valid: jax.Array
+    a: jax.Array
+    b: jax.Array
+    mass_p: jax.Array
+    mass_q: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+
+
+class TopkEMD(NamedTuple):
+    """Exact EMD (OTT) on a TopkProblem's support with its bounds; per position, or [N] arrays
+    from batched_topk_emd."""
+
+    exact: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+    mass_p: jax.Array
+    mass_q: jax.Array
+    converged: jax.Array
+    n_iters: jax.Array
+    marginal_error: jax.Array
+
+
+class OnehotEMD(NamedTuple):
+    """One-hot target δ_y: exact (OTT on top-k(p) ∪ {y}), closed (1 - μ(a)·ê_y on the same
+    truncated a), closed_full / lower_full (emd.py's closed form and LB on the full
+    vocabulary), mass_p and the solver's flags."""
+
+    exact: jax.Array
+    closed: jax.Array
+    closed_full: jax.Array
+    lower_full: jax.Array
+    mass_p: jax.Array
+    converged: jax.Array
+    n_iters: jax.Array
+    marginal_error: jax.Array
+
+
+class TopkBounds(NamedTuple):
+    """LB / UB on the top-k union support (no OT), with the mass kept by the truncation."""
+
+    lower: jax.Array
+    upper: jax.Array
+    mass_p: jax.Array
+    mass_q: jax.Array
+
 
 def union_support(*id_lists: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Union of token-id lists as a fixed-size array: (ids [n], valid [n] bool), n = total length.
@@ -119,13 +185,9 @@ def diagonal_plan(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.diag(keep) + jnp.where(norm > 0, jnp.outer(ra, rb) / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def sinkhorn_emd(a: jax.Array, b: jax.Array, C: jax.Array, cfg: SinkhornConfig = SinkhornConfig()) -> dict:
-    """EMD(a, b) on cost C [n, m] with OTT Sinkhorn + rounding. Jittable and vmappable.
-
-    Returns a dict of scalars: cost (<π, C> of the rounded feasible plan), converged (OTT's
-    flag: marginal error below threshold within max_iterations), n_iters, marginal_error
-    (L1 error of the unrounded Sinkhorn plan's marginals).
-    """
+def sinkhorn_emd(a: jax.Array, b: jax.Array, C: jax.Array,
+                 cfg: SinkhornConfig = SinkhornConfig()) -> SinkhornResult:
+    """EMD(a, b) on cost C [n, m] with OTT Sinkhorn + rounding. Jittable and vmappable."""
     solver = sinkhorn.Sinkhorn(threshold=cfg.threshold, max_iterations=cfg.max_iterations)
 
     def rounded(out):
@@ -148,12 +210,8 @@ def sinkhorn_emd(a: jax.Array, b: jax.Array, C: jax.Array, cfg: SinkhornConfig =
         converged, n_iters = converged | out.converged, n_iters + out.n_iters
     if cfg.diagonal and C.shape[0] == C.shape[1]:  # one support: the plan that moves nothing shared
         cost_ = jnp.minimum(cost_, jnp.sum(diagonal_plan(a, b) * C))
-    return {
-        "cost": cost_,
-        "converged": jnp.asarray(converged, bool),
-        "n_iters": jnp.asarray(n_iters, jnp.int32),
-        "marginal_error": marg_err,
-    }
+    return SinkhornResult(cost=cost_, converged=jnp.asarray(converged, bool),
+                          n_iters=jnp.asarray(n_iters, jnp.int32), marginal_error=marg_err)
 
 
 def emd_lp(a: np.ndarray, b: np.ndarray, C: np.ndarray) -> float:
@@ -170,7 +228,7 @@ def emd_lp(a: np.ndarray, b: np.ndarray, C: np.ndarray) -> float:
     C = np.asarray(C, np.float64)
     n, m = C.shape
     if a.shape != (n,) or b.shape != (m,):
-        raise ValueError(f"emd_lp: marginals {a.shape}, {b.shape} do not match cost {C.shape}")
+        raise LossError(f"emd_lp: marginals {a.shape}, {b.shape} do not match cost {C.shape}")
     b = b * (a.sum() / b.sum())  # equal totals up to round-off, else the LP is infeasible
     rows = np.concatenate([np.repeat(np.arange(n), m), n + np.tile(np.arange(m), n)])
     cols = np.concatenate([np.arange(n * m), np.arange(n * m)])
@@ -178,19 +236,16 @@ def emd_lp(a: np.ndarray, b: np.ndarray, C: np.ndarray) -> float:
     res = linprog(C.ravel(), A_eq=A_eq, b_eq=np.concatenate([a, b]), bounds=(0, None), method="highs",
                   options={"presolve": False, "primal_feasibility_tolerance": 1e-10})
     if res.status != 0:
-        raise RuntimeError(f"emd_lp: HiGHS failed: {res.message}")
+        raise LossError(f"emd_lp: HiGHS failed: {res.message}")
     return float(res.fun)
 
 
 # ----------------------------------------------------------------------------- per position
 
-def topk_problem(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int) -> dict:
-    """One position, soft target: the truncated problem on S = top-k(p) ∪ top-k(q) and the
-    bounds LB / UB of emd.py on these SAME truncated (renormalized) distributions.
-
-    p_logits, q_logits [V]. Returns ids/valid [2k] (the support), a/b [2k] (the weights),
-    mass_p/mass_q (mass kept by the truncation), lower, upper.
-    """
+def topk_problem(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int) -> TopkProblem:
+    """One position, soft target (p_logits, q_logits [V]): the truncated problem on
+    S = top-k(p) ∪ top-k(q) and the bounds LB / UB of emd.py on these SAME truncated
+    (renormalized) distributions."""
     p = emd.probs_from_logits(p_logits)
     q = emd.probs_from_logits(q_logits)
     ids, valid = union_support(jax.lax.top_k(p, k)[1], jax.lax.top_k(q, k)[1])
@@ -199,24 +254,23 @@ def topk_problem(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: 
     E_s = E_hat[ids]
     mu_a = emd.mean_embedding_from_probs(a, E_s)
     mu_b = emd.mean_embedding_from_probs(b, E_s)
-    return {"ids": ids, "valid": valid, "a": a, "b": b, "mass_p": mass_p, "mass_q": mass_q,
-            "lower": emd.lower_bound_from_means(mu_a, mu_b), "upper": emd.upper_bound_from_means(mu_a, mu_b)}
+    return TopkProblem(ids=ids, valid=valid, a=a, b=b, mass_p=mass_p, mass_q=mass_q,
+                       lower=emd.lower_bound_from_means(mu_a, mu_b),
+                       upper=emd.upper_bound_from_means(mu_a, mu_b))
 
 
 def topk_emd(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, k: int,
-             cfg: SinkhornConfig = SinkhornConfig()) -> dict:
-    """One position, soft target: exact EMD (OTT) on the topk_problem support, plus its bounds.
-
-    Returns topk_problem's entries and exact, converged, n_iters, marginal_error.
-    """
+             cfg: SinkhornConfig = SinkhornConfig()) -> TopkEMD:
+    """One position, soft target: exact EMD (OTT) on the topk_problem support, plus its bounds."""
     prob = topk_problem(p_logits, q_logits, E_hat, k)
-    out = sinkhorn_emd(prob["a"], prob["b"], cost_matrix(E_hat, prob["ids"]), cfg)
-    return {**prob, "exact": out["cost"], "converged": out["converged"], "n_iters": out["n_iters"],
-            "marginal_error": out["marginal_error"]}
+    out = sinkhorn_emd(prob.a, prob.b, cost_matrix(E_hat, prob.ids), cfg)
+    return TopkEMD(exact=out.cost, lower=prob.lower, upper=prob.upper, mass_p=prob.mass_p,
+                   mass_q=prob.mass_q, converged=out.converged, n_iters=out.n_iters,
+                   marginal_error=out.marginal_error)
 
 
 def topk_onehot_emd(p_logits: jax.Array, y: jax.Array, E_hat: jax.Array, k: int,
-                    cfg: SinkhornConfig = SinkhornConfig()) -> dict:
+                    cfg: SinkhornConfig = SinkhornConfig()) -> OnehotEMD:
     """One position, one-hot target δ_y: OTT EMD on S = top-k(p) ∪ {y} (p renormalized on S)
     versus the closed form 1 - μ(a) · ê_y on the same truncated a; also the full-vocabulary
     closed form (emd.onehot_emd, no truncation).
@@ -230,49 +284,40 @@ def topk_onehot_emd(p_logits: jax.Array, y: jax.Array, E_hat: jax.Array, k: int,
     # the closed form for the truncated distribution, via the same emd.py formula
     closed = emd.upper_bound_from_means(mu_a, E_hat[y])
     out = sinkhorn_emd(a, b, cost_matrix(E_hat, ids), cfg)
-    return {
-        "exact": out["cost"], "closed": closed,
-        "closed_full": emd.onehot_emd(p_logits, y, E_hat),
-        "lower_full": emd.lower_bound(p_logits, y, E_hat, kind="onehot"),
-        "mass_p": mass_p,
-        "converged": out["converged"], "n_iters": out["n_iters"], "marginal_error": out["marginal_error"],
-    }
+    return OnehotEMD(exact=out.cost, closed=closed, closed_full=emd.onehot_emd(p_logits, y, E_hat),
+                     lower_full=emd.lower_bound(p_logits, y, E_hat, kind="onehot"), mass_p=mass_p,
+                     converged=out.converged, n_iters=out.n_iters, marginal_error=out.marginal_error)
 
 
 # ----------------------------------------------------------------------------- batched
 
-_SCALAR_KEYS = ("exact", "lower", "upper", "mass_p", "mass_q", "converged", "n_iters", "marginal_error")
-
-
 @partial(jax.jit, static_argnames=("k", "cfg"))
 def batched_topk_emd(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, *, k: int,
-                     cfg: SinkhornConfig = SinkhornConfig()) -> dict:
-    """topk_emd over positions: p_logits, q_logits [N, V] -> dict of [N] arrays.
+                     cfg: SinkhornConfig = SinkhornConfig()) -> TopkEMD:
+    """topk_emd over positions: p_logits, q_logits [N, V] -> TopkEMD of [N] arrays.
 
     Mapped in vmapped chunks of cfg.batch_size positions (jax.lax.map with batch_size; OTT
     0.6.0's own ott.utils.batched_vmap calls an API that JAX 0.10 removed).
     """
-    def one(args):
-        r = topk_emd(args[0], args[1], E_hat, k, cfg)
-        return {key: r[key] for key in _SCALAR_KEYS}
-    return jax.lax.map(one, (p_logits, q_logits), batch_size=cfg.batch_size)
+    return jax.lax.map(lambda args: topk_emd(args[0], args[1], E_hat, k, cfg), (p_logits, q_logits),
+                       batch_size=cfg.batch_size)
 
 
 @partial(jax.jit, static_argnames=("k", "cfg"))
 def batched_topk_onehot_emd(p_logits: jax.Array, y: jax.Array, E_hat: jax.Array, *, k: int,
-                            cfg: SinkhornConfig = SinkhornConfig()) -> dict:
-    """topk_onehot_emd over positions: p_logits [N, V], y int [N] -> dict of [N] arrays."""
+                            cfg: SinkhornConfig = SinkhornConfig()) -> OnehotEMD:
+    """topk_onehot_emd over positions: p_logits [N, V], y int [N] -> OnehotEMD of [N] arrays."""
     def one(args):
         return topk_onehot_emd(args[0], args[1], E_hat, k, cfg)
     return jax.lax.map(one, (p_logits, y), batch_size=cfg.batch_size)
 
 
 @partial(jax.jit, static_argnames=("k",))
-def batched_topk_bounds(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, *, k: int) -> dict:
-    """LB / UB on the top-k union support only (no OT): p_logits, q_logits [N, V] -> dict of [N]."""
+def batched_topk_bounds(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, *, k: int) -> TopkBounds:
+    """LB / UB on the top-k union support only (no OT): p_logits, q_logits [N, V] -> [N] each."""
     def one(pl, ql):
         r = topk_problem(pl, ql, E_hat, k)
-        return {key: r[key] for key in ("lower", "upper", "mass_p", "mass_q")}
+        return TopkBounds(lower=r.lower, upper=r.upper, mass_p=r.mass_p, mass_q=r.mass_q)
     return jax.vmap(one)(p_logits, q_logits)
 
 
@@ -296,11 +341,11 @@ def topk_gelbrich(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.Array, ba
     distributions a, b that topk_emd solves exactly (comparable to its value), in the fixed
     basis [r, d], or with adaptive_r > 0 in this position's own support_basis of that size."""
     prob = topk_problem(p_logits, q_logits, E_hat, k)
-    E_s = E_hat[prob["ids"]]
+    E_s = E_hat[prob.ids]
     if adaptive_r:
-        basis = support_basis(E_s, prob["a"], prob["b"], adaptive_r)
-    mu_a, cov_a = emd.projected_moments(prob["a"], E_s, basis)
-    mu_b, cov_b = emd.projected_moments(prob["b"], E_s, basis)
+        basis = support_basis(E_s, prob.a, prob.b, adaptive_r)
+    mu_a, cov_a = emd.projected_moments(prob.a, E_s, basis)
+    mu_b, cov_b = emd.projected_moments(prob.b, E_s, basis)
     return emd.gelbrich_from_moments(mu_a, cov_a, mu_b, cov_b)
 
 
@@ -314,13 +359,13 @@ def batched_topk_gelbrich(p_logits: jax.Array, q_logits: jax.Array, E_hat: jax.A
                        (p_logits, q_logits), batch_size=batch_size)
 
 
-def lp_from_problem(prob: dict, E_hat: jax.Array) -> float:
-    """The exact LP value of one truncated problem (a topk_problem dict for one position)."""
-    keep = np.asarray(prob["valid"])
-    ids = np.asarray(prob["ids"])[keep]
+def lp_from_problem(prob: TopkProblem, E_hat: jax.Array) -> float:
+    """The exact LP value of one truncated problem (topk_problem of one position)."""
+    keep = np.asarray(prob.valid)
+    ids = np.asarray(prob.ids)[keep]
     E_s = np.asarray(E_hat[jnp.asarray(ids)], np.float64)
     C = np.clip(1.0 - E_s @ E_s.T, 0.0, 2.0)  # c(u, v) = 1 - ê_u·ê_v, as cost.cost_matrix
-    return emd_lp(np.asarray(prob["a"])[keep], np.asarray(prob["b"])[keep], C)
+    return emd_lp(np.asarray(prob.a)[keep], np.asarray(prob.b)[keep], C)
 
 
 _topk_problem_jit = jax.jit(topk_problem, static_argnames=("k",))
@@ -328,5 +373,5 @@ _topk_problem_jit = jax.jit(topk_problem, static_argnames=("k",))
 
 def lp_on_support(p_logits, q_logits, E_hat, k: int) -> float:
     """The exact LP value on the same truncated problem topk_emd solves (for cross-checks)."""
-    prob = dict(_topk_problem_jit(jnp.asarray(p_logits), jnp.asarray(q_logits), E_hat, k))
+    prob = _topk_problem_jit(jnp.asarray(p_logits), jnp.asarray(q_logits), E_hat, k)
     return lp_from_problem(prob, E_hat)
