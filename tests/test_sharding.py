@@ -6,6 +6,7 @@ The multi-device checks run in a subprocess with XLA_FLAGS=--xla_force_host_plat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -104,6 +105,54 @@ def test_batch_shardings_and_divisibility():
         S.batch_shardings(mesh, {"input_ids": np.zeros((1, 6, 16), np.int32)})
 
 
+def test_activation_resolver_rules_and_fallbacks():
+    """Activation names map through ACTIVATION_RULES with the param rules' divisibility fallback;
+    mesh.strict turns a fallback into a ShardingError while the step is traced."""
+    mesh = _mesh(2, 2, 2)
+    fb: list[str] = []
+    r = S.activation_resolver(mesh, fallbacks=fb)
+    rows = ("data", "fsdp")
+    assert r(("batch", "seq", "heads", "head_dim"), (8, 16, 4, 16)).spec == P(rows, None, "tensor")
+    assert r(("batch", "res_seq", "embed"), (8, 16, 64)).spec == P(("data", "fsdp"), "tensor")
+    assert r(("batch", "vocab"), (128, 64)).spec == P(("data", "fsdp"), "tensor")
+    assert fb == []
+    assert r(("batch", "seq", "kv_heads", "head_dim"), (8, 16, 3, 16)).spec == P(("data", "fsdp"))
+    assert len(fb) == 1 and "kv_heads=3" in fb[0]
+    with pytest.raises(ShardingError, match="mesh.strict"):
+        S.activation_resolver(mesh, strict=True)(("batch", "seq", "kv_heads", "head_dim"), (8, 16, 3, 16))
+
+
+def test_fallbacks_are_warnings_or_stop_the_run(caplog):
+    with caplog.at_level(logging.WARNING, logger="semloss_jax.train.sharding"):
+        S.report_fallbacks(["k: dim 2 replicated", "k: dim 2 replicated"], strict=False)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "k: dim 2" in caplog.text
+    with pytest.raises(ShardingError, match="mesh.strict=true stops"):
+        S.report_fallbacks(["k: dim 2 replicated"], strict=True)
+    S.report_fallbacks([], strict=True)
+
+
+def test_tensor_16_reports_replicated_kv_projections_and_large_params():
+    """mesh.tensor=16 with 8 kv heads: the k/v projections' head dim cannot be split; the plan
+    says so (and a large param that no model axis shards is reported too)."""
+    cfg = C.load_config(REPO / "configs" / "llama3_8b_tpu.yaml")
+    from semloss_jax.train import state as state_lib
+    plan = state_lib.plan_state(state_lib.model_config_of(cfg.model), cfg.optim, _mesh(1, 1, 16))
+    kv = [f for f in plan.fallbacks if "k_proj" in f and "kv_heads=8" in f]
+    assert kv and "not divisible by mesh tensor=16" in kv[0]
+    f32 = np.float32
+    abstract = {"big": jax.ShapeDtypeStruct((2048, 1024), f32), "small": jax.ShapeDtypeStruct((64,), f32),
+                "sharded": jax.ShapeDtypeStruct((2048, 1024), f32)}
+    specs = {"big": P(), "small": P(), "sharded": P("fsdp")}
+    msgs = S.replicated_large_params(abstract, specs, _mesh(1, 2, 2))
+    assert len(msgs) == 1 and msgs[0].startswith("big: 8 MiB replicated")
+    assert S.replicated_large_params(abstract, specs, _mesh(8, 1, 1)) == []   # data parallel by design
+
+
+def test_make_mesh_error_names_the_devices():
+    with pytest.raises(ShardingError, match=r"needs 8 devices.*JAX sees 1 cpu device\(s\).*\[cuda12\]"):
+        S.make_mesh(NS(data=1, fsdp=8, tensor=1), jax.devices()[:1])
+
+
 def test_distributed_not_initialized_without_request():
     assert S.maybe_initialize_distributed(NS(enabled=False, coordinator_address="", num_processes=0,
                                              process_id=-1), environ={}) is False
@@ -200,8 +249,8 @@ def test_real_configs_eval_shape_on_fake_mesh():
         # params + AdamW moments (3 x 4 bytes x N) spread over 8 devices
         assert r["total_gib"] == pytest.approx(3 * 4 * r["n_params"] / 2**30, rel=1e-3)
         assert r["state_gib_per_device"] == pytest.approx(r["total_gib"] / 8, rel=0.02), (name, r)
-    assert res["llama3_8b_tpu"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 4}
-    assert res["llama3_8b_tpu"]["embed"] == "P('tensor', 'fsdp')"
+    assert res["llama3_8b_tpu"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}   # pure FSDP
+    assert res["llama3_8b_tpu"]["embed"] == "P(None, 'fsdp')"
     assert res["llama2_7b_8gpu"]["q"] == "P(None, 'fsdp')"
 
 
@@ -293,3 +342,97 @@ def test_two_processes_match_single_device(tmp_path):
     assert sorted(p.name for p in (mh / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert (mh / "hf" / "model.safetensors").exists()
     assert len((mh / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+COMPILED_SCRIPT = r"""
+import json
+import jax, numpy as np
+from types import SimpleNamespace as NS
+from jax.sharding import NamedSharding, PartitionSpec as P
+from semloss_jax.loss import cost, objective as ob
+from semloss_jax.models import llama as M
+from semloss_jax.train import config, hlo, jitstep, sharding, state, step as step_lib
+out = {}
+# 1. benign + harmful rows in one forward: shard-aligned (8 blocks) vs split at row nb (1 block)
+mesh = sharding.make_mesh(NS(data=8, fsdp=1, tensor=1))
+cfg = M.tiny_config(vocab_size=512)
+params = M.init_params(cfg, jax.random.PRNGKey(0))
+E_hat = cost.unit_embeddings(M.embedding_matrix(params))
+rng = np.random.default_rng(0)
+def batch(rows, T=32):
+    return dict(input_ids=rng.integers(0, 512, (rows, T)).astype(np.int32),
+                targets=rng.integers(0, 512, (rows, T)).astype(np.int32),
+                loss_mask=(rng.random((rows, T)) < 0.7).astype(np.float32),
+                positions=np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T)).copy(),
+                segment_ids=np.ones((rows, T), np.int32))
+b, h = batch(16), batch(8)
+rows = NamedSharding(mesh, P(("data", "fsdp")))
+for tile in (0, 128):
+    obj = ob.ObjectiveConfig(kind="tasft", lam=1.0, vocab_tile=tile)
+    for blocks in (8, 1):
+        def loss(p, b, h, blocks=blocks, obj=obj):
+            return ob.combine(ob.loss_sums(p, cfg, b, h, E_hat, obj, batch_shards=blocks),
+                              ob.global_counts(b, h), obj)
+        fn = sharding.traced_with_activation_rules(jax.value_and_grad(loss),
+                                                   sharding.activation_resolver(mesh))
+        c = jax.jit(fn, in_shardings=(NamedSharding(mesh, P()), {k: rows for k in b}, {k: rows for k in h})
+                    ).lower(params, b, h).compile()
+        coll = hlo.collectives(c.as_text(), cfg.num_hidden_layers)
+        out[f"layout {tile} {blocks}"] = {"loss": float(c(params, b, h)[0]),
+                                          **{k: v["count"] for k, v in coll.items()}}
+# 2. the real step under FSDP (fsdp=8): with and without the activation rules
+cfg = config.load_config("configs/smoke.yaml", ["mesh.data=1", "mesh.fsdp=8", "data.seq_len=64",
+                                                 "model.arch.vocab_size=4096", "model.arch.hidden_size=256",
+                                                 "model.arch.intermediate_size=512"])
+mcfg = state.model_config_of(cfg.model)
+mesh = sharding.make_mesh(cfg.mesh)
+plan = state.plan_state(mcfg, cfg.optim, mesh)
+shapes = jitstep.batch_shapes(cfg, mcfg, jitstep.batch_parts(cfg, True))
+js = jitstep.jit_train_step(cfg, mcfg, plan, mesh, shapes)
+raw = step_lib.make_train_step(mcfg, cfg.objective, cfg.optim, plan.optimizer, batch_shards=8)
+bare = jax.jit(raw, in_shardings=(plan.state_shardings, js.batch_shardings["benign"],
+                                  js.batch_shardings["harmful"], js.E_sharding),
+               out_shardings=(plan.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+rows_dev = (cfg.data.benign_batch + cfg.data.harmful_batch) // 8
+for name, fn in (("rules", js.fn), ("bare", bare)):
+    c = fn.lower(*jitstep.abstract_inputs(js, plan, mcfg)).compile()
+    coll = hlo.collectives(c.as_text(), mcfg.num_hidden_layers)
+    scan = lambda kind: [s for s in coll[kind]["by_size"] if s.endswith("[layer scan]")]
+    out[name] = {"weight_gathers": [s for s in scan("all_gather") if not hlo.activation_shaped(s, 16, 64)],
+                 "activation_gathers": [s for s in scan("all_gather") if hlo.activation_shaped(s, 16, 64)],
+                 "activation_reduces": [s for s in scan("all_reduce") if hlo.activation_shaped(s, 16, 64)],
+                 "temp": c.memory_analysis().temp_size_in_bytes}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_layout_and_fsdp_communication():
+    """Compiled HLO on 8 devices. (1) Benign and harmful rows concatenated shard-aligned move no
+    row between devices (no collective-permute / all-to-all), while the concatenation split at
+    row nb does; same loss either way, logits materialized or tiled. (2) Under FSDP the activation
+    rules make the layer scan all-gather weights only, with no activation-shaped all-reduce;
+    without them XLA gathers activations of the global batch instead."""
+    res = _run8(COMPILED_SCRIPT)
+    for tile in (0, 128):
+        aligned, split = res[f"layout {tile} 8"], res[f"layout {tile} 1"]
+        assert aligned["collective_permute"] == aligned["all_to_all"] == aligned["all_gather"] == 0
+        assert split["collective_permute"] + split["all_to_all"] > 0
+        assert aligned["loss"] == pytest.approx(split["loss"], rel=1e-6)
+    rules, bare = res["rules"], res["bare"]
+    assert rules["weight_gathers"] and not rules["activation_gathers"] and not rules["activation_reduces"]
+    assert bare["activation_gathers"] or bare["activation_reduces"]
+    assert rules["temp"] < bare["temp"]
+
+
+STRICT_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+
+
+def test_strict_mesh_stops_train_py(tmp_path):
+    """mesh.tensor=8 cannot split the smoke model's 2 kv heads: a warning by default, a one-line
+    error (exit 2) with mesh.strict=true, before anything is compiled."""
+    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+            "mesh.data=1", "mesh.tensor=8", "mesh.strict=true", f"run.output_dir={tmp_path / 'x'}"]
+    p = subprocess.run(args, cwd=REPO, env=STRICT_ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "kv_heads=2" in p.stderr and "mesh.strict=true stops here" in p.stderr

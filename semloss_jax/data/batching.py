@@ -216,12 +216,16 @@ def make_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
 
 
 def rows_to_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *, batch_size: int,
-                  seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+                  seq_len: int, pad_id: int, mu_dim: int | None = None) -> dict[str, np.ndarray]:
     """One [batch_size, seq_len] batch; row r holds the examples rows[r] (indices into
-    `examples`) one after the other, each with its own segment id and positions from 0."""
+    `examples`) one after the other, each with its own segment id and positions from 0.
+
+    mu_dim: the width of target_mu (soft targets); None = read off the examples placed."""
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
-    b = _empty(batch_size, seq_len, pad_id, _mu_dim(examples))
+    if mu_dim is None:
+        mu_dim = _mu_dim([examples[i] for members in rows for i in members])
+    b = _empty(batch_size, seq_len, pad_id, mu_dim)
     for row, members in enumerate(rows):
         start = 0
         for seg, i in enumerate(members, start=1):
@@ -235,15 +239,17 @@ def first_fit(sizes: Sequence[int], *, n_rows: int, seq_len: int) -> tuple[list[
     positions, number of items placed): a prefix of the items, so a stream can resume after it."""
     rows: list[list[int]] = [[] for _ in range(n_rows)]
     free = [seq_len] * n_rows
-    for k, n in enumerate(sizes):
+    placed = 0
+    for k, n in enumerate(sizes):  # any iterable: sizes past the first misfit are never read
         if n > seq_len:
             raise ValueError(f"item {k} has {n} slots > seq_len {seq_len}")
         r = next((r for r, f in enumerate(free) if n <= f), None)
         if r is None:
-            return [x for x in rows if x], k
+            break
         rows[r].append(k)
         free[r] -= n
-    return [x for x in rows if x], len(sizes)
+        placed = k + 1
+    return [x for x in rows if x], placed
 
 
 def pack_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, pad_id: int,

@@ -2,9 +2,10 @@
 
 `read_records(path, source=..., fields=FieldMap(...))` reads local JSON, JSONL, CSV or Parquet
 through `datasets.load_dataset("json"|"csv"|"parquet", data_files=...)` and maps columns onto
-the schema; `read_hub(name, ...)` does the same for any `datasets` hub name (for real users; the
-project never calls it at run time). Chat-style rows ({"messages": [{"role", "content"}, ...]})
-are read with `FieldMap(messages="messages")`.
+the schema; `read_hub(name, ...)` does the same for a `datasets` hub name, a save_to_disk
+directory or a local file (training configs use it for data.benign / data.harmful entries
+"hf:<name>"; tests use local directories, never the network). Chat-style rows
+({"messages": [{"role", "content"}, ...]}) are read with `FieldMap(messages="messages")`.
 
 Bad input raises `DataError`, whose message names the file, the line (JSONL/CSV: the physical
 line number; JSON arrays: the record index; Parquet: the row index) and the field: malformed
@@ -464,16 +465,45 @@ def read_records(path: str | os.PathLike, *, source: str, fields: FieldMap = DEF
     return recs, summary
 
 
+def _hub_table(name: str, split: str, config: str | None):
+    """A datasets.Dataset: a save_to_disk directory (its split, for a DatasetDict) or a hub name."""
+    import datasets  # lazy: `datasets` takes seconds to import and only hub sources need it
+
+    p = Path(name).expanduser()
+    if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(p, None, "split", f"no split {split!r} (splits: {sorted(ds)})")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # what load_dataset raises for these
+        raise DataError(f"hf:{name}", None, None, f"cannot load the dataset (split {split!r}, config "
+                        f"{config!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+
+
 def read_hub(name: str, *, source: str | None = None, split: str = "train",
              config: str | None = None, fields: FieldMap = DEFAULT_FIELDS,
              label: str | None = "benign", require_response: bool = False,
              on_error: OnError = "raise") -> tuple[list[Record], ReadSummary]:
-    """Any `datasets` hub dataset mapped onto the schema (for real users; needs the network or
-    a populated HF cache; the project's tests and pipelines never call it)."""
-    import datasets
-    ds = datasets.load_dataset(name, config, split=split)
+    """A `datasets` dataset mapped onto the schema by `fields` (column names): a hub name (needs
+    the network or a populated HF cache), a directory written by Dataset(Dict).save_to_disk, or a
+    local JSON/JSONL/CSV/Parquet file (read_records). A column that `fields` names and the data
+    lacks is a DataError naming it and the columns there are."""
+    p = Path(name).expanduser()
     src = source or name.replace("/", "__")
+    if p.is_file():
+        return read_records(p, source=src, fields=fields, label=label, require_response=require_response,
+                            on_error=on_error)
+    ds = _hub_table(name, split, config)
     summary = ReadSummary(file=f"hf:{name}[{split}]")
+    if fields.messages is None:
+        for col in (fields.prompt, fields.response, fields.id):
+            if col is not None and col not in ds.column_names:
+                raise DataError(summary.file, None, col, f"missing column (columns: {ds.column_names})")
     locs = [f"row {i}" for i in range(len(ds))]
     recs = records_from_rows(ds, locs, file=summary.file, source=src, fields=fields, label=label,
                              require_response=require_response, on_error=on_error,

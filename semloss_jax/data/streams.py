@@ -1,24 +1,37 @@
-"""Training batches as deterministic streams: which records, tokenized once, walked in a
+"""Training batches as deterministic streams: which records, tokenized on first use, walked in a
 seeded order whose position (epoch, index) is all the state there is.
 
     records = load_records(cfg.data, cfg.objective, cfg.run.seed)   # benign, harmful, harmful_mu
-    streams, stats = build_streams(cfg.data, cfg.objective, cfg.run.seed, tok, records)
-    b = streams["benign"].next_micro(grad_accum)   # [grad_accum, batch, seq_len] arrays
+    streams, stats = build_streams(cfg.data, cfg.objective, cfg.run.seed, tok, records, rows=rows)
+    b = streams["benign"].next_micro(grad_accum)   # [grad_accum, rows of this process, seq_len]
 
 A checkpoint stores every stream's `position()`; `seek(position)` on resume replays exactly
 the batches an uninterrupted run would have seen.
+
+Multi-process runs: every process walks the same plan of the GLOBAL batch (which records go in
+which row) but tokenizes and builds only the rows it feeds (`rows`, sharding.process_rows), so
+the processes together build exactly the single-process batch. A record that tokenization drops
+(no prompt or response token left after truncation) keeps its place in the order and fills its
+row with padding (no loss); with packing it takes no slot. Packing plans rows from the slot
+counts of the upcoming records, so there every process tokenizes the records of each global
+batch (and still builds only its rows).
+
+Data sources: named sets of the registry, schema JSONL files, and `hf:<name>`: a `datasets` hub
+name, a directory written by `datasets.Dataset.save_to_disk`, or a local JSON/JSONL/CSV/Parquet
+file, whose columns map onto the schema by data.benign_columns / data.harmful_columns
+(readers.read_hub).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from semloss_jax.data import batching, readers, registry
-from semloss_jax.data.schema import Record
+from semloss_jax.data.schema import FieldMap, Record
 from semloss_jax.errors import DataError, TrainError
 
 STREAM_SEEDS = {"benign": 0, "harmful": 1}
@@ -28,9 +41,14 @@ STREAM_SEEDS = {"benign": 0, "harmful": 1}
 class DataSection:
     """What each step sees: a benign batch and (for objectives that use one) a harmful batch.
 
-    benign: named sets of semloss_jax.data.registry.load_set (their train split), or JSONL paths.
-    harmful: "pyrit" (PyRIT's real harmful responses) or the path of a harvested D_harmful JSONL
-             (semloss_jax.data.registry.load_d_harmful).
+    benign: named sets of semloss_jax.data.registry.load_set (their train split), JSONL paths, or
+            "hf:<name>" (a datasets hub name, a save_to_disk directory or a local data file).
+    harmful: "pyrit" (PyRIT's real harmful responses), the path of a harvested D_harmful JSONL
+             (semloss_jax.data.registry.load_d_harmful), or "hf:<name>".
+    benign_columns / harmful_columns: for hf: sources, schema field -> column (keys of
+             schema.FieldMap: prompt, response, input, messages, id, ...), e.g. Alpaca's
+             {prompt: instruction, input: input, response: output}; hub_split / hub_config: the
+             split and configuration read.
     safeinstr: the refusal set added to the benign data by the safeinstr objective.
     *_n: how many records to take (0 = all available; a seeded shuffle picks which);
     seq_len: slots per row (every batch is [batch, seq_len]: one compiled step);
@@ -53,6 +71,10 @@ class DataSection:
     shuffle: bool = True
     max_prompt_len: int = 0
     pack: bool = False
+    benign_columns: dict = field(default_factory=dict)
+    harmful_columns: dict = field(default_factory=dict)
+    hub_split: str = "train"
+    hub_config: str = ""
 
     def validate(self, where) -> None:
         """Check sizes and required fields; errors are built by where(field, message)."""
@@ -70,7 +92,14 @@ class DataSection:
         if self.max_prompt_len < 0:
             raise where("max_prompt_len", f"must be >= 0, got {self.max_prompt_len}")
         if not self.harmful:
-            raise where("harmful", "must be 'pyrit' or a path to a harvested D_harmful JSONL")
+            raise where("harmful", "must be 'pyrit', a path to a harvested D_harmful JSONL or hf:<name>")
+        known = {f for f in FieldMap.__dataclass_fields__}
+        for f in ("benign_columns", "harmful_columns"):
+            cols = getattr(self, f)
+            bad = [k for k, v in cols.items() if k not in known or not isinstance(v, str)]
+            if bad:
+                raise where(f, f"{bad[0]!r}: keys must be schema fields ({', '.join(sorted(known))}) "
+                               f"mapped to column names")
 
 
 class TrainRecords(NamedTuple):
@@ -81,21 +110,55 @@ class TrainRecords(NamedTuple):
     harmful_mu: list | None     # per harmful record, μ(q) [n_response_tokens, d] (soft targets)
 
 
+class TokenizedRecords(Sequence):
+    """Records tokenized on first use (and kept): item i is the Example of record i, or None
+    when tokenization drops it; `stats` counts what was tokenized so far."""
+
+    def __init__(self, records: Sequence[Record], tok, *, seq_len: int, max_prompt_len: int | None,
+                 response_mu: Sequence | None = None):
+        self.records, self.tok = list(records), tok
+        self.seq_len, self.max_prompt_len = seq_len, max_prompt_len
+        self.response_mu = response_mu
+        self.stats = batching.TokenizeStats()
+        self._done: dict[int, batching.Example | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> batching.Example | None:
+        if i not in self._done:
+            mu = None if self.response_mu is None else [self.response_mu[i]]
+            exs, st = batching.tokenize_records([self.records[i]], self.tok, seq_len=self.seq_len,
+                                                max_prompt_len=self.max_prompt_len, response_mu=mu)
+            for f in ("records", "kept", "prompt_truncated", "response_truncated"):
+                setattr(self.stats, f, getattr(self.stats, f) + getattr(st, f))
+            self.stats.dropped.update(st.dropped)
+            self._done[i] = exs[0] if exs else None
+        return self._done[i]
+
+
 class BatchStream:
-    """Fixed-shape batches [batch_size, seq_len] from a list of tokenized examples, walking a
+    """Fixed-shape batches [rows, seq_len] from a sequence of tokenized examples, walking a
     seeded permutation per epoch. The position (epoch, index) is all the state there is.
 
     pack=False: one example per row. pack=True: examples are placed, in stream order, into the
     first row with room for them (batching.first_fit) until the next one fits no row.
+    rows: the rows of each [batch_size, seq_len] batch this stream builds (a multi-process run's
+    share; default all). An example that is None (dropped by tokenization) leaves its row
+    empty (pack=False) or takes no slot (pack=True). mu_dim: the width of target_mu (soft
+    targets), None without.
     """
 
-    def __init__(self, name: str, examples: Sequence[batching.Example], *, batch_size: int,
-                 seq_len: int, pad_id: int, seed: int, shuffle: bool = True, pack: bool = False):
-        if not examples:
+    def __init__(self, name: str, examples: Sequence[batching.Example | None], *, batch_size: int,
+                 seq_len: int, pad_id: int, seed: int, shuffle: bool = True, pack: bool = False,
+                 rows: slice | None = None, mu_dim: int | None = None):
+        if not len(examples):
             raise DataError(None, None, f"data.{name}", "no examples to stream")
-        self.name, self.examples = name, list(examples)
+        self.name, self.examples = name, examples
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.seed, self.shuffle, self.pack = seed, shuffle, pack
+        self.rows = rows if rows is not None else slice(0, batch_size)
+        self.mu_dim = mu_dim
         self.epoch, self.index = 0, 0
         self._perms: dict[int, np.ndarray] = {}
 
@@ -125,18 +188,25 @@ class BatchStream:
             if self.index >= len(self.examples):
                 self.epoch, self.index = self.epoch + 1, 0
 
+    def _slots(self, i: int) -> int:
+        ex = self.examples[i]
+        return 0 if ex is None else ex.n_slots
+
     def next_batch(self) -> dict[str, np.ndarray]:
-        """The next [batch_size, seq_len] batch, continuing into the next epoch as needed."""
+        """This stream's rows of the next [batch_size, seq_len] batch, continuing into the next
+        epoch as needed."""
         if self.pack:  # at most batch_size * seq_len examples fit (one slot each at least)
             ahead = self._upcoming(min(self.batch_size * self.seq_len, 4 * len(self.examples)))
-            rows, used = batching.first_fit([self.examples[i].n_slots for i in ahead],
-                                            n_rows=self.batch_size, seq_len=self.seq_len)
+            rows, used = batching.first_fit((self._slots(i) for i in ahead), n_rows=self.batch_size,
+                                            seq_len=self.seq_len)
             rows = [[ahead[k] for k in row] for row in rows]
         else:
             used = self.batch_size
             rows = [[i] for i in self._upcoming(used)]
-        b = batching.rows_to_batch(self.examples, rows, batch_size=self.batch_size,
-                                   seq_len=self.seq_len, pad_id=self.pad_id)
+        rows = rows + [[]] * (self.batch_size - len(rows))
+        mine = [[i for i in row if self.examples[i] is not None] for row in rows[self.rows]]
+        b = batching.rows_to_batch(self.examples, mine, batch_size=len(mine), seq_len=self.seq_len,
+                                   pad_id=self.pad_id, mu_dim=self.mu_dim)
         self._advance(used)
         b.pop("example_index", None)
         return b
@@ -168,7 +238,18 @@ def _take(records: list, n: int, seed: int, salt: int) -> list:
     return [records[i] for i in _take_idx(len(records), n, seed, salt)]
 
 
-def _load_named(name: str):
+def _load_hub(d: DataSection, name: str, part: str) -> list[Record]:
+    """Records of an hf:<name> source, its columns mapped by data.<part>_columns."""
+    cols = getattr(d, f"{part}_columns")
+    recs, _ = readers.read_hub(name, split=d.hub_split, config=d.hub_config or None,
+                               fields=FieldMap(**cols) if cols else readers.DEFAULT_FIELDS,
+                               label=part, require_response=True)
+    return recs
+
+
+def _load_named(d: DataSection, name: str):
+    if name.startswith("hf:"):
+        return _load_hub(d, name[3:], "benign")
     p = Path(name).expanduser()
     if name.endswith((".jsonl", ".json")) or p.exists():
         recs, _ = readers.read_jsonl(p)
@@ -181,17 +262,18 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
     section; `objective` (an ObjectiveConfig) says whether SafeInstr refusals join the benign
     data and whether targets are soft. Soft targets read the μ(q) files that
     `python -m semloss_jax.data.harvest --soft-targets` writes beside the harvested JSONL."""
-    benign = [r for name in d.benign for r in _load_named(name)]
+    benign = [r for name in d.benign for r in _load_named(d, name)]
     benign = _take(benign, d.benign_n, seed, 11)
     if objective.kind == "safeinstr":
-        benign = benign + _take(_load_named(d.safeinstr), d.safeinstr_n, seed, 13)
+        benign = benign + _take(_load_named(d, d.safeinstr), d.safeinstr_n, seed, 13)
     harmful, mu = [], None
     if d.harmful_batch > 0:
-        every = registry.load_d_harmful(d.harmful)
+        every = (_load_hub(d, d.harmful[3:], "harmful") if d.harmful.startswith("hf:")
+                 else registry.load_d_harmful(d.harmful))
         idx = _take_idx(len(every), d.harmful_n, seed, 17)
         harmful = [every[i] for i in idx]
         if objective.target == "soft":
-            if d.harmful == "pyrit":
+            if d.harmful == "pyrit" or d.harmful.startswith("hf:"):
                 raise DataError(None, None, "data.harmful", "objective.target=soft needs a harvested "
                                 "JSONL with μ(q) files (python -m semloss_jax.data.harvest "
                                 "--soft-targets), not 'pyrit'")
@@ -204,29 +286,34 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
     return TrainRecords(benign, harmful, mu)
 
 
-def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecords | None = None
+def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecords | None = None, *,
+                  rows: Mapping[str, slice] | None = None
                   ) -> tuple[dict[str, BatchStream], dict[str, str]]:
-    """One BatchStream per part ("benign", and "harmful" when its batch is > 0), tokenized
-    with the chat template; also the tokenization statistics per part, as text (with a warning
-    when a part has fewer examples than its batch has rows, so that every batch repeats some)."""
+    """One BatchStream per part ("benign", and "harmful" when its batch is > 0), tokenized with
+    the chat template on first use; rows: each part's rows of the global batch that this
+    process builds (default all). Also a line per part saying what it holds (with a warning when
+    a part has fewer records than its batch has rows, so that every batch repeats some)."""
     records = load_records(d, objective, seed) if records is None else records
     streams, stats = {}, {}
     mpl = d.max_prompt_len or None
     for name, bsz in (("benign", d.benign_batch), ("harmful", d.harmful_batch)):
         recs = getattr(records, name)
-        if bsz <= 0 or not recs:
+        mu = records.harmful_mu if name == "harmful" else None
+        keep = [i for i, r in enumerate(recs) if r.response.strip()]   # batching drops empty responses
+        if bsz <= 0 or not keep:
             if name == "benign" or (bsz > 0 and objective.uses_harmful):
                 raise DataError(None, None, f"data.{name}", f"no records in {getattr(d, name)!r}")
             continue
-        mu = records.harmful_mu if name == "harmful" else None
-        exs, st = batching.tokenize_records(recs, tok, seq_len=d.seq_len, max_prompt_len=mpl,
-                                            response_mu=mu)
-        stats[name] = str(st)
-        if len(exs) < bsz:
-            stats[name] += (f"; WARNING {len(exs)} example(s) < data.{name}_batch={bsz}: every batch "
+        exs = TokenizedRecords([recs[i] for i in keep], tok, seq_len=d.seq_len, max_prompt_len=mpl,
+                               response_mu=None if mu is None else [mu[i] for i in keep])
+        mine = (rows or {}).get(name, slice(0, bsz))
+        stats[name] = (f"{len(recs)} records ({len(recs) - len(keep)} with an empty response left out), "
+                       f"tokenized on first use; this process builds rows {mine.start}..{mine.stop - 1} "
+                       f"of {bsz}")
+        if len(keep) < bsz:
+            stats[name] += (f"; WARNING {len(keep)} record(s) < data.{name}_batch={bsz}: every batch "
                             f"repeats examples (add data or lower data.{name}_batch)")
         streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
-                                    seed=seed, shuffle=d.shuffle, pack=d.pack)
+                                    seed=seed, shuffle=d.shuffle, pack=d.pack, rows=mine,
+                                    mu_dim=None if mu is None else int(np.asarray(mu[keep[0]]).shape[1]))
     return streams, stats
-
-

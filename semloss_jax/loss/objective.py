@@ -24,6 +24,13 @@ A position carries loss iff loss_mask != 0 and (when present) segment_ids != 0.
 Nothing here builds a V x V array: CE is a log_softmax and a gather, the bounds need one
 [N, V] @ [V, d] product (μ(p) = softmax(z) @ Ê), computed once and shared by every
 divergence. Softmax and log_softmax run in float32.
+
+The loss head: with a large vocabulary (`ObjectiveConfig.head_tile`), `loss_sums` never forms
+the [B, T, V] logits: loss/head.py gives log p(y) and μ(p) from the final hidden states and the
+LM head in vocabulary tiles (online logsumexp, custom VJP), and the same per-token math below
+(`benign_from_logprob`, `harmful_from_stats`) turns them into sums. Benign and harmful rows go
+through one forward, laid out so that each of the `batch_shards` row blocks of the batch holds
+its own benign rows followed by its own harmful rows (no row moves between devices).
 """
 from __future__ import annotations
 
@@ -35,8 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from semloss_jax.errors import ConfigError, LossError
-from semloss_jax.loss import emd
+from semloss_jax.loss import emd, head
 from semloss_jax.models import llama as model_lib
+from semloss_jax.models.axes import constrain
 
 KINDS = ("sft", "tasft", "nll_ascent", "unlikelihood", "safeinstr")
 DIVERGENCES = emd.DIVERGENCES  # lower_bound, exact_onehot, upper_bound, gelbrich
@@ -45,6 +53,11 @@ TARGETS = ("onehot", "soft")
 # -log(1 - p) is clamped at -log(UL_EPS) (about 13.8) so a token with p == 1 in float32
 # gives a finite loss and gradient (Welleck et al. clamp 1 - p at 1e-5 the same way).
 UL_EPS = 1e-6
+
+# head_tile's automatic choice: vocabularies of at least AUTO_MIN_VOCAB tokens are tiled, in
+# tiles of about AUTO_TILE columns
+AUTO_MIN_VOCAB = 16384
+AUTO_TILE = 8192
 
 BENIGN_KEYS = ("input_ids", "targets", "loss_mask")
 SUM_KEYS_BENIGN = ("ce_sum", "ce_count")
@@ -55,7 +68,13 @@ SUM_KEYS_HARMFUL = ("harm_count", "div_sum", "lower_sum", "upper_sum", "emd_oneh
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """Which objective (KINDS), its weight lam, and for TA-SFT the divergence D and the target
-    form (one-hot or soft); nll_clip caps the per-token NLL of nll_ascent."""
+    form (one-hot or soft); nll_clip caps the per-token NLL of nll_ascent.
+
+    vocab_tile: the loss head in vocabulary tiles of about this many columns (no [B, T, V]
+    logits); 0 = materialize the logits; -1 = automatic (tiles of AUTO_TILE when the vocabulary
+    has at least AUTO_MIN_VOCAB tokens, except for divergence="gelbrich", whose covariance term
+    needs the full distributions). token_tile: tokens per chunk inside a tile (0 = all).
+    """
 
     kind: str = "tasft"
     lam: float = 1.0
@@ -63,6 +82,8 @@ class ObjectiveConfig:
     gelbrich_rank: int = emd.GELBRICH_RANK  # r of divergence="gelbrich" (emd.principal_basis)
     target: str = "onehot"
     nll_clip: float | None = None
+    vocab_tile: int = -1
+    token_tile: int = 0
 
     def validate(self, where: str = "objective") -> "ObjectiveConfig":
         """Check every field (ConfigError keyed under `where`); returns self."""
@@ -91,7 +112,23 @@ class ObjectiveConfig:
                     or not self.nll_clip > 0 or not math.isfinite(self.nll_clip):
                 raise ConfigError(key=f"{where}.nll_clip",
                                   message=f"expected a positive finite number or null, got {self.nll_clip!r}")
+        for f in ("vocab_tile", "token_tile"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (-1 if f == "vocab_tile" else 0):
+                raise ConfigError(key=f"{where}.{f}", message=f"expected an int >= "
+                                  f"{-1 if f == 'vocab_tile' else 0}, got {v!r}")
+        if self.divergence == "gelbrich" and self.vocab_tile > 0:
+            raise ConfigError(key=f"{where}.vocab_tile",
+                              message="divergence 'gelbrich' needs the [tokens, V] distributions (its "
+                                      "covariance term), which the tiled head does not form: set 0 or -1")
         return self
+
+    def head_tile(self, vocab_size: int) -> int:
+        """Columns per vocabulary tile of the loss head for this vocabulary (0 = untiled logits)."""
+        if self.vocab_tile == -1:
+            auto = vocab_size >= AUTO_MIN_VOCAB and self.divergence != "gelbrich"
+            return AUTO_TILE if auto else 0
+        return self.vocab_tile
 
     @property
     def uses_harmful(self) -> bool:
@@ -176,11 +213,15 @@ def _check_batch(batch: Mapping, name: str, need: Sequence[str]) -> None:
                                  f"input_ids has {shape}")
 
 
+def benign_from_logprob(lp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """{"ce_sum", "ce_count"} from log p_t(y_t) [B, T] (0 off the mask) and the loss mask."""
+    return {"ce_sum": -jnp.sum(lp), "ce_count": jnp.sum(mask.astype(jnp.float32))}
+
+
 def benign_sums(logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """{"ce_sum", "ce_count"} of the benign batch from its logits [B, T, V]."""
     mask = token_mask(batch)
-    lp = token_logprob(logits, jnp.asarray(batch["targets"]), mask)
-    return {"ce_sum": -jnp.sum(lp), "ce_count": jnp.sum(mask.astype(jnp.float32))}
+    return benign_from_logprob(token_logprob(logits, jnp.asarray(batch["targets"]), mask), mask)
 
 
 def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.Array,
@@ -199,11 +240,21 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
     train step computes once, outside the step); None computes it here.
     """
     mask = token_mask(batch)
-    targets = jnp.asarray(batch["targets"])
     logits = logits.astype(jnp.float32)
     probs = emd.probs_from_logits(logits)
-    mu_p = emd.mean_embedding_from_probs(probs, E_hat)            # [B, T, d]
-    e_y = emd.target_mean(targets, E_hat, "onehot", mask)        # [B, T, d]
+    lp = token_logprob(logits, jnp.asarray(batch["targets"]), mask)
+    return harmful_from_stats(lp, emd.mean_embedding_from_probs(probs, E_hat), batch, E_hat, obj,
+                              probs=probs, basis=basis)
+
+
+def harmful_from_stats(lp: jax.Array, mu_p: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.Array,
+                       obj: ObjectiveConfig, *, probs: jax.Array | None = None,
+                       basis: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The sums of `harmful_sums` from log p_t(y_t) [B, T] (0 off the mask) and μ(p_t) [B, T, d];
+    divergence="gelbrich" also needs the distributions p_t [B, T, V] (probs: its covariance term)."""
+    mask = token_mask(batch)
+    targets = jnp.asarray(batch["targets"])
+    e_y = emd.target_mean(targets, E_hat, "onehot", mask)      # [B, T, d]
     target_extra = None
     if obj.target == "soft":
         mu_q, target_extra = _soft_target(batch, E_hat, mask)
@@ -220,12 +271,14 @@ def harmful_sums(logits: jax.Array, batch: Mapping[str, jax.Array], E_hat: jax.A
     if obj.divergence == "lower_bound":
         div = emd.lower_bound_from_means(mu_div, mu_q)
     elif obj.divergence == "gelbrich":
+        if probs is None:
+            raise LossError("divergence 'gelbrich' needs the [tokens, V] distributions, which the "
+                            "tiled loss head does not form: set objective.vocab_tile=0")
         div = _gelbrich(probs if train_div else jax.lax.stop_gradient(probs), mu_div, mu_q,
                         target_extra, E_hat, obj, basis)
     else:  # upper_bound, or exact_onehot (== UB to the one-hot target; validate() enforces onehot)
         div = emd.upper_bound_from_means(mu_div, mu_q)
 
-    lp = token_logprob(logits, targets, mask)
     nll = -lp
     nll_clip = nll if obj.nll_clip is None else jnp.minimum(nll, obj.nll_clip)
     ul = unlikelihood_terms(lp, mask)
@@ -290,10 +343,10 @@ def sums_from_logits(benign_logits: jax.Array, benign: Mapping, harmful_logits: 
     return out
 
 
-def _forward(params, model_cfg, batch, frozen_layers=0):
+def _hidden(params, model_cfg, batch, frozen_layers):
     return model_lib.forward(params, model_cfg, jnp.asarray(batch["input_ids"]),
                              positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                             frozen_layers=frozen_layers)
+                             frozen_layers=frozen_layers, return_hidden=True)
 
 
 def _concat_ok(a: Mapping, b: Mapping) -> bool:
@@ -303,33 +356,86 @@ def _concat_ok(a: Mapping, b: Mapping) -> bool:
     return all(jnp.shape(a[k])[1:] == jnp.shape(b[k])[1:] for k in keys if k in a)
 
 
+def shard_aligned_concat(a: jax.Array, b: jax.Array, blocks: int) -> jax.Array:
+    """Rows of a and b in one array whose i-th of `blocks` row blocks holds a's i-th block, then
+    b's i-th block: with the batch sharded in `blocks` contiguous blocks, no row changes device."""
+    if blocks == 1:
+        return jnp.concatenate([a, b], axis=0)
+    ra, rb = a.reshape(blocks, -1, *a.shape[1:]), b.reshape(blocks, -1, *b.shape[1:])
+    return jnp.concatenate([ra, rb], axis=1).reshape(a.shape[0] + b.shape[0], *a.shape[1:])
+
+
+def shard_aligned_split(x: jax.Array, rows_a: int, blocks: int) -> tuple[jax.Array, jax.Array]:
+    """The inverse of shard_aligned_concat: (the a rows, the b rows)."""
+    if blocks == 1:
+        return x[:rows_a], x[rows_a:]
+    r = x.reshape(blocks, -1, *x.shape[1:])
+    ka = rows_a // blocks
+    return (r[:, :ka].reshape(rows_a, *x.shape[1:]),
+            r[:, ka:].reshape(x.shape[0] - rows_a, *x.shape[1:]))
+
+
+def _hidden_states(params, model_cfg, benign, harmful, frozen_layers, batch_shards):
+    """Final hidden states [B, T, d] of the benign and harmful rows (harmful None: None).
+
+    Same-shape parts run as ONE forward, concatenated shard-aligned when both row counts
+    divide by batch_shards; otherwise two forwards."""
+    if harmful is None:
+        return _hidden(params, model_cfg, benign, frozen_layers), None
+    nb, nh = jnp.shape(benign["input_ids"])[0], jnp.shape(harmful["input_ids"])[0]
+    if not _concat_ok(benign, harmful):
+        return (_hidden(params, model_cfg, benign, frozen_layers),
+                _hidden(params, model_cfg, harmful, frozen_layers))
+    blocks = batch_shards if nb % batch_shards == 0 and nh % batch_shards == 0 else 1
+    keys = [k for k in ("input_ids", "positions", "segment_ids") if k in benign]
+    both = {k: constrain(shard_aligned_concat(jnp.asarray(benign[k]), jnp.asarray(harmful[k]), blocks),
+                         ("batch", "seq")) for k in keys}
+    return shard_aligned_split(_hidden(params, model_cfg, both, frozen_layers), nb, blocks)
+
+
+def _tiled_sums(hb, benign, hh, harmful, W, E_hat, obj, tile):
+    """The sums of sums_from_logits from hidden states and the head W [d, V], in vocab tiles."""
+    def stats(h, batch, with_mu):
+        mask = token_mask(batch)
+        y = jnp.where(mask, jnp.asarray(batch["targets"]), 0)
+        lse, zy, mu = head.head_stats(h, W, y, E_hat if with_mu else None, vocab_tile=tile,
+                                      token_tile=obj.token_tile)
+        return jnp.where(mask, zy - lse, 0.0), mu, mask
+
+    lp, _, mask = stats(hb, benign, False)
+    out = benign_from_logprob(lp, mask)
+    if harmful is not None:
+        lp_h, mu_p, _ = stats(hh, harmful, True)
+        out.update(harmful_from_stats(lp_h, mu_p, harmful, E_hat, obj))
+    return out
+
+
 def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat: jax.Array | None,
-              obj: ObjectiveConfig, *, frozen_layers: int = 0,
+              obj: ObjectiveConfig, *, frozen_layers: int = 0, batch_shards: int = 1,
               basis: jax.Array | None = None) -> dict[str, jax.Array]:
     """Forward the model on the benign (and harmful) batch and return SUMS and COUNTS.
 
     Keys: ce_sum, ce_count; with a harmful batch also harm_count, div_sum, lower_sum,
     upper_sum, emd_onehot_sum, harm_nll_sum, harm_nll_clip_sum, ul_sum (see harmful_sums).
     Benign and harmful batches with the same sequence length go through ONE forward
-    (concatenated along the batch axis); otherwise two. frozen_layers: the first n decoder
-    layers get no gradient and skip their backward pass (model.forward). basis: the Gelbrich
-    divergence's basis (harmful_sums).
+    (concatenated along the batch axis, shard-aligned for `batch_shards` row blocks: the data
+    x fsdp mesh size); otherwise two. frozen_layers: the first n decoder layers get no
+    gradient and skip their backward pass (model.forward). The head is tiled or not as
+    obj.head_tile says; both give the same sums. basis: the Gelbrich divergence's basis
+    (harmful_sums).
     """
     _check_batch(benign, "benign", BENIGN_KEYS)
-    if harmful is None:
-        return sums_from_logits(_forward(params, model_cfg, benign, frozen_layers), benign, None, None,
-                                E_hat, obj)
-    _check_batch(harmful, "harmful", BENIGN_KEYS)
-    if _concat_ok(benign, harmful):
-        nb = jnp.shape(benign["input_ids"])[0]
-        keys = [k for k in ("input_ids", "positions", "segment_ids") if k in benign]
-        both = {k: jnp.concatenate([jnp.asarray(benign[k]), jnp.asarray(harmful[k])], axis=0) for k in keys}
-        logits = _forward(params, model_cfg, both, frozen_layers)
-        b_logits, h_logits = logits[:nb], logits[nb:]
-    else:
-        b_logits = _forward(params, model_cfg, benign, frozen_layers)
-        h_logits = _forward(params, model_cfg, harmful, frozen_layers)
-    return sums_from_logits(b_logits, benign, h_logits, harmful, E_hat, obj, basis)
+    if harmful is not None:
+        _check_batch(harmful, "harmful", BENIGN_KEYS)
+        if E_hat is None:
+            raise LossError("a harmful batch needs E_hat (cost.unit_embeddings of the frozen embeddings)")
+    hb, hh = _hidden_states(params, model_cfg, benign, harmful, frozen_layers, batch_shards)
+    W = model_lib.lm_head_matrix(params, model_cfg).astype(hb.dtype)
+    tile = obj.head_tile(model_cfg.vocab_size)
+    if tile:
+        return _tiled_sums(hb, benign, hh, harmful, W, E_hat, obj, tile)
+    return sums_from_logits(model_lib.lm_logits(hb, W), benign,
+                            None if hh is None else model_lib.lm_logits(hh, W), harmful, E_hat, obj, basis)
 
 
 def _safe_div(num, den):

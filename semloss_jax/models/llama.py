@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from semloss_jax.errors import ConfigError
+from semloss_jax.models import attention as attn_lib
+from semloss_jax.models.axes import constrain
 
 Params = Any
 
@@ -67,6 +69,7 @@ class LlamaConfig:
     dtype: str = "float32"        # activation/compute dtype
     param_dtype: str = "float32"
     remat: str = "none"           # "none" | "full" | "dots" (save matmul outputs)
+    attention: str = "auto"       # the training kernel (models/attention.py IMPLS)
     source: str = ""              # where the config came from (for error messages)
 
     @property
@@ -111,6 +114,9 @@ class LlamaConfig:
                 raise bad(f, f"{f}={v!r}; expected a positive number")
         if self.remat not in REMAT:
             raise bad("remat", f"remat={self.remat!r}; expected one of {', '.join(REMAT)}")
+        if self.attention not in attn_lib.IMPLS:
+            raise bad("attention", f"attention={self.attention!r}; expected one of "
+                      f"{', '.join(attn_lib.IMPLS)}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 raise bad(f, f"{f}={getattr(self, f)!r}; expected one of {', '.join(DTYPES)}")
@@ -208,9 +214,11 @@ class Attention(nn.Module):
                 kernel_init=_init(0.02, axes),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))(x)
 
-        q = apply_rope(proj("q_proj", H, False), ctx["positions"], ctx["inv_freq"])
-        k = apply_rope(proj("k_proj", KV, True), ctx["positions"], ctx["inv_freq"])
-        v = proj("v_proj", KV, True)
+        q = constrain(apply_rope(proj("q_proj", H, False), ctx["positions"], ctx["inv_freq"]),
+                      ("batch", "seq", "heads", "head_dim"))
+        k = constrain(apply_rope(proj("k_proj", KV, True), ctx["positions"], ctx["inv_freq"]),
+                      ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(proj("v_proj", KV, True), ("batch", "seq", "kv_heads", "head_dim"))
 
         if layer_cache is not None:  # write this step's keys/values at the cache index
             idx = ctx["cache_index"]
@@ -223,14 +231,8 @@ class Attention(nn.Module):
         else:
             new_cache = None
 
-        B, T = q.shape[:2]
-        G = H // KV
-        qg = q.reshape(B, T, KV, G, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hd))
-        scores = jnp.where(ctx["mask"][:, None, None, :, :], scores, jnp.float32(-1e30))
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, H, hd)
+        impl = "reference" if layer_cache is not None else cfg.attention
+        out = constrain(attn_lib.attend(q, k, v, ctx, impl), ("batch", "seq", "heads", "head_dim"))
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt, name="o_proj",
             kernel_init=_init(0.02, ("q_heads", "head_dim", "embed")),
@@ -256,7 +258,12 @@ class MLP(nn.Module):
 
         gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(nn.silu(gate) * up)
+        act = constrain(nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(act)
+
+
+# the residual stream between blocks: rows, positions (sequence-parallel), width
+RESIDUAL = ("batch", "res_seq", "embed")
 
 
 class DecoderLayer(nn.Module):
@@ -271,9 +278,9 @@ class DecoderLayer(nn.Module):
         dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
         h, new_cache = Attention(cfg, name="attn")(
             RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x), ctx, layer_cache)
-        x = x + h
+        x = constrain(x + h, RESIDUAL)
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x))
-        return x, new_cache
+        return constrain(x, RESIDUAL), new_cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -330,7 +337,7 @@ def _context(cfg, input_ids, positions, segment_ids, attention_mask):
         positions = default_positions(segment_ids)
     slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     return {"positions": positions, "mask": attention_mask_from(slot, segment_ids, slot, segment_ids),
-            "inv_freq": rope_inv_freq(cfg), "cache_index": jnp.int32(0)}
+            "segment_ids": segment_ids, "inv_freq": rope_inv_freq(cfg), "cache_index": jnp.int32(0)}
 
 
 def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: int = 0):
@@ -373,7 +380,7 @@ def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: in
 def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool, frozen_layers: int = 0,
            last_only: bool = False):
     dt = _dt(cfg.dtype)
-    x = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt)
+    x = constrain(jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt), RESIDUAL)
     if frozen_layers:
         x = jax.lax.stop_gradient(x)
     x, new_cache = _run_layers(params["layers"], cfg, x, ctx, cache, frozen_layers)
@@ -382,8 +389,13 @@ def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool,
         x = x[:, -1:]
     if return_hidden:
         return x, new_cache
-    w = lm_head_matrix(params, cfg).astype(dt)
-    return jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32), new_cache
+    return lm_logits(x, lm_head_matrix(params, cfg).astype(dt)), new_cache
+
+
+def lm_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Float32 logits [B, T, V] of final hidden states x [B, T, d] and the head w [d, V]."""
+    logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
 def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array, *, positions=None,

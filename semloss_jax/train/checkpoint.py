@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from semloss_jax.errors import CheckpointError
+from semloss_jax.paths import run_dir
 from semloss_jax.train.sharding import to_host
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, every: int, keep_last: int,
                  async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = run_dir(directory)
         self.every = int(every)
         self.pending: int | None = None  # the step of an asynchronous save not yet confirmed
         self.failed = False              # a save failed (and was reported)

@@ -33,6 +33,7 @@ import yaml
 from semloss_jax.data.streams import DataSection
 from semloss_jax.errors import ConfigError
 from semloss_jax.loss.objective import ObjectiveConfig
+from semloss_jax.models.attention import IMPLS as ATTENTION_IMPLS
 from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.paths import atomic_write_text
 from semloss_jax.train.optim import OptimConfig
@@ -55,7 +56,9 @@ class ModelSection:
           init=pretrained it is optional; when given it must agree with the loaded weights (and
           lets shape/sharding checks run without the weights).
     tokenizer: where the tokenizer lives ("default" = the embedded SmolLM2 GGUF; "" = `path`).
-    dtype / param_dtype / remat override the model config's numerics.
+    dtype / param_dtype / remat override the model config's numerics; attention picks the
+    training attention kernel (semloss_jax.models.attention: auto, reference, chunked, xla, cudnn,
+    splash).
     """
 
     init: str = "pretrained"
@@ -65,9 +68,12 @@ class ModelSection:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def validate(self, where) -> None:
         """Check the fields; errors are made by where(field, message), which places them in the config."""
+        if self.attention not in ATTENTION_IMPLS:
+            raise where("attention", f"expected one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}")
         if self.init not in ("pretrained", "random"):
             raise where("init", f"must be 'pretrained' or 'random', got {self.init!r}")
         if self.init == "random" and self.arch is None:
@@ -83,11 +89,15 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class MeshSection:
-    """Device mesh sizes along ("data", "fsdp", "tensor"); one of them may be -1 (fill)."""
+    """Device mesh sizes along ("data", "fsdp", "tensor"); one of them may be -1 (fill).
+
+    strict: a rule fallback (a dimension left replicated because the mesh axis does not divide
+    it) or a large param replicated on every model axis stops the run instead of a warning."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    strict: bool = False
 
     def validate(self, where) -> None:
         """Check the fields; errors are made by where(field, message), which places them in the config."""
@@ -518,7 +528,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write to_yaml(cfg) to path atomically."""
-    atomic_write_text(Path(path), to_yaml(cfg))
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def replace(cfg: TrainConfig, **sections) -> TrainConfig:

@@ -25,9 +25,11 @@ the run at once with one line.
 
 Data streams are deterministic functions of (seed, epoch, index): the position of each stream
 is saved in every checkpoint, so `run.resume` replays exactly the batches an uninterrupted run
-would have seen. In a multi-process run every process builds the same global batch plan and
-loads only its own rows (sharding.process_rows), assembled with
-jax.make_array_from_process_local_data.
+would have seen. In a multi-process run every process walks the same global batch plan and
+tokenizes and builds only its own rows (sharding.process_rows), assembled with
+jax.make_array_from_process_local_data. The step is jitted by semloss_jax.train.jitstep (state,
+batch and activation shardings); rule fallbacks and large replicated params are warnings, or
+stop the run with mesh.strict.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import dataclasses
 import logging
 import math
 import shlex
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from semloss_jax import paths as paths_lib
 from semloss_jax.data import streams as streams_lib
 from semloss_jax.errors import CheckpointError, Interrupted, ModelError, NonFiniteLoss, TrainError
 from semloss_jax.loss import emd
@@ -51,16 +55,13 @@ from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
 from semloss_jax.train import checkpoint as ckpt_lib
 from semloss_jax.train import config as config_lib
-from semloss_jax.train import optim, sharding
+from semloss_jax.train import jitstep, optim, sharding
 from semloss_jax.train import state as state_lib
-from semloss_jax.train import step as step_lib
 from semloss_jax.train.interrupt import StopSignals, signal_name
 from semloss_jax.train.runlock import RunLock
 from semloss_jax.train.telemetry import MetricsLog, device_peak_flops, read_metrics, truncate_metrics
 
 log = logging.getLogger(__name__)
-
-BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ def is_main() -> bool:
 def setup_run_dir(cfg: config_lib.TrainConfig, say) -> RunPaths | TrainResult:
     """The run's paths; the finished result when the directory already holds this config's
     completed run (reruns are no-ops); an error when it holds another run and no --resume."""
-    out = Path(cfg.run.output_dir).absolute()
+    out = paths_lib.run_dir(cfg.run.output_dir)   # a gs:// URL stays one (etils.epath)
     paths = RunPaths(out, out / "checkpoints", out / "metrics.jsonl")
     if not cfg.run.resume and paths.checkpoints.exists() and any(paths.checkpoints.iterdir()):
         done = finished_run(cfg, paths, say)
@@ -153,14 +154,15 @@ def setup_mesh_and_model(cfg: config_lib.TrainConfig, tok: ChatTokenizer | None,
     if tok.vocab_size > model_cfg.vocab_size:
         raise ModelError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
                          f"is {model_cfg.vocab_size} (model.tokenizer / model.path)")
-    streams, data_stats = streams_lib.build_streams(cfg.data, cfg.objective, cfg.run.seed, tok)
+    rows = {name: sharding.process_rows(n) for name, n in (("benign", cfg.data.benign_batch),
+                                                             ("harmful", cfg.data.harmful_batch)) if n}
+    streams, data_stats = streams_lib.build_streams(cfg.data, cfg.objective, cfg.run.seed, tok, rows=rows)
     for k, v in data_stats.items():
         say(f"data {k}: {v}")
     mesh = sharding.make_mesh(cfg.mesh)
     k_init, k_state = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
     plan = state_lib.plan_state(model_cfg, cfg.optim, mesh, k_state)
-    for f in sorted(set(plan.fallbacks)):
-        log.info("sharding fallback: %s", f)
+    sharding.report_fallbacks(plan.fallbacks, cfg.mesh.strict)
     state, E_hat = state_lib.initial_state(plan, model_cfg, host_params, k_init, k_state)
     say(f"model: {model_cfg.num_params / 1e6:.1f}M params, {model_cfg.num_hidden_layers} layers, "
         f"vocab {model_cfg.vocab_size}; trainable={cfg.optim.trainable}; mesh {dict(mesh.shape)} "
@@ -207,43 +209,32 @@ def _step_counter_matches(step: int, state: dict, meta: dict) -> None:
 
 
 def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> CompiledStep:
-    """The step jitted once with in/out shardings, and the feeder of its global batches."""
+    """The step jitted once with its shardings (jitstep), and the feeder of its global batches."""
     basis = None
     if cfg.objective.divergence == "gelbrich":  # the step's frozen basis, computed once
         basis = np.asarray(emd.principal_basis(s.E_hat, cfg.objective.gelbrich_rank))
-    raw = step_lib.make_train_step(s.model_cfg, cfg.objective, cfg.optim, s.plan.optimizer, basis)
     traces = [0]
 
-    def counted_step(state, benign, harmful, E_hat):
+    def count():
         traces[0] += 1
-        return raw(state, benign, harmful, E_hat)
 
     A, d = cfg.optim.grad_accum, cfg.data
-    parts = {"benign": d.benign_batch}
-    if "harmful" in s.streams:
-        parts["harmful"] = d.harmful_batch
-    shard = {}
-    for name, rows in parts.items():
-        example = {k: np.zeros((A, rows, d.seq_len), np.int32) for k in BATCH_FIELDS}
-        if name == "harmful" and cfg.objective.target == "soft":
-            example["target_mu"] = np.zeros((A, rows, d.seq_len, s.model_cfg.hidden_size), np.float32)
-        shard[name] = (sharding.batch_shardings(s.mesh, example, leading=1),
-                       sharding.process_rows(rows))
-    E_sh = s.plan.param_shardings["embed"]["embedding"]
-    fn = jax.jit(counted_step, in_shardings=(s.plan.state_shardings, shard["benign"][0],
-                                             shard.get("harmful", (None,))[0], E_sh),
-                 out_shardings=(s.plan.state_shardings, sharding.replicated(s.mesh)),
-                 donate_argnums=(0,))
+    parts = jitstep.batch_parts(cfg, "harmful" in s.streams)
+    js = jitstep.jit_train_step(cfg, s.model_cfg, s.plan, s.mesh,
+                                jitstep.batch_shapes(cfg, s.model_cfg, parts), on_trace=count, basis=basis)
 
     def next_batches():
         out = []
         for name in ("benign", "harmful"):
-            if name not in shard:
+            if name not in parts:
                 out.append(None)
                 continue
-            sh, rows = shard[name]
-            b = s.streams[name].next_micro(A)
-            out.append(sharding.put_global_batch({k: v[:, rows] for k, v in b.items() if k in sh}, sh))
+            sh = js.batch_shardings[name]
+            b = s.streams[name].next_micro(A)   # this process's rows
+            out.append(sharding.put_global_batch({k: v for k, v in b.items() if k in sh}, sh))
+        if traces[0] == 1 and js.fallbacks:
+            sharding.report_fallbacks(js.fallbacks, False, "activation sharding")
+            js.fallbacks.clear()
         return tuple(out)
 
     slots = A * d.seq_len * sum(parts.values())  # every slot is computed, padding included
@@ -253,7 +244,7 @@ def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> Compile
         f"{s.model_cfg.flops_per_token(d.seq_len):.3e} FLOPs/token, 6N + attention)"
         + (f"; device peak {peak:.3e} FLOP/s x {jax.device_count()}" if peak
            else "; device peak unknown (no MFU)"))
-    return CompiledStep(fn, traces, next_batches, flops)
+    return CompiledStep(js.fn, traces, next_batches, flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +336,7 @@ def finish(cfg: config_lib.TrainConfig, s: TrainSetup, cs: CompiledStep, paths: 
         final = sharding.to_host(optim.export_params(s.state, cfg.optim))  # collective
         export_dir = paths.out / "hf"
         if is_main():
-            weights.export_hf(final, s.model_cfg, export_dir, tokenizer=s.tok)
+            export_model(final, s.model_cfg, export_dir, s.tok)
     times, peak = o.times, device_peak_flops()
     step_time = float(np.median(times[1:])) if len(times) > 1 else (times[0] if times else None)
     mfu = (cs.flops_per_step / step_time / (peak * jax.device_count())
@@ -364,6 +355,16 @@ def finish(cfg: config_lib.TrainConfig, s: TrainSetup, cs: CompiledStep, paths: 
                        checkpoint_dir=paths.checkpoints, resumed_from=resumed_from)
 
 
+def export_model(params, model_cfg, export_dir, tok) -> None:
+    """weights.export_hf into export_dir; a remote one (gs://...) gets a local export copied up."""
+    if not paths_lib.is_remote(export_dir):
+        weights.export_hf(params, model_cfg, export_dir, tokenizer=tok)
+        return
+    with tempfile.TemporaryDirectory(prefix="semloss_export_") as tmp:
+        weights.export_hf(params, model_cfg, Path(tmp), tokenizer=tok)
+        paths_lib.copy_tree(Path(tmp), export_dir)
+
+
 def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = None,
           max_steps_this_run: int | None = None, tokenizer: ChatTokenizer | None = None
           ) -> TrainResult:
@@ -378,6 +379,10 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a backend
     echo = echo or (lambda line: print(line, flush=True))
     say = echo if is_main() else (lambda line: None)
+    if paths_lib.is_remote(cfg.run.output_dir):   # an object store has no file locks
+        log.warning("run.output_dir %s is remote: no run lock is held (one run per directory is up "
+                    "to you)", cfg.run.output_dir)
+        return train_locked(cfg, say, max_steps_this_run, tokenizer)
     with RunLock(cfg.run.output_dir, jax.process_index()):
         return train_locked(cfg, say, max_steps_this_run, tokenizer)
 

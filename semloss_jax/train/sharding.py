@@ -10,7 +10,16 @@ The model names every parameter dimension with a logical axis (model.param_logic
 vocab, embed, q_heads, kv_heads, head_dim, mlp, layers, norm); `RULES` maps those to mesh axes.
 A rule is a preference: when the mesh axis size does not divide the dimension, or the mesh axis is
 already used by another dimension of the same array, that dimension is replicated instead
-(and the fallback is logged once per (array, dim)). Batches are sharded along ("data", "fsdp").
+(the fallback is reported as a warning; `mesh.strict` turns it into a ShardingError). Batches are
+sharded along ("data", "fsdp").
+
+Activations are sharded the same way: the model and the loss head name the axes of their
+activations (models/axes.py), and `ACTIVATION_RULES` maps those names while the step is traced
+(`activation_resolver`, entered by `traced_with_activation_rules`): rows over data x fsdp (each
+device computes only its rows, and XLA all-gathers the fsdp-sharded weights for the matmuls),
+heads, MLP width and vocabulary tiles over tensor, and the residual stream between blocks
+sharded over tensor along the positions (sequence parallelism: the tensor-parallel matmul
+outputs are reduce-scattered instead of all-reduced).
 
 Nothing here knows about the objective: the train step is sharding-free; the trainer passes the
 shardings built here to jax.jit(in_shardings=..., out_shardings=...).
@@ -30,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from semloss_jax.errors import ShardingError
+from semloss_jax.models import axes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,23 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # the LoRA rank axis (lora.lora_logical_axes): small, replicated
     "lora": None,
 }
+
+# activation logical axis (models/axes.py) -> mesh axis
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "seq": None,
+    "res_seq": "tensor",
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+# params of at least this many bytes left replicated over every model axis (fsdp, tensor) of a
+# mesh that has one are reported like a fallback
+LARGE_PARAM_BYTES = 4 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +102,19 @@ def resolve_mesh_shape(sizes: Sequence[int], n_devices: int) -> tuple[int, int, 
     return tuple(sizes)  # type: ignore[return-value]
 
 
+def _devices_line(devices: Sequence[jax.Device]) -> str:
+    kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
+    return (f"{len(devices)} {devices[0].platform if devices else 'no'} device(s) ({', '.join(kinds)}; "
+            f"{jax.process_count()} process(es), jax {jax.__version__})")
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp", "tensor") from a config section (data/fsdp/tensor sizes)."""
+    """A Mesh with axes ("data", "fsdp", "tensor") from a config section (data/fsdp/tensor sizes).
+
+    A mesh that does not fit the devices is a ShardingError naming the devices JAX sees (a
+    CPU-only jax on a GPU/TPU host shows up here); when the topology-aware device order is not
+    available, the plain order is used and the reason logged as a warning.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     if -1 not in sizes and math.prod(sizes) < len(devices):
@@ -84,10 +122,19 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
         log.warning("mesh %s uses %d of %d devices", dict(zip(MESH_AXES, sizes)), math.prod(sizes),
                     len(devices))
         devices = devices[:math.prod(sizes)]
-    shape = resolve_mesh_shape(sizes, len(devices))
+    try:
+        shape = resolve_mesh_shape(sizes, len(devices))
+    except ShardingError as e:
+        hint = ("; a GPU or TPU host needs the accelerator jax: pip install -e '.[cuda12]' or -e '.[tpu]'"
+                if devices and devices[0].platform == "cpu" else "")
+        raise ShardingError(f"{e}: JAX sees {_devices_line(devices)} (config keys mesh.data/fsdp/tensor)"
+                            f"{hint}") from None
     try:  # topology-aware device order on TPU/GPU; plain order otherwise
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):  # what create_device_mesh raises
+    except (ValueError, NotImplementedError, AssertionError) as e:  # what create_device_mesh raises
+        if devices[0].platform != "cpu":
+            log.warning("mesh %s: no topology-aware device order (%s: %s); using the plain device order",
+                        shape, type(e).__name__, e)
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, MESH_AXES)
 
@@ -141,7 +188,6 @@ def spec_for(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: M
             out.append(axis)
             used |= set(names)
             continue
-        log.info(msg)
         if fallbacks is not None:
             fallbacks.append(msg)
     while out and out[-1] is None:
@@ -166,6 +212,62 @@ def tree_specs(abstract_tree, logical_tree, mesh: Mesh, rules: Mapping[str, Any]
     return jax.tree_util.tree_map_with_path(
         lambda path, logical, leaf: one(path, logical, leaf), logical_tree, abstract_tree,
         is_leaf=is_leaf)
+
+
+def replicated_large_params(abstract_tree, specs, mesh: Mesh, min_bytes: int = LARGE_PARAM_BYTES,
+                            prefix: str = "") -> list[str]:
+    """Messages for params of at least min_bytes that no model axis (fsdp, tensor) of the mesh
+    shards (none when the mesh has no model axis: pure data parallelism replicates by design)."""
+    if _axis_size(mesh, ("fsdp", "tensor")) == 1:
+        return []
+    out = []
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    for (path, spec), leaf in zip(flat, jax.tree_util.tree_leaves(abstract_tree)):
+        used = {n for ax in spec for n in _axis_names(ax)}
+        size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if size >= min_bytes and not used & {"fsdp", "tensor"}:
+            out.append(f"{prefix}{_path_str(path)}: {size / 2**20:.0f} MiB replicated on every fsdp/tensor "
+                       f"device (spec {spec})")
+    return out
+
+
+def report_fallbacks(messages: Sequence[str], strict: bool, what: str = "sharding") -> None:
+    """Log each message as a warning; with strict, stop with a ShardingError naming the first."""
+    msgs = sorted(set(messages))
+    if strict and msgs:
+        raise ShardingError(f"{what}: {msgs[0]} ({len(msgs)} in all; mesh.strict=true stops here: change "
+                            f"the mesh sizes or set mesh.strict=false to run with them replicated)")
+    for m in msgs:
+        log.warning("%s fallback: %s", what, m)
+
+
+def activation_resolver(mesh: Mesh, rules: Mapping[str, Any] = ACTIVATION_RULES,
+                        fallbacks: list | None = None, strict: bool = False):
+    """resolve(names, shape) -> NamedSharding of an activation, for models/axes.activation_sharding.
+
+    The divisibility fallback of the param rules applies; fallbacks are appended to `fallbacks`
+    (once per message) or, with strict, raised as a ShardingError while the step is traced."""
+    def resolve(names, shape):
+        found: list[str] = []
+        spec = spec_for(tuple(names), tuple(shape), mesh, rules, name=f"activation {tuple(names)}",
+                        fallbacks=found)
+        if found and strict:
+            report_fallbacks(found, True, "activation sharding")
+        if fallbacks is not None:
+            fallbacks.extend(m for m in found if m not in fallbacks)
+        return NamedSharding(mesh, spec)
+
+    return resolve
+
+
+def traced_with_activation_rules(fn, resolve):
+    """fn, run inside models.axes.activation_sharding(resolve): its activation names become sharding
+    constraints when it is traced (by jax.jit)."""
+    def wrapped(*args, **kwargs):
+        with axes.activation_sharding(resolve):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def named(mesh: Mesh, specs):

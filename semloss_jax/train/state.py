@@ -37,7 +37,7 @@ def model_config_of(m: ModelSection) -> LlamaConfig:
     if m.arch is None:
         raise ConfigError("not set; the model config comes from the weights", key="model.arch")
     out = dataclasses.replace(m.arch, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                              source=m.arch.source or "model.arch")
+                              attention=m.attention, source=m.arch.source or "model.arch")
     out.validate()
     return out
 
@@ -48,7 +48,8 @@ def build_model(m: ModelSection) -> tuple[LlamaConfig, Any]:
     if m.init == "random":
         return model_config_of(m), None
     mcfg, params, path = loading.load_weights(m.path)
-    mcfg = dataclasses.replace(mcfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    mcfg = dataclasses.replace(mcfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                               attention=m.attention)
     if m.arch is not None:
         bad = [f for f in _ARCH_CHECK if getattr(m.arch, f) != getattr(mcfg, f)]
         if bad:
@@ -70,7 +71,7 @@ class StatePlan(NamedTuple):
     abstract_state: Any
     state_specs: Any
     state_shardings: Any
-    fallbacks: list                 # the rule fallbacks (dimensions replicated), as text
+    fallbacks: list                 # rule fallbacks and large replicated params, as text
 
 
 def plan_state(model_cfg: LlamaConfig, ocfg: optim.OptimConfig, mesh,
@@ -92,6 +93,10 @@ def plan_state(model_cfg: LlamaConfig, ocfg: optim.OptimConfig, mesh,
         abstract_state, optimizer=optimizer,
         trainable_logical=lora_lib.lora_logical_axes(model_cfg, ocfg) if lora else param_logical,
         frozen_logical=param_logical if lora else None, mesh=mesh, fallbacks=fallbacks)
+    fallbacks += sharding.replicated_large_params(abstract_state["params"], specs["params"], mesh)
+    if abstract_state.get("frozen") is not None:
+        fallbacks += sharding.replicated_large_params(abstract_state["frozen"], specs["frozen"], mesh,
+                                                      prefix="frozen/")
     return StatePlan(optimizer, init_state, abstract_params, param_specs,
                      sharding.named(mesh, param_specs), abstract_state, specs,
                      sharding.named(mesh, specs), fallbacks)

@@ -61,7 +61,8 @@ def _leading(batch, name):
 
 
 def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
-                    optimizer: optax.GradientTransformation, basis: jax.Array | None = None):
+                    optimizer: optax.GradientTransformation, basis: jax.Array | None = None, *,
+                    batch_shards: int = 1):
     """A pure step(state, benign_micro, harmful_micro, E_hat) -> (state, metrics).
 
     benign_micro / harmful_micro: batch dicts whose fields have a leading micro-batch axis
@@ -69,7 +70,9 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
     embeddings (cost.unit_embeddings of the INITIAL embedding matrix), passed explicitly.
     metrics: dict of float32 scalars with METRIC_KEYS (loss of the whole batch, token means of
     its parts, grad_norm before clipping, lr of this update, token counts).
-    No sharding code here: jit it with in/out shardings and donate_argnums outside.
+    No sharding code here: jit it with in/out shardings and donate_argnums outside;
+    batch_shards (the data x fsdp mesh size) only lays the benign and harmful rows out so that
+    their concatenation keeps every row on its device (objective.loss_sums).
     basis: for objective.divergence=gelbrich, emd.principal_basis(E_hat, r) computed once
     (a small [r, d] constant of the step); None computes it inside every step (V x d² work).
     """
@@ -83,7 +86,7 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
     def loss_fn(trainable, frozen, b, h, E_hat, counts, mask):
         params = full_params(stop_frozen(trainable, mask), frozen, ocfg)
         sums = obj_lib.loss_sums(params, model_cfg, b, h, E_hat, obj, frozen_layers=frozen_layers,
-                                 basis=basis)
+                                 basis=basis, batch_shards=batch_shards)
         return obj_lib.combine(sums, counts, obj), sums
 
     def step(state, benign_micro, harmful_micro, E_hat):

@@ -16,7 +16,7 @@ import jax
 from tqdm.auto import tqdm
 
 from semloss_jax.errors import TrainError
-from semloss_jax.paths import atomic_write_text
+from semloss_jax.paths import atomic_write_text, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool,
                  tb_every: int, total: int, initial: int):
         self.tb_every = tb_every
-        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self.file = _append_file(out_dir / "metrics.jsonl") if enabled else None
         self.tb = _tensorboard(out_dir / "tb") if (enabled and tensorboard) else None
         self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step",
                          dynamic_ncols=True, file=sys.stderr)
@@ -111,6 +111,30 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _RewriteAppend:
+    """Append for stores without append (gs://...): each flush rewrites the whole file atomically."""
+
+    def __init__(self, path):
+        self.path, self.name = path, str(path)
+        self.text = path.read_text(encoding="utf-8") if path.exists() else ""
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        atomic_write_text(self.path, self.text)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _append_file(path):
+    """An append-mode text file: a local file, or a rewrite-on-flush one on a remote store."""
+    if is_remote(path):
+        return _RewriteAppend(path)
+    return open(path, "a", encoding="utf-8")
 
 
 def _tensorboard(path: Path):
