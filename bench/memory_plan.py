@@ -16,9 +16,15 @@ carry activations (a part shaped [rows, seq_len, ...] or [rows x seq_len, ...]) 
 all-gathers inside it carry weights. The last line is one JSON object.
 
 Caveats: XLA's CPU backend computes bf16 matmuls in f32, so some temporaries are f32 where a TPU
-or GPU keeps bf16; the flash kernels (cudnn, splash) do not compile for CPU, so the plan uses
-model.attention=chunked (the reference math on blocks of 512 queries) unless the command line
-says otherwise. The figures are estimates of the real accelerator's, not measurements.
+or GPU keeps bf16 (gathered weights, MLP activations, and an f32 copy of the bf16 stack of saved
+layer inputs); the CPU's concurrency-optimized scheduler, which trades memory for overlap, is
+turned off (--xla_cpu_enable_concurrency_optimized_scheduler=false; --cpu-concurrency-scheduler
+keeps it) since accelerator XLA schedules for memory; the flash kernels (cudnn, splash) do not
+compile for CPU, so the plan uses model.attention=chunked (the reference math on blocks of
+attention.CHUNK_Q queries) unless the command line says otherwise. XLA's CPU backend has no
+reduce-scatter creation pass: a sharded gradient shows as an all-reduce (and a slice) where
+TPU/GPU XLA emits a reduce-scatter. The figures are estimates of the real accelerator's, not
+measurements.
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ def parse_args(argv):
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     ap.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
     ap.add_argument("--out", default=None, help="also write the JSON object to this file")
+    ap.add_argument("--cpu-concurrency-scheduler", action="store_true",
+                    help="keep XLA CPU's concurrency-optimized scheduler (more memory for more overlap "
+                         "of independent ops; off by default: TPU/GPU XLA schedule for memory)")
     return ap.parse_intermixed_args(argv)
 
 
@@ -77,6 +86,7 @@ def plan(cfg_file: Path, overrides: list[str]) -> dict:
            if shape.endswith("[layer scan]") and hlo.activation_shaped(shape, rows, T)]
     return {
         "config": str(cfg_file), "overrides": overrides, "devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "mesh": dict(mesh.shape), "kind": cfg.objective.kind, "seq_len": cfg.data.seq_len,
         "rows_per_micro_batch": parts, "grad_accum": cfg.optim.grad_accum,
         "attention": mcfg.attention, "head_tile": cfg.objective.head_tile(mcfg.vocab_size),
@@ -93,8 +103,10 @@ def plan(cfg_file: Path, overrides: list[str]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+    flags = f" --xla_force_host_platform_device_count={args.devices}"
+    if not args.cpu_concurrency_scheduler:
+        flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flags).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     res = plan(config_path(args.config), list(args.overrides))
     print(f"{res['config']} on {res['devices']} fake devices, mesh {res['mesh']}, {res['kind']}, seq "

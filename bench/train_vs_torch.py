@@ -70,7 +70,7 @@ def batch_np(V: int, B: int, T: int, seed: int = 0):
 
 # ------------------------------------------------------------------------------------ JAX side
 
-def jax_contender(cfg, params, ids):
+def jax_contender(cfg, params, ids, vocab_tile: int = -1):
     """(step_fn() -> loss, compile_s, memory_analysis dict). The state is carried and donated."""
     B, T = ids.shape
     mask = np.ones((1, B, T), np.int32)
@@ -82,7 +82,8 @@ def jax_contender(cfg, params, ids):
     opt = optim.make_optimizer(ocfg)
     state = step_lib.init_train_state(jax.tree_util.tree_map(jnp.asarray, params), cfg, ocfg, opt,
                                    jax.random.PRNGKey(0))
-    step = jax.jit(step_lib.make_train_step(cfg, obj_lib.ObjectiveConfig(kind="sft"), ocfg, opt),
+    obj = obj_lib.ObjectiveConfig(kind="sft", vocab_tile=vocab_tile)
+    step = jax.jit(step_lib.make_train_step(cfg, obj, ocfg, opt),
                    donate_argnums=(0,))
     t = time.perf_counter()
     compiled = step.lower(state, batch, None, None).compile()
@@ -138,14 +139,15 @@ def load(model_path, hf_dir=None):
 
 # ------------------------------------------------------------------------------- memory (child)
 
-def mem_child(which: str, shape: str, hf_dir: str, model_path, steps: int, threads: int) -> dict:
+def mem_child(which: str, shape: str, hf_dir: str, model_path, steps: int, threads: int,
+              vocab_tile: int = -1) -> dict:
     B, T = (int(v) for v in shape.split("x"))
     out = {"which": which, "shape": shape}
     if which == "jax":
         cfg, params = load(model_path)
         ids = batch_np(cfg.vocab_size, B, T)
         out["rss_after_load_kb"] = rss_now_kb()
-        run, out["compile_s"], out["xla_memory_analysis"] = jax_contender(cfg, params, ids)
+        run, out["compile_s"], out["xla_memory_analysis"] = jax_contender(cfg, params, ids, vocab_tile)
         del params
     else:
         with open(os.path.join(hf_dir, "config.json")) as f:
@@ -167,10 +169,11 @@ def mem_child(which: str, shape: str, hf_dir: str, model_path, steps: int, threa
     return out
 
 
-def measure_memory(shape, hf_dir, model_path, steps, threads, omp_passive) -> dict:
+def measure_memory(shape, hf_dir, model_path, steps, threads, omp_passive, vocab_tile=-1) -> dict:
     res = {}
     for which in ("jax", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--mem", which, "--shapes", shape,
+               "--vocab-tile", str(vocab_tile),
                "--hf-dir", hf_dir, "--mem-steps", str(steps), "--threads", str(threads)]
         if model_path:
             cmd += ["--model", model_path]
@@ -203,6 +206,9 @@ def main(argv=None):
                          "instead of spinning at barriers; matters a lot on an oversubscribed machine)")
     ap.add_argument("--mem", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--vocab-tile", type=int, default=-1,
+                    help="objective.vocab_tile of our step: -1 automatic (the default), 0 materialized "
+                         "logits, N tiles of about N columns")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.omp_passive:
@@ -210,10 +216,11 @@ def main(argv=None):
 
     if args.mem:
         print("MEMJSON " + json.dumps(mem_child(args.mem, args.shapes, args.hf_dir, args.model,
-                                                args.mem_steps, args.threads)))
+                                                args.mem_steps, args.threads, args.vocab_tile)))
         return
 
     info = machine({"bench": "train_vs_torch", "reps": args.reps, "threads": args.threads,
+                    "vocab_tile": args.vocab_tile,
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")})
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_start']}")
     tmp = None
@@ -228,7 +235,8 @@ def main(argv=None):
         ids = batch_np(cfg.vocab_size, B, T)
         r = {"B": B, "T": T}
         if not args.no_time:
-            run_jax, compile_s, mem_an = jax_contender(cfg, params, ids)
+            run_jax, compile_s, mem_an = jax_contender(cfg, params, ids, args.vocab_tile)
+            r["xla_memory_analysis"] = mem_an
             run_torch, extra = torch_contender(hf_dir, ids, args.threads)
             r.update(extra)
             r["jax_compile_s"] = compile_s
@@ -250,7 +258,8 @@ def main(argv=None):
                   f"{extra['attn_implementation']}; load {loadavg()}")
             del run_jax, run_torch, calls
         if not args.no_mem:
-            m = measure_memory(shape, hf_dir, args.model, args.mem_steps, args.threads, args.omp_passive)
+            m = measure_memory(shape, hf_dir, args.model, args.mem_steps, args.threads, args.omp_passive,
+                               args.vocab_tile)
             r["memory"] = m
             temp_bytes = m["jax"]["xla_memory_analysis"].get("temp_size_in_bytes", 0)
             print(f"[{shape}] peak RSS during steps: ours {m['jax']['peak_rss_steps_kb'] / 2**20:.2f} GiB, "
