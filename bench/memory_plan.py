@@ -45,6 +45,10 @@ def parse_args(argv):
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     ap.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
     ap.add_argument("--out", default=None, help="also write the JSON object to this file")
+    ap.add_argument("--no-activation-rules", action="store_true",
+                    help="ablation: no activation sharding constraints, benign and harmful rows concatenated "
+                         "without regard to the shards (with objective.vocab_tile=0 and "
+                         "model.attention=reference: the step before these were added)")
     ap.add_argument("--cpu-concurrency-scheduler", action="store_true",
                     help="keep XLA CPU's concurrency-optimized scheduler (more memory for more overlap "
                          "of independent ops; off by default: TPU/GPU XLA schedule for memory)")
@@ -61,7 +65,7 @@ def config_path(name: str) -> Path:
     return q
 
 
-def plan(cfg_file: Path, overrides: list[str]) -> dict:
+def plan(cfg_file: Path, overrides: list[str], activation_rules: bool = True) -> dict:
     import jax
 
     from semloss_jax.train import config, hlo, jitstep, sharding, state
@@ -73,7 +77,8 @@ def plan(cfg_file: Path, overrides: list[str]) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     p = state.plan_state(mcfg, cfg.optim, mesh)
     parts = jitstep.batch_parts(cfg, cfg.data.harmful_batch > 0)
-    js = jitstep.jit_train_step(cfg, mcfg, p, mesh, jitstep.batch_shapes(cfg, mcfg, parts))
+    js = jitstep.jit_train_step(cfg, mcfg, p, mesh, jitstep.batch_shapes(cfg, mcfg, parts),
+                                activation_rules=activation_rules)
     t = time.perf_counter()
     compiled = js.fn.lower(*jitstep.abstract_inputs(js, p, mcfg)).compile()
     compile_s = time.perf_counter() - t
@@ -81,12 +86,12 @@ def plan(cfg_file: Path, overrides: list[str]) -> dict:
     gib = {k: getattr(ma, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "alias", "temp")}
     rows = sum(parts.values()) // (mesh.shape["data"] * mesh.shape["fsdp"])
     coll = hlo.collectives(compiled.as_text(), mcfg.num_hidden_layers)
-    T = cfg.data.seq_len
+    T, total = cfg.data.seq_len, sum(parts.values())
     act = [shape for shape in coll["all_reduce"]["by_size"]
-           if shape.endswith("[layer scan]") and hlo.activation_shaped(shape, rows, T)]
+           if shape.endswith("[layer scan]") and hlo.activation_shaped(shape, rows, T, total)]
     return {
         "config": str(cfg_file), "overrides": overrides, "devices": jax.device_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "activation_rules": activation_rules,
         "mesh": dict(mesh.shape), "kind": cfg.objective.kind, "seq_len": cfg.data.seq_len,
         "rows_per_micro_batch": parts, "grad_accum": cfg.optim.grad_accum,
         "attention": mcfg.attention, "head_tile": cfg.objective.head_tile(mcfg.vocab_size),
@@ -95,7 +100,7 @@ def plan(cfg_file: Path, overrides: list[str]) -> dict:
         "activation_all_reduces_in_layer_scan": act,
         "weight_all_gathers_in_layer_scan": sum(
             n for shape, n in coll["all_gather"]["by_size"].items()
-            if shape.endswith("[layer scan]") and not hlo.activation_shaped(shape, rows, T)),
+            if shape.endswith("[layer scan]") and not hlo.activation_shaped(shape, rows, T, total)),
         "fallbacks": sorted(set(p.fallbacks) | set(js.fallbacks)), "compile_s": compile_s,
         **coll,
     }
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
         flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flags).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    res = plan(config_path(args.config), list(args.overrides))
+    res = plan(config_path(args.config), list(args.overrides), not args.no_activation_rules)
     print(f"{res['config']} on {res['devices']} fake devices, mesh {res['mesh']}, {res['kind']}, seq "
           f"{res['seq_len']}, rows {res['rows_per_micro_batch']} x {res['grad_accum']} micro-batches, "
           f"attention {res['attention']}, head tile {res['head_tile']}; compile {res['compile_s']:.0f} s")

@@ -393,8 +393,10 @@ def _hidden_states(params, model_cfg, benign, harmful, frozen_layers, batch_shar
     return shard_aligned_split(_hidden(params, model_cfg, both, frozen_layers), nb, blocks)
 
 
-def _tiled_sums(hb, benign, hh, harmful, W, E_hat, obj, tile):
-    """The sums of sums_from_logits from hidden states and the head W [d, V], in vocab tiles."""
+def sums_from_hidden(hb: jax.Array, benign: Mapping, hh: jax.Array | None, harmful: Mapping | None,
+                     W: jax.Array, E_hat: jax.Array | None, obj: ObjectiveConfig, tile: int) -> dict:
+    """The sums of sums_from_logits from the final hidden states [B, T, d] and the head W [d, V] in
+    vocabulary tiles of about `tile` columns (loss/head.py): no [B, T, V] array."""
     def stats(h, batch, with_mu):
         mask = token_mask(batch)
         y = jnp.where(mask, jnp.asarray(batch["targets"]), 0)
@@ -433,7 +435,7 @@ def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat
     W = model_lib.lm_head_matrix(params, model_cfg).astype(hb.dtype)
     tile = obj.head_tile(model_cfg.vocab_size)
     if tile:
-        return _tiled_sums(hb, benign, hh, harmful, W, E_hat, obj, tile)
+        return sums_from_hidden(hb, benign, hh, harmful, W, E_hat, obj, tile)
     return sums_from_logits(model_lib.lm_logits(hb, W), benign,
                             None if hh is None else model_lib.lm_logits(hh, W), harmful, E_hat, obj, basis)
 

@@ -10,8 +10,11 @@ Design:
 - The decoder layers are stacked along a leading "layers" axis (`nn.scan` at init) and run with
   `lax.scan` (one compiled layer body, whatever the depth), optionally rematerialized
   (`cfg.remat`); a frozen prefix of layers (`frozen_layers`) skips its backward pass.
-- Every parameter carries logical axis names (`param_logical_axes`), so sharding is data:
-  the training code maps logical names to mesh axes with a rule table.
+- Every parameter carries logical axis names (`param_logical_axes`), and so do the activations
+  (the residual stream, q/k/v, the MLP's hidden layer, the logits: models/axes.constrain), so
+  sharding is data: the training code maps logical names to mesh axes with rule tables.
+- Attention runs through models/attention.attend (one function for training and the KV cache);
+  `cfg.attention` picks the training kernel (einsum reference, chunked, cuDNN, Pallas splash).
 - Attention masking is one rule for training, packing and cached decoding:
   key s is visible from query t iff slot(s) <= slot(t), segment(s) == segment(t) and
   segment(s) != 0 (segment 0 is padding). `positions` only drive RoPE.

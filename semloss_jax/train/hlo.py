@@ -91,11 +91,14 @@ def collectives(text: str, n_layers: int) -> dict:
     return out
 
 
-def activation_shaped(shape: str, rows: int, seq_len: int) -> bool:
-    """Whether an HLO result type holds activations: some part [r, seq_len, ...] with r <= rows (rows
-    of a device), or [rows x seq_len, ...] (its tokens flattened)."""
+def activation_shaped(shape: str, rows: int, seq_len: int, global_rows: int | None = None) -> bool:
+    """Whether an HLO result type holds activations: some part [r, seq_len, ...] with r at most the
+    global rows of a micro-batch (a device's rows, or all of them when activations are not
+    sharded), or [r x seq_len, ...] with r = rows or global_rows (tokens flattened)."""
+    top = max(rows, global_rows or rows)
+    flat = {rows * seq_len, top * seq_len}
     for dims in re.findall(r"\w+\[([\d,]*)\]", shape):
         d = [int(x) for x in dims.split(",") if x]
-        if (len(d) >= 2 and d[1] == seq_len and d[0] <= rows) or (d and d[0] == rows * seq_len):
+        if (len(d) >= 2 and d[1] == seq_len and d[0] <= top) or (d and d[0] in flat):
             return True
     return False

@@ -61,17 +61,20 @@ def batch_shapes(cfg, model_cfg, parts: dict[str, int]) -> dict[str, dict[str, j
 
 
 def jit_train_step(cfg, model_cfg, plan, mesh, shapes: dict[str, dict[str, jax.ShapeDtypeStruct]],
-                   on_trace: Callable[[], None] | None = None, basis=None) -> JittedStep:
+                   on_trace: Callable[[], None] | None = None, activation_rules: bool = True,
+                   basis=None) -> JittedStep:
     """step(state, benign, harmful, E_hat) -> (state, metrics), jitted once with the plan's state
     shardings, batch shardings over data x fsdp, and the activation rules in force while traced.
-    on_trace is called every time the step is traced (compile counting). basis: the Gelbrich
-    divergence's basis, a constant of the step (step.make_train_step)."""
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    on_trace is called every time the step is traced (compile counting). activation_rules=False
+    (ablations of the memory plan) leaves activations to XLA and concatenates benign and harmful
+    rows without regard to the shards. basis: the Gelbrich divergence's basis, a constant of the
+    step (step.make_train_step)."""
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] if activation_rules else 1
     raw = step_lib.make_train_step(model_cfg, cfg.objective, cfg.optim, plan.optimizer, basis,
                                    batch_shards=batch_shards)
     fallbacks: list[str] = []
     resolve = sharding.activation_resolver(mesh, fallbacks=fallbacks, strict=cfg.mesh.strict)
-    traced = sharding.traced_with_activation_rules(raw, resolve)
+    traced = sharding.traced_with_activation_rules(raw, resolve) if activation_rules else raw
 
     def step(state, benign, harmful, E_hat):
         if on_trace is not None:
