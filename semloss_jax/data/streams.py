@@ -311,7 +311,7 @@ def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecor
                        f"tokenized on first use; this process builds rows {mine.start}..{mine.stop - 1} "
                        f"of {bsz}")
         if len(keep) < bsz:
-            stats[name] += (f"; WARNING {len(keep)} record(s) < data.{name}_batch={bsz}: every batch "
+            stats[name] += (f"; WARNING {len(keep)} example(s) < data.{name}_batch={bsz}: every batch "
                             f"repeats examples (add data or lower data.{name}_batch)")
         streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
                                     seed=seed, shuffle=d.shuffle, pack=d.pack, rows=mine,
