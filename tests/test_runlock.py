@@ -1,5 +1,6 @@
 """One run per output directory: the lock is exclusive, a second run fails at once naming the
-holder's pid, a lock left by a killed process is taken over, and a clean exit removes it."""
+holder's pid, a lock left by a killed process is taken over, a clean exit removes it, and a remote
+(gs://) directory, which cannot be file-locked, is locked through a local file with a warning."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from semloss_jax.errors import TrainError
-from semloss_jax.train.runlock import RunLock, lock_path
+from semloss_jax.train.runlock import RunLock, lock_path, remote_lock_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,3 +84,28 @@ def test_second_train_py_on_the_same_directory_exits_at_once(tmp_path):
     assert proc.stdout == ""  # nothing was set up (no data, no model, no config.yaml)
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "checkpoints").exists()
     print(f"second run refused in {took:.1f}s")
+
+
+def test_remote_directory_is_locked_through_a_local_file_with_a_warning(tmp_path, caplog):
+    url = "gs://bucket/runs/tasft"
+    with caplog.at_level("WARNING", logger="semloss_jax.train.runlock"):
+        with RunLock(url, local_dir=tmp_path) as lock:
+            assert lock.path == remote_lock_path(url, 0, tmp_path) and lock.path.parent == tmp_path
+            assert json.loads(lock.path.read_text())["directory"] == url
+            with pytest.raises(TrainError) as ei:  # the same URL (a trailing slash is the same run)
+                RunLock(url + "/", local_dir=tmp_path).acquire()
+            msg = str(ei.value)
+            assert url in msg and f"pid {os.getpid()}" in msg and "\n" not in msg
+            with RunLock("gs://bucket/runs/other", local_dir=tmp_path) as other:  # another URL: free
+                assert other.path != lock.path
+            with RunLock(url, 1, local_dir=tmp_path) as one:  # process 1 of the same run
+                assert one.path.name.endswith(".lock.1")
+    assert not lock.path.exists()  # a clean exit removes the local file
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(url in m and "no file locks" in m and "another host is not detected" in m for m in warned)
+
+
+def test_remote_lock_defaults_to_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMLOSS_CACHE", str(tmp_path))
+    path = RunLock("s3://b/run").path
+    assert path.parent == tmp_path / "run_locks" and path == remote_lock_path("s3://b/run/")

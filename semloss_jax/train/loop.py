@@ -3,7 +3,8 @@
     result = train(load_config("configs/smoke.yaml", ["run.output_dir=/tmp/x"]))
 
 Run directory (cfg.run.output_dir):
-    train.lock      held while a run uses the directory (semloss_jax.train.runlock)
+    train.lock      held while a run uses the directory (semloss_jax.train.runlock; a remote
+                    directory is locked through a local file named by its URL)
     config.yaml     the resolved config (written once every check has passed)
     metrics.jsonl   one JSON object per step (step, loss, ce, emd_lower, emd_upper, emd_onehot,
                     harm_nll, grad_norm, lr, tokens, tokens_per_s, step_time_s, ...)
@@ -34,7 +35,6 @@ stop the run with mesh.strict.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import shlex
 import tempfile
@@ -60,8 +60,6 @@ from semloss_jax.train import state as state_lib
 from semloss_jax.train.interrupt import StopSignals, signal_name
 from semloss_jax.train.runlock import RunLock
 from semloss_jax.train.telemetry import MetricsLog, device_peak_flops, read_metrics, truncate_metrics
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -379,10 +377,6 @@ def train(cfg: config_lib.TrainConfig, *, echo: Callable[[str], None] | None = N
     sharding.maybe_initialize_distributed(cfg.distributed)  # before anything touches a backend
     echo = echo or (lambda line: print(line, flush=True))
     say = echo if is_main() else (lambda line: None)
-    if paths_lib.is_remote(cfg.run.output_dir):   # an object store has no file locks
-        log.warning("run.output_dir %s is remote: no run lock is held (one run per directory is up "
-                    "to you)", cfg.run.output_dir)
-        return train_locked(cfg, say, max_steps_this_run, tokenizer)
     with RunLock(cfg.run.output_dir, jax.process_index()):
         return train_locked(cfg, say, max_steps_this_run, tokenizer)
 

@@ -17,10 +17,16 @@ host-local disks each host still guards its own directory). It is an OS file loc
 
 On a file system without `flock` (some network or FUSE mounts) the lock falls back to the
 recorded pid: held while a process with that pid runs on the same host.
+
+A remote run directory (gs://, s3://, az://) cannot be locked: an object store has no file locks.
+The lock then degrades, with a warning that says so, to a local file named by the URL's hash
+(`<cache>/run_locks/<sha256 of the URL>.lock`, `local_dir` to choose the folder): a second run on
+the same URL from the same host still fails at once, a run from another host is not detected.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +34,7 @@ import socket
 import time
 from pathlib import Path
 
+from semloss_jax import paths as paths_lib
 from semloss_jax.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,15 @@ log = logging.getLogger(__name__)
 def lock_path(directory: Path, process_index: int = 0) -> Path:
     """The lock file of one process of a run in `directory`."""
     return Path(directory) / ("train.lock" if process_index == 0 else f"train.lock.{process_index}")
+
+
+def remote_lock_path(url: str, process_index: int = 0, local_dir: Path | None = None) -> Path:
+    """The local lock file standing in for a remote run directory's (see the module docstring):
+    named by the SHA-256 of the URL without trailing slashes, under local_dir (default
+    <cache>/run_locks)."""
+    folder = Path(local_dir) if local_dir is not None else paths_lib.cache_dir() / "run_locks"
+    digest = hashlib.sha256(url.rstrip("/").encode("utf-8")).hexdigest()[:32]
+    return folder / (f"{digest}.lock" if process_index == 0 else f"{digest}.lock.{process_index}")
 
 
 def _read_holder(path: Path) -> dict:
@@ -69,13 +85,23 @@ def _pid_alive(h: dict) -> bool:
 class RunLock:
     """The exclusive lock of a run directory (see the module docstring); a context manager."""
 
-    def __init__(self, directory: str | Path, process_index: int = 0):
-        self.path = lock_path(Path(directory).absolute(), process_index)
+    def __init__(self, directory: str | Path, process_index: int = 0, local_dir: Path | None = None):
+        self.remote = str(directory).rstrip("/") if paths_lib.is_remote(directory) else None
+        if self.remote is not None:
+            self.path = remote_lock_path(self.remote, process_index, local_dir)
+            self.directory = self.remote
+        else:
+            self.path = lock_path(Path(directory).absolute(), process_index)
+            self.directory = str(self.path.parent)
         self.fd: int | None = None
         self.took_over: str | None = None
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise TrainError naming the holder; a stale lock is taken over."""
+        if self.remote is not None:
+            log.warning("run.output_dir %s is remote and an object store has no file locks: locking %s "
+                        "on this host instead (a second run on this host fails; a run on another host "
+                        "is not detected)", self.remote, self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -86,7 +112,7 @@ class RunLock:
                 raise
             if held is not None:
                 os.close(fd)
-                raise TrainError(f"{self.path.parent} is in use by another run ({_describe(held)}; "
+                raise TrainError(f"{self.directory} is in use by another run ({_describe(held)}; "
                                  f"lock {self.path}): wait for it to end, or choose another "
                                  f"run.output_dir")
             try:  # the file may have been removed (a clean exit) between open and flock
@@ -103,7 +129,7 @@ class RunLock:
             log.warning("took over the stale lock %s of %s (no longer running)", self.path,
                         self.took_over)
         me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "directory": self.directory}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         return self
