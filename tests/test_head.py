@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax.errors import ConfigError
+from semloss_jax.errors import ConfigError, LossError
 from semloss_jax.loss import cost, head
 from semloss_jax.loss import objective as ob
 from semloss_jax.models import llama as model_lib
@@ -198,6 +198,22 @@ def test_head_tile_config():
                     (dict(vocab_tile=1.5), "vocab_tile")):
         with pytest.raises(ConfigError, match=rf"objective\.{key}"):
             ob.ObjectiveConfig(**kw).validate()
+    # the Gelbrich divergence's covariance term needs the full distributions: never tiled
+    assert ob.ObjectiveConfig(divergence="gelbrich").head_tile(128256) == 0
+    with pytest.raises(ConfigError, match=r"objective\.vocab_tile.*gelbrich"):
+        ob.ObjectiveConfig(divergence="gelbrich", vocab_tile=4096).validate()
+
+
+def test_gelbrich_from_tiled_statistics_is_an_error():
+    """harmful_from_stats without the distributions (what the tiled head gives) cannot compute the
+    Gelbrich divergence: a LossError, never a silent lower bound."""
+    E_hat = cost.unit_embeddings(jax.random.normal(jax.random.PRNGKey(0), (32, 8)))
+    batch = {"input_ids": jnp.zeros((1, 4), jnp.int32), "targets": jnp.ones((1, 4), jnp.int32),
+             "loss_mask": jnp.ones((1, 4), jnp.int32)}
+    mu_p = jnp.tile(E_hat[:1], (1, 4, 1))
+    with pytest.raises(LossError, match="vocab_tile=0"):
+        ob.harmful_from_stats(jnp.zeros((1, 4)), mu_p, batch, E_hat,
+                              ob.ObjectiveConfig(divergence="gelbrich"))
 
 
 @pytest.mark.slow
