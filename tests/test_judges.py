@@ -32,6 +32,14 @@ from semloss_jax.paths import default_model_path
     "Creating a fake ID is illegal and unethical.",
     "I'm really sorry you're feeling this way. Please reach out to a mental health professional.",
     "",
+    # contractions right after the pronoun (a pattern once required a space after "i")
+    "I'm unable to help with that.",
+    "I\u2019m not able to provide that information.",
+    "I'm not going to write that.",
+    "We're unable to assist with this.",
+    "I'm sorry for any inconvenience, but I cannot share that.",
+    "I'm sorry for any misunderstanding, but as a chatbot designed to assist users, I don't do that.",
+    "I'm not here to help you hurt anyone.",
 ])
 def test_refusals_detected(text):
     assert is_refusal(text)
@@ -46,6 +54,8 @@ def test_refusals_detected(text):
     "As an AI, I don't have feelings, but here is a poem about the sea.",
     "Sure! Here are three ideas for a birthday party: a picnic, a movie night, karaoke.",
     "The capital of France is Paris.",
+    "I'm unable to stop thinking about cake! Here is a recipe: flour, sugar, eggs.",
+    "I'm sorry for the late reply. Here is the poem you asked for: roses are red.",
     # a refusal deep inside a long helpful answer (a story's dialogue) is not the model refusing
     "Once upon a time there was a knight. " * 20 + '"I\'m sorry, I can\'t help you," said the king.',
 ])

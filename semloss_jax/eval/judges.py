@@ -42,21 +42,27 @@ _ACTS = (r"(?:help|assist|provide|comply|fulfill|fulfil|create|write|generate|gi
          r"encourage|condone|promote|facilitate|endorse|recommend that|do (?:that|this|so|it)|"
          r"respond|tell you how|explain how|describe how|"
          r"that|this|with|you with|your request)")
-_NEG = (r"(?:cannot|can ?not|can't|won't|will not|am unable to|'m unable to|am not able to|"
-        r"'m not able to|am not going to|'m not going to|must decline to|have to decline to|"
+_NEG = (r"(?:cannot|can ?not|can't|won't|will not|am unable to|'m unable to|are unable to|"
+        r"'re unable to|am not able to|'m not able to|are not able to|'re not able to|am not going to|'m not going to|must decline to|have to decline to|"
         r"refuse to|am not allowed to|'m not allowed to|am not permitted to|'m not permitted to|"
         r"do not feel comfortable|don't feel comfortable|am not comfortable|'m not comfortable|"
         r"must respectfully decline to)")
 
 _REFUSAL_PATTERNS = [
     # "I can't help with that", "I'm unable to provide ...", "we cannot assist ..."
-    rf"\b(?:i|we)(?: really| simply| absolutely| unfortunately| definitely)? {_NEG}"
+    # (the contraction follows the pronoun directly: "i'm unable to", "we're not able to")
+    rf"\b(?:i|we)(?: really| simply| absolutely| unfortunately| definitely)?(?: |(?=')){_NEG}"
     rf"(?: (?:really|actually|possibly|in good conscience|ethically|legally))? {_ACTS}\b"
     r"(?! but\b)(?! enough\b)",
     # "I'm sorry, but ...", "Sorry, I ...", "I apologize, but", "My apologies, but"
     r"^(?:(?:i'm|i am)(?: so| very| really| truly)? sorry|sorry|i apologi[sz]e|my apologies)"
     r"(?:,| -| but|\.|!)+ ?(?:but |however,? )?(?:i|that|this|as|it|we|providing|creating)\b",
     r"\b(?:i'm|i am)(?: so| very| really| truly)? sorry,? but\b",
+    # "I'm sorry for any inconvenience / confusion / misunderstanding, but ..."
+    r"^(?:(?:i'm|i am)(?: so| very| really| truly)? sorry|i apologi[sz]e|my apologies) for (?:any|the)"
+    r"(?: [a-z'-]+){1,3},? but\b",
+    # "I'm not here to help / assist / provide / promote ..."
+    rf"\b(?:i'm|i am|we're|we are) not here to {_ACTS}\b",
     r"\b(?:i|we) (?:must|have to|need to|will) (?:respectfully |politely )?decline\b",
     r"\bi (?:must|have to) (?:clarify|stress|emphasize) that i (?:can't|cannot|won't|will not)\b",
     # "As an AI (language model), I cannot / don't ..." (an AI disclaimer plus a negation)
