@@ -417,6 +417,33 @@ def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array, *, positions
     return out
 
 
+def _layer_slice(layer_params, start: int, end: int):
+    return jax.tree_util.tree_map(lambda a: a[start:end], layer_params)
+
+
+def hidden_at_layers(params: Params, cfg: LlamaConfig, input_ids: jax.Array, layers: tuple[int, ...],
+                     *, segment_ids=None) -> jax.Array:
+    """[len(layers), B, T, d]: the hidden states after each listed decoder layer (1-based,
+    strictly increasing), each passed through the final RMSNorm, from ONE pass through the stack.
+
+    hidden_at_layers(..., (num_hidden_layers,))[0] equals forward(..., return_hidden=True).
+    """
+    L = cfg.num_hidden_layers
+    if not layers or list(layers) != sorted(set(layers)) or not 1 <= layers[0] <= layers[-1] <= L:
+        raise ValueError(f"layers={layers} must be strictly increasing in [1, {cfg.num_hidden_layers}]")
+    ctx = _context(cfg, input_ids, None, segment_ids, None)
+    dt = _dt(cfg.dtype)
+    norm = RMSNorm(cfg.rms_norm_eps, dt, _dt(cfg.param_dtype))
+    x = jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt)
+    outs, start = [], 0
+    for end in layers:
+        part_cfg = dataclasses.replace(cfg, num_hidden_layers=end - start)
+        x, _ = _run_layers(_layer_slice(params["layers"], start, end), part_cfg, x, ctx, None)
+        outs.append(norm.apply({"params": params["final_norm"]}, x))
+        start = end
+    return jnp.stack(outs)
+
+
 def lm_head_matrix(params: Params, cfg: LlamaConfig) -> jax.Array:
     """[d, V] output projection (the transposed embedding for tied models)."""
     if cfg.tie_word_embeddings:
