@@ -2,6 +2,8 @@
 real SmolLM2)."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,14 @@ import pytest
 import torch
 
 from semloss_jax.models import hf_config
-from semloss_jax.models.llama import LlamaConfig, forward, init_params, param_logical_axes, tiny_config
+from semloss_jax.models.llama import (
+    LlamaConfig,
+    forward,
+    hidden_at_layers,
+    init_params,
+    param_logical_axes,
+    tiny_config,
+)
 from semloss_jax.models.weights import export_hf, load_hf
 
 # jit once per config (configs are frozen, hashable dataclasses)
@@ -136,3 +145,20 @@ def test_frozen_layers_skip_gradients_but_not_values():
         np.testing.assert_allclose(g[2], full[2], rtol=1e-5, atol=1e-8)  # the rest: unchanged
         assert np.any(np.asarray(g[2]) != 0)
     assert np.all(np.asarray(g_frozen["embed"]["embedding"]) == 0)        # untied: embedding frozen too
+
+
+def test_hidden_at_layers_equals_cut_models():
+    """One pass gives each cut model's final hidden states (the last equals forward's)."""
+    cfg = tiny_config(num_hidden_layers=4)
+    p = init_params(cfg, jax.random.PRNGKey(0))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    seg = jnp.ones((2, 12), jnp.int32).at[1, 8:].set(0)
+    h = hidden_at_layers(p, cfg, x, (1, 3, 4), segment_ids=seg)
+    assert h.shape == (3, 2, 12, cfg.hidden_size)
+    for i, k in enumerate((1, 3, 4)):
+        cut = {**p, "layers": jax.tree_util.tree_map(lambda a, k=k: a[:k], p["layers"])}
+        ref = forward(cut, dataclasses.replace(cfg, num_hidden_layers=k), x, segment_ids=seg,
+                      return_hidden=True)
+        np.testing.assert_allclose(np.asarray(h[i]), np.asarray(ref), atol=1e-5)
+    with pytest.raises(ValueError):
+        hidden_at_layers(p, cfg, x, (3, 1))
