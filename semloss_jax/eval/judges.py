@@ -43,7 +43,8 @@ _ACTS = (r"(?:help|assist|provide|comply|fulfill|fulfil|create|write|generate|gi
          r"respond|tell you how|explain how|describe how|"
          r"that|this|with|you with|your request)")
 _NEG = (r"(?:cannot|can ?not|can't|won't|will not|am unable to|'m unable to|are unable to|"
-        r"'re unable to|am not able to|'m not able to|are not able to|'re not able to|am not going to|'m not going to|must decline to|have to decline to|"
+        r"'re unable to|am not able to|'m not able to|are not able to|'re not able to|"
+        r"am not going to|'m not going to|must decline to|have to decline to|"
         r"refuse to|am not allowed to|'m not allowed to|am not permitted to|'m not permitted to|"
         r"do not feel comfortable|don't feel comfortable|am not comfortable|'m not comfortable|"
         r"must respectfully decline to)")
