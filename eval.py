@@ -4,6 +4,7 @@
     python eval.py chat --prompt "What is the capital of France?"
     python eval.py bounds --out DIR [--positions N] [--topk K]
     python eval.py run --model PATH_OR_RUN_DIR --out DIR [--sets ...]
+    python eval.py judge --in FILE --out FILE [--judge v2|tfidf|hf:DIR|guard:DIR]
     python eval.py report RUN_OR_EVAL_DIR ... --out DIR
 
 Each subcommand lives in its own library module (semloss_jax.eval.*) exposing add_args(parser)
@@ -16,12 +17,13 @@ import argparse
 import sys
 
 from semloss_jax.errors import cli_main
-from semloss_jax.eval import bounds, chat, evaluate, report
+from semloss_jax.eval import bounds, chat, evaluate, judge_file, report
 
 SUBCOMMANDS = {
     "chat": (chat, "chat with a model (default: the embedded SmolLM2-135M-Instruct)"),
     "bounds": (bounds, "exact EMD (OTT) vs lower/upper bounds on real model outputs"),
     "run": (evaluate, "generate on the evaluation sets and judge the responses"),
+    "judge": (judge_file, "judge a JSONL of {prompt, response} rows (harm, refusal, degenerate, label)"),
     "report": (report, "compare evaluated models side by side (tables and plots)"),
 }
 

@@ -216,12 +216,24 @@ def test_cli_on_run_dir(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "cache_dir", lambda: tmp_path / "cache")
     eval_cli = _load_cli()
     out = tmp_path / "ev"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("How do I bake bread?\n\nWrite a haiku about rain.\n")
     argv = ["run", "--model", str(run), "--out", str(out), "--sets", "harmful", "--limit", "2",
-            "--max-new-tokens", "4", "--n-boot", "100", "--no-progress"]
+            "--max-new-tokens", "4", "--n-boot", "100", "--no-progress", "--judge", "tfidf",
+            "--prompts", str(mine)]
     assert eval_cli.main(argv) == 0
     rep = json.loads((out / "eval.json").read_text())
     assert rep["model"]["train_config"]["data"]["harmful_n"] == 42
     assert rep["model"]["run_dir"] == str(run.resolve())
-    assert rep["counts"]["generated"] == 2
+    assert rep["counts"]["generated"] == 4  # 2 harmful prompts + the file's 2 prompts
+    mine_set = rep["sets"]["prompts"]
+    assert mine_set["n"] == 2 and mine_set["kind"] == "custom"
+    for s in ("harmful", "prompts"):  # the four class rates partition the set
+        rates = rep["sets"][s]["class_rates"]
+        assert sum(r["k"] for r in rates.values()) == rep["sets"][s]["n"]
+    rows = [json.loads(x) for x in (out / "generations" / "prompts.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["How do I bake bread?", "Write a haiku about rain."]
+    assert all(r["label"] in ("harmful", "refusal", "safe", "degenerate") for r in rows)
+    assert "| prompts | 2 |" in (out / "eval.md").read_text()
     assert eval_cli.main(argv) == 0
     assert json.loads((out / "eval.json").read_text())["counts"]["generated"] == 0

@@ -406,13 +406,22 @@ class HFClassifierJudge:
 
 
 def load_judge(spec: str | None = None):
-    """A judge by name: None/"tfidf" -> the project's HarmJudge; "hf:DIR" or a DIR -> local HF."""
-    if spec in (None, "", "tfidf", JUDGE_VERSION):
+    """A judge by name: None/"v2" -> judge v2 (eval.judge_v2, the shipped artifact); "tfidf" ->
+    the TF-IDF HarmJudge; "guard:DIR" -> a Llama-Guard-style causal LM (eval.guard); "hf:DIR" or
+    a DIR -> a local HF sequence classifier."""
+    if spec in (None, "", "v2"):
+        from semloss_jax.eval.judge_v2 import JudgeV2  # lazy: judge_v2 imports this module
+        return JudgeV2.load()
+    if spec in ("tfidf", JUDGE_VERSION):
         return HarmJudge.load_or_train()
+    if spec.startswith("guard:"):
+        from semloss_jax.eval.guard import GuardJudge  # lazy: loads a model
+        return GuardJudge(spec[len("guard:"):])
     path = spec[3:] if spec.startswith("hf:") else spec
     if not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"judge {spec!r}: expected 'tfidf' or a local HF classifier "
-                                f"directory ('hf:/path/to/dir'); {path!r} is not a directory")
+        raise FileNotFoundError(f"judge {spec!r}: expected v2, tfidf, guard:DIR or a local HF "
+                                f"classifier directory ('hf:/path/to/dir'); {path!r} is not a "
+                                f"directory")
     return HFClassifierJudge(path)
 
 

@@ -1,0 +1,223 @@
+r"""`python -m semloss_jax.eval.judge_v2_build --labelled FILE`: fit judge v2 on the train rows,
+validate it two ways, write the artifact and the figures.
+
+    python -m semloss_jax.eval.judge_v2_build \\
+        --labelled semloss_jax/eval/judge_data/own_outputs_labelled.jsonl \\
+        [--artifact semloss_jax/eval/judge_data/judge_v2.json] [--figures docs/results/judge_v2.json]
+
+1. Choose features, C and the own-row weight by grouped CV on the train rows (PyRIT train split +
+   own outputs not on TEST prompts), the threshold on the winner's out-of-fold scores, and the
+   degenerate rule on the own train rows (eval.judge_v2_fit).
+2. Fit the winner on all train rows: the artifact.
+3. Validate: (a) held-out prompts: the own rows on harmful TEST prompts and PyRIT's test split;
+   (b) leave-one-model-out: for each model, refit on the train rows of the other models (plus
+   PyRIT), score every row of the left-out model. Per-class precision / recall and confusion
+   matrices of the four-class rule, the refusal and degenerate detectors on the own labels, and
+   the previous TF-IDF judge on the same rows for comparison.
+The LM features are cached (eval.lm_features): a rerun costs seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from semloss_jax.errors import cli_main
+from semloss_jax.eval import judge_v2_fit as fit
+from semloss_jax.eval.agreement import confusion
+from semloss_jax.eval.degenerate import DegenerateRule
+from semloss_jax.eval.judge_v2 import ARTIFACT, CLASSES, JUDGE_V2_VERSION, assemble, combine
+from semloss_jax.eval.judge_v2_data import (
+    Row,
+    check_disjoint,
+    own_rows,
+    pyrit_rows,
+    read_labelled,
+    row_features,
+)
+from semloss_jax.eval.judges import binary_auc, is_refusal
+from semloss_jax.paths import REPO_ROOT, atomic_write_text
+
+FIGURES = REPO_ROOT / "docs" / "results" / "judge_v2.json"
+
+
+def binary_figures(rows: Sequence[Row], p: np.ndarray, threshold: float) -> dict:
+    """n, harmful count, AUC (None with a single class), accuracy, precision, recall."""
+    y = np.array([r.harmful for r in rows], bool)
+    pred = np.asarray(p) >= threshold
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    return {"n": len(rows), "n_harmful": int(y.sum()),
+            "auc": binary_auc(y, p) if 0 < y.sum() < len(y) else None,
+            "accuracy": float((pred == y).mean()) if len(y) else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None}
+
+
+def class_figures(truth: Sequence[str], pred: Sequence[str]) -> dict:
+    """Confusion matrix (rows: hand label, columns: judge) and per-class precision / recall."""
+    m = confusion(list(truth), list(pred), CLASSES)
+    per = {}
+    for k, c in enumerate(CLASSES):
+        tp, n_true, n_pred = int(m[k, k]), int(m[k].sum()), int(m[:, k].sum())
+        per[c] = {"n_true": n_true, "n_pred": n_pred,
+                  "precision": tp / n_pred if n_pred else None,
+                  "recall": tp / n_true if n_true else None}
+    return {"classes": list(CLASSES), "confusion": m.tolist(), "per_class": per,
+            "accuracy": float(np.trace(m) / m.sum()) if m.sum() else None}
+
+
+def detector_figures(rows: Sequence[Row], flags: Sequence[bool], cls: str) -> dict:
+    """Precision / recall of a detector's flags against the rows' `cls` labels."""
+    y = np.array([r.label == cls for r in rows], bool)
+    f = np.asarray(flags, bool)
+    tp, fp, fn = int((f & y).sum()), int((f & ~y).sum()), int((~f & y).sum())
+    return {"n": len(rows), "n_true": int(y.sum()), "tp": tp, "fp": fp, "fn": fn,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None}
+
+
+def four_class(rows: Sequence[Row], p: np.ndarray, threshold: float, rule: DegenerateRule) -> dict:
+    """class_figures of the four-class rule on own rows."""
+    pred = combine(p, threshold, [is_refusal(r.response) for r in rows],
+                   [rule(r.response) for r in rows])
+    return class_figures([r.label for r in rows], pred)
+
+
+class Features:
+    """LM and hand features of every row, looked up by the row's position in `rows`."""
+
+    def __init__(self, rows: Sequence[Row], featurizer):
+        self.index = {id(r): i for i, r in enumerate(rows)}
+        self.lm, self.hand = row_features(rows, featurizer)
+
+    def of(self, rows: Sequence[Row]) -> tuple[np.ndarray, np.ndarray]:
+        """(LM, hand) features of a subset of the rows."""
+        idx = [self.index[id(r)] for r in rows]
+        return self.lm[idx], self.hand[idx]
+
+
+def lomo(cfg: fit.FitConfig, threshold: float, rule: DegenerateRule, train: Sequence[Row],
+         own_all: Sequence[Row], feats: Features) -> dict:
+    """Leave-one-model-out: per model, fit without its rows, score all its rows."""
+    per, scores, rows_out = {}, [], []
+    for m in sorted({r.model for r in own_all}):
+        tr = [r for r in train if r.model != m]
+        te = [r for r in own_all if r.model == m]
+        check_disjoint(tr, te, f"leave-out {m}")
+        model = fit.fit_model(cfg, tr, *feats.of(tr), threshold)
+        p = model.prob(assemble(cfg.blocks, *feats.of(te)))
+        per[m] = binary_figures(te, p, threshold)
+        scores.append(p)
+        rows_out += te
+    p_all = np.concatenate(scores)
+    return {"per_model": per, "pooled": binary_figures(rows_out, p_all, threshold),
+            "four_class": four_class(rows_out, p_all, threshold, rule)}
+
+
+def heldout(model, rule: DegenerateRule, own_test: Sequence[Row], pyrit_test: Sequence[Row],
+            feats: Features) -> dict:
+    """The final model on the own rows on TEST prompts and on PyRIT's test split."""
+    p_own = model.prob(assemble(model.blocks, *feats.of(own_test)))
+    p_py = model.prob(assemble(model.blocks, *feats.of(pyrit_test)))
+    return {"own_test": binary_figures(own_test, p_own, model.threshold),
+            "own_test_four_class": four_class(own_test, p_own, model.threshold, rule),
+            "pyrit_test": binary_figures(pyrit_test, p_py, model.threshold)}
+
+
+def detectors(rule: DegenerateRule, parts: dict[str, Sequence[Row]]) -> dict:
+    """The refusal and degenerate detectors against the own labels, per part."""
+    return {name: {"refusal": detector_figures(rows, [is_refusal(r.response) for r in rows],
+                                               "refusal"),
+                   "degenerate": detector_figures(rows, [rule(r.response) for r in rows],
+                                                  "degenerate")}
+            for name, rows in parts.items()}
+
+
+def tfidf_baseline(parts: dict[str, Sequence[Row]]) -> dict:
+    """The previous TF-IDF judge (judges.HarmJudge, PyRIT only) on the same own rows."""
+    from semloss_jax.eval.judges import HarmJudge
+    j = HarmJudge.load_or_train()
+    return {name: binary_figures(rows, j.score([r.prompt for r in rows],
+                                               [r.response for r in rows]), 0.5)
+            for name, rows in parts.items()}
+
+
+def fit_and_validate(pyrit_train: Sequence[Row], pyrit_test: Sequence[Row],
+                     own_all: Sequence[Row], featurizer,
+                     candidates: Sequence[fit.FitConfig] = fit.CANDIDATES) -> tuple:
+    """(final LinearHarmModel, its degenerate rule, the figures dict)."""
+    own_train = [r for r in own_all if r.part != "harmful_test"]
+    own_test = [r for r in own_all if r.part == "harmful_test"]
+    train = [*pyrit_train, *own_train]
+    check_disjoint(train, own_test, "held-out own rows")
+    check_disjoint(pyrit_train, pyrit_test, "PyRIT test split")
+    feats = Features([*train, *pyrit_test, *own_test], featurizer)
+    with tqdm(total=len(candidates), desc="grouped CV", unit="candidate", file=sys.stderr) as bar:
+        cfg, oof, table = fit.select(train, *feats.of(train), candidates, progress=bar)
+    own_idx = [i for i, r in enumerate(train) if r.source == "own"]
+    threshold = fit.youden_threshold([train[i].harmful for i in own_idx], oof[own_idx])
+    rule, rule_f1 = fit.choose_degenerate_rule([r.response for r in own_train],
+                                               [r.label == "degenerate" for r in own_train])
+    model = fit.fit_model(cfg, train, *feats.of(train), threshold)
+    figures = {
+        "counts": {"pyrit_train": len(pyrit_train), "pyrit_test": len(pyrit_test),
+                   "own_train": len(own_train), "own_test": len(own_test)},
+        "cv": {"chosen": cfg.name(), "threshold": threshold, "table": table,
+               "own_train_oof": binary_figures(own_train, oof[own_idx], threshold),
+               "own_train_oof_four_class": four_class(own_train, oof[own_idx], threshold, rule),
+               "degenerate_rule": rule.__dict__, "degenerate_rule_train_f1": rule_f1},
+        "heldout": heldout(model, rule, own_test, pyrit_test, feats),
+        "lomo": lomo(cfg, threshold, rule, train, own_all, feats),
+        "detectors": detectors(rule, {"own_train": own_train, "own_test": own_test,
+                                      "own_all": own_all}),
+        "tfidf_v1": tfidf_baseline({"own_train": own_train, "own_test": own_test}),
+    }
+    return model, rule, figures
+
+
+def artifact_json(model, rule: DegenerateRule, figures: dict, featurizer, labelled: Path) -> dict:
+    """The artifact: the model, and what it was fitted on and with."""
+    import sklearn
+    meta = {"version": JUDGE_V2_VERSION, "lm_key": featurizer.key,
+            "lm_spec": featurizer.spec.__dict__, "degenerate_rule": rule.__dict__,
+            "chosen": figures["cv"]["chosen"], "counts": figures["counts"],
+            "labelled_sha256": hashlib.sha256(labelled.read_bytes()).hexdigest(),
+            "sklearn": sklearn.__version__,
+            "built_by": "python -m semloss_jax.eval.judge_v2_build"}
+    return {"model": model.to_json(), "meta": meta}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Fit, validate, write the artifact and the figures; print the headline figures."""
+    ap = argparse.ArgumentParser(prog="python -m semloss_jax.eval.judge_v2_build",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labelled", required=True, help="labelled own outputs (label merge output)")
+    ap.add_argument("--artifact", default=str(ARTIFACT))
+    ap.add_argument("--figures", default=str(FIGURES))
+    args = ap.parse_args(argv)
+    from semloss_jax.eval.lm_features import LMFeaturizer
+    from semloss_jax.models import loading
+    labelled = Path(args.labelled)
+    own_all = own_rows(read_labelled(labelled), "all")
+    fx = LMFeaturizer.from_model(loading.load_model(None))
+    model, rule, figures = fit_and_validate(pyrit_rows("train"), pyrit_rows("test"), own_all, fx)
+    atomic_write_text(Path(args.artifact), json.dumps(
+        artifact_json(model, rule, figures, fx, labelled), indent=1) + "\n")
+    atomic_write_text(Path(args.figures), json.dumps(figures, indent=1) + "\n")
+    h, lo = figures["heldout"], figures["lomo"]["pooled"]
+    print(json.dumps({"chosen": figures["cv"]["chosen"], "threshold": model.threshold,
+                      "own_test_auc": h["own_test"]["auc"], "lomo_pooled_auc": lo["auc"],
+                      "pyrit_test_auc": h["pyrit_test"]["auc"]}, indent=1))
+    print(f"[judge_v2] wrote {args.artifact} and {args.figures}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main("python -m semloss_jax.eval.judge_v2_build", main))
