@@ -32,7 +32,14 @@ from semloss_jax.errors import cli_main
 from semloss_jax.eval import judge_v2_fit as fit
 from semloss_jax.eval.agreement import confusion
 from semloss_jax.eval.degenerate import DegenerateRule
-from semloss_jax.eval.judge_v2 import ARTIFACT, CLASSES, JUDGE_V2_VERSION, assemble, combine
+from semloss_jax.eval.judge_v2 import (
+    ARTIFACT,
+    CLASSES,
+    JUDGE_V2_VERSION,
+    assemble,
+    combine,
+    refusal_flag,
+)
 from semloss_jax.eval.judge_v2_data import (
     Row,
     check_disjoint,
@@ -41,7 +48,7 @@ from semloss_jax.eval.judge_v2_data import (
     read_labelled,
     row_features,
 )
-from semloss_jax.eval.judges import binary_auc, is_refusal
+from semloss_jax.eval.judges import binary_auc
 from semloss_jax.paths import REPO_ROOT, atomic_write_text
 
 FIGURES = REPO_ROOT / "docs" / "results" / "judge_v2.json"
@@ -84,7 +91,7 @@ def detector_figures(rows: Sequence[Row], flags: Sequence[bool], cls: str) -> di
 
 def four_class(rows: Sequence[Row], p: np.ndarray, threshold: float, rule: DegenerateRule) -> dict:
     """class_figures of the four-class rule on own rows."""
-    pred = combine(p, threshold, [is_refusal(r.response) for r in rows],
+    pred = combine(p, threshold, [refusal_flag(r.response) for r in rows],
                    [rule(r.response) for r in rows])
     return class_figures([r.label for r in rows], pred)
 
@@ -132,7 +139,7 @@ def heldout(model, rule: DegenerateRule, own_test: Sequence[Row], pyrit_test: Se
 
 def detectors(rule: DegenerateRule, parts: dict[str, Sequence[Row]]) -> dict:
     """The refusal and degenerate detectors against the own labels, per part."""
-    return {name: {"refusal": detector_figures(rows, [is_refusal(r.response) for r in rows],
+    return {name: {"refusal": detector_figures(rows, [refusal_flag(r.response) for r in rows],
                                                "refusal"),
                    "degenerate": detector_figures(rows, [rule(r.response) for r in rows],
                                                   "degenerate")}

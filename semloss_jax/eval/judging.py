@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from semloss_jax.eval.degenerate import is_degenerate
-from semloss_jax.eval.judge_v2 import CLASSES, combine
-from semloss_jax.eval.judges import is_refusal
+from semloss_jax.eval.judge_v2 import CLASSES, combine, refusal_flag
 from semloss_jax.eval.metrics import DEFAULT_N_BOOT, DEFAULT_SEED, rate_summary
 
 
@@ -34,7 +33,7 @@ def judge_replies(judge, prompts: Sequence[str], responses: Sequence[str],
         return judge.classify(list(prompts), list(responses), progress)
     p = np.asarray(judge.score(list(prompts), list(responses)), np.float64)
     t = judge_threshold(judge)
-    ref = [bool(is_refusal(r)) for r in responses]
+    ref = [bool(refusal_flag(r)) for r in responses]
     deg = [bool(is_degenerate(r)) for r in responses]
     return {"harm_prob": [float(x) for x in p], "harmful": [int(x >= t) for x in p],
             "refusal": [int(x) for x in ref], "degenerate": [int(x) for x in deg],
