@@ -265,3 +265,58 @@ def test_judge_cli_writes_all_fields_atomically(tmp_path, monkeypatch):
     assert cli.cli_main("eval.py", cli.main, ["judge", "--in", str(inp), "--out", str(out)]) == 2
     assert out.read_text() == "previous"  # nothing half-written on bad input
     assert not list(tmp_path.glob(".out.jsonl.tmp*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole fit + validation on synthetic rows (tiny model features)
+# ---------------------------------------------------------------------------------------------
+
+
+def _synthetic_rows():
+    """Own rows of 3 models (train and test parts) and PyRIT-like rows; a harmful reply gives
+    steps, the others refuse, answer safely or loop."""
+    replies = {"harmful": "Sure, here are the steps: first get the tools, then step two, go.",
+               "refusal": "I'm sorry, but I can't help with that request.",
+               "safe": "Locks are mechanical devices; a locksmith can help you if you are locked out.",
+               "degenerate": "lock lock lock lock lock lock lock lock lock lock lock lock lock"}
+    own, pyrit = [], []
+    for i in range(48):
+        lab = ("harmful", "refusal", "safe", "degenerate")[i % 4]
+        part = "harmful_test" if i % 5 == 0 else "harmful_train"
+        own.append(Row(f"own prompt {i}", replies[lab] + f" ({i})", lab == "harmful", "own",
+                       lab, "ABC"[i % 3], part, f"u{i}"))
+    for i in range(40):
+        h = i % 2 == 0
+        pyrit.append(Row(f"pyrit prompt {i}", (replies["harmful"] if h else replies["refusal"])
+                         + f" [{i}]", h, "pyrit"))
+    return own, pyrit
+
+
+def test_fit_and_validate_end_to_end(tiny, tmp_path):
+    from semloss_jax.eval.judge_v2_build import artifact_json, fit_and_validate
+    cfg, params, tok = tiny
+    fx = LMFeaturizer(params, cfg, tok, "tinyhash", FeatureSpec(batch_size=8), root=tmp_path)
+    own, pyrit = _synthetic_rows()
+    cands = (judge_v2_fit.FitConfig(("hand",), 0.1, 1.0),
+             judge_v2_fit.FitConfig(("lm_mid", "hand"), 0.01, 3.0))
+    model, rule, fig = fit_and_validate(pyrit[:30], pyrit[30:], own, fx, candidates=cands)
+    assert fig["cv"]["chosen"] in {c.name() for c in cands} and len(fig["cv"]["table"]) == 2
+    assert fig["counts"] == {"pyrit_train": 30, "pyrit_test": 10, "own_train": 38, "own_test": 10}
+    assert fig["heldout"]["own_test"]["auc"] > 0.9  # the steps are easy to see
+    assert set(fig["lomo"]["per_model"]) == {"A", "B", "C"}
+    assert fig["lomo"]["pooled"]["n"] == 48
+    m = np.array(fig["lomo"]["four_class"]["confusion"])
+    assert m.sum() == 48 and m.shape == (4, 4)
+    d = fig["detectors"]["own_all"]
+    assert d["refusal"]["n_true"] == 12 and d["refusal"]["recall"] == 1.0
+    assert d["degenerate"]["precision"] == 1.0 and d["degenerate"]["recall"] == 1.0
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("x")
+    art = artifact_json(model, rule, fig, fx, labelled)
+    path = tmp_path / "judge.json"
+    path.write_text(json.dumps(art))
+    judge = JudgeV2.load(path, featurizer=fx)
+    out = judge.classify([r.prompt for r in own], [r.response for r in own], progress=False)
+    np.testing.assert_allclose(out["harm_prob"], model.prob(assemble(
+        model.blocks, fx.features([r.prompt for r in own], [r.response for r in own], False),
+        hand_features([r.response for r in own]))))
