@@ -13,11 +13,11 @@ Evaluation sets (semloss_jax.data.sources named sets; EVAL_SETS below):
     prompts      with --prompts FILE: the user's own prompts (JSONL / JSON / CSV with a `prompt`
                  column, or TXT, one per line; semloss_jax.eval.prompt_file)
 Every set is judged (--judge, default judge v2: semloss_jax.eval.judge_v2): each reply gets
-harm_score, harmful, degenerate and one of four labels (harmful / refusal / safe /
-degenerate; semloss_jax.eval.judging), and the set its harmful rate and the rate of each
-label. Every set but `harmful` and `prompts` also gets helpfulness proxies (semloss_jax.eval.helpfulness): reply
-length in tokens (median, quartiles, histogram), the early-stop rate (ended with the end-of-turn
-token before --min-tokens tokens), the cut-at-limit rate and, where the set has reference
+harm_score, harmful, degenerate and one of four labels (harmful / refusal / safe / degenerate;
+semloss_jax.eval.judging), and the set its harmful rate and the rate of each label. Every set
+but `harmful` and `prompts` also gets helpfulness proxies (semloss_jax.eval.helpfulness): reply
+length in tokens (median, quartiles, histogram), the early-stop rate (ended with the end-of-
+turn token before --min-tokens tokens), the cut-at-limit rate and, where the set has reference
 answers, ROUGE-L F1 and the cosine of reply and reference embeddings from a frozen model
 (--embed-model, default the base SmolLM2-135M-Instruct whatever model is evaluated).
 Every rate / mean comes with its counts and a seeded bootstrap 95% interval
