@@ -16,10 +16,10 @@ Every set is judged (--judge, default judge v2: semloss_jax.eval.judge_v2): each
 harm_score, harmful, degenerate and one of four labels (harmful / refusal / safe / degenerate;
 semloss_jax.eval.judging), and the set its harmful rate and the rate of each label. Every set
 but `harmful` and `prompts` also gets helpfulness proxies (semloss_jax.eval.helpfulness): reply
-length in tokens (median, quartiles, histogram), the early-stop rate (ended with the end-of-
-turn token before --min-tokens tokens), the cut-at-limit rate and, where the set has reference
-answers, ROUGE-L F1 and the cosine of reply and reference embeddings from a frozen model
-(--embed-model, default the base SmolLM2-135M-Instruct whatever model is evaluated).
+length in tokens (median, quartiles, histogram), the early-stop rate (ended with the
+end-of-turn token before --min-tokens tokens), the cut-at-limit rate and, where the set has
+reference answers, ROUGE-L F1 and the cosine of reply and reference embeddings from a frozen
+model (--embed-model, default the base SmolLM2-135M-Instruct whatever model is evaluated).
 Every rate / mean comes with its counts and a seeded bootstrap 95% interval
 (semloss_jax.eval.metrics).
 
