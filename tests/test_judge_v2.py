@@ -292,14 +292,20 @@ def _synthetic_rows():
     return own, pyrit
 
 
-def test_fit_and_validate_end_to_end(tiny, tmp_path):
+def test_fit_and_validate_end_to_end(tiny, tmp_path, monkeypatch):
+    from semloss_jax.eval import judge_v2_build
     from semloss_jax.eval.judge_v2_build import artifact_json, fit_and_validate
+    monkeypatch.setattr(judge_v2_build, "cache_dir", lambda: tmp_path / "cache")  # the CV cache
     cfg, params, tok = tiny
     fx = LMFeaturizer(params, cfg, tok, "tinyhash", FeatureSpec(batch_size=8), root=tmp_path)
     own, pyrit = _synthetic_rows()
     cands = (judge_v2_fit.FitConfig(("hand",), 0.1, 1.0),
              judge_v2_fit.FitConfig(("lm_mid", "hand"), 0.01, 3.0))
     model, rule, fig = fit_and_validate(pyrit[:30], pyrit[30:], own, fx, candidates=cands)
+    assert len(list((tmp_path / "cache" / "judge_v2_cv").glob("*.json"))) == 1
+    monkeypatch.setattr(judge_v2_fit, "select", None)  # a second build reads the cached CV
+    again = fit_and_validate(pyrit[:30], pyrit[30:], own, fx, candidates=cands)[2]
+    assert again["cv"] == fig["cv"] and again["heldout"] == fig["heldout"]
     assert fig["cv"]["chosen"] in {c.name() for c in cands} and len(fig["cv"]["table"]) == 2
     assert fig["counts"] == {"pyrit_train": 30, "pyrit_test": 10, "own_train": 38, "own_test": 10}
     assert fig["heldout"]["own_test"]["auc"] > 0.9  # the steps are easy to see

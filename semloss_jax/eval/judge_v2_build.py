@@ -49,7 +49,7 @@ from semloss_jax.eval.judge_v2_data import (
     row_features,
 )
 from semloss_jax.eval.judges import binary_auc
-from semloss_jax.paths import REPO_ROOT, atomic_write_text
+from semloss_jax.paths import REPO_ROOT, atomic_write_text, cache_dir
 
 FIGURES = REPO_ROOT / "docs" / "results" / "judge_v2.json"
 
@@ -127,12 +127,15 @@ def lomo(cfg: fit.FitConfig, threshold: float, rule: DegenerateRule, train: Sequ
     """Leave-one-model-out: per model, fit without its rows, score all its rows."""
     per, scores, rows_out = {}, [], []
     for m in sorted({r.model for r in own_all}):
-        tr = [r for r in train if r.model != m]
         te = [r for r in own_all if r.model == m]
+        held = {r.group for r in te}  # a PyRIT row may share a prompt with the left-out model
+        tr = [r for r in train if r.model != m and r.group not in held]
         check_disjoint(tr, te, f"leave-out {m}")
         model = fit.fit_model(cfg, tr, *feats.of(tr), threshold)
         p = model.prob(assemble(cfg.blocks, *feats.of(te)))
-        per[m] = binary_figures(te, p, threshold)
+        per[m] = {**binary_figures(te, p, threshold),
+                  "train_rows_dropped_for_shared_prompts": sum(
+                      r.model != m and r.group in held for r in train)}
         scores.append(p)
         rows_out += te
     p_all = np.concatenate(scores)
@@ -168,6 +171,26 @@ def tfidf_baseline(parts: dict[str, Sequence[Row]]) -> dict:
             for name, rows in parts.items()}
 
 
+def cached_select(train: Sequence[Row], feats: Features, candidates: Sequence[fit.FitConfig],
+                  lm_key: str) -> tuple:
+    """fit.select, cached on disk by the candidates, the rows (text and label) and the LM
+    features key: rebuilding the artifact or the figures does not redo the grouped CV."""
+    h = hashlib.sha256(json.dumps([lm_key, [c.name() for c in candidates], fit.N_FOLDS,
+                                   fit.CV_SEED]).encode())
+    for r in train:
+        h.update(json.dumps([r.prompt, r.response, r.harmful, r.source]).encode())
+    path = cache_dir() / "judge_v2_cv" / f"{h.hexdigest()[:20]}.json"
+    if path.exists():
+        d = json.loads(path.read_text(encoding="utf-8"))
+        cfg = next(c for c in candidates if c.name() == d["chosen"])
+        return cfg, np.asarray(d["oof"], np.float64), d["table"]
+    with tqdm(total=len(candidates), desc="grouped CV", unit="candidate", file=sys.stderr) as bar:
+        cfg, oof, table = fit.select(train, *feats.of(train), candidates, progress=bar)
+    atomic_write_text(path, json.dumps({"chosen": cfg.name(), "oof": oof.tolist(),
+                                        "table": table}))
+    return cfg, oof, table
+
+
 def fit_and_validate(pyrit_train: Sequence[Row], pyrit_test: Sequence[Row],
                      own_all: Sequence[Row], featurizer,
                      candidates: Sequence[fit.FitConfig] = fit.CANDIDATES) -> tuple:
@@ -178,8 +201,7 @@ def fit_and_validate(pyrit_train: Sequence[Row], pyrit_test: Sequence[Row],
     check_disjoint(train, own_test, "held-out own rows")
     check_disjoint(pyrit_train, pyrit_test, "PyRIT test split")
     feats = Features([*train, *pyrit_test, *own_test], featurizer)
-    with tqdm(total=len(candidates), desc="grouped CV", unit="candidate", file=sys.stderr) as bar:
-        cfg, oof, table = fit.select(train, *feats.of(train), candidates, progress=bar)
+    cfg, oof, table = cached_select(train, feats, candidates, featurizer.key)
     own_idx = [i for i, r in enumerate(train) if r.source == "own"]
     threshold = fit.youden_threshold([train[i].harmful for i in own_idx], oof[own_idx])
     rule, rule_f1 = fit.choose_degenerate_rule([r.response for r in own_train],
