@@ -326,3 +326,34 @@ def test_fit_and_validate_end_to_end(tiny, tmp_path, monkeypatch):
     np.testing.assert_allclose(out["harm_prob"], model.prob(assemble(
         model.blocks, fx.features([r.prompt for r in own], [r.response for r in own], False),
         hand_features([r.response for r in own]))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped artifact
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shipped_artifact_matches_committed_labels():
+    """The artifact was built from the labelled file shipped beside it, with the stated rule."""
+    import hashlib
+
+    from semloss_jax.eval.judge_v2 import ARTIFACT
+    d = json.loads(ARTIFACT.read_text())
+    labelled = ARTIFACT.parent / "own_outputs_labelled.jsonl"
+    assert d["meta"]["labelled_sha256"] == hashlib.sha256(labelled.read_bytes()).hexdigest()
+    m = LinearHarmModel.from_json(d["model"])
+    assert 0.0 < m.threshold < 1.0 and len(m.coef) == len(m.mean) == len(m.scale)
+    assert d["meta"]["chosen"].split(" ")[0] == "+".join(m.blocks)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_shipped_judge_on_heldout_own_rows():
+    """The shipped judge on the own-output rows on harmful TEST prompts (never trained on)."""
+    from semloss_jax.eval.judge_v2 import ARTIFACT
+    from semloss_jax.eval.judge_v2_data import own_rows, read_labelled
+    from semloss_jax.eval.judges import binary_auc
+    rows = own_rows(read_labelled(ARTIFACT.parent / "own_outputs_labelled.jsonl"), "test")
+    judge = JudgeV2.load()
+    p = judge.score([r.prompt for r in rows], [r.response for r in rows], progress=False)
+    assert binary_auc([r.harmful for r in rows], p) >= 0.90  # measured 0.918 (docs/EVAL.md)
