@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semloss_jax.errors import ModelError
+from semloss_jax.models import loading
 from semloss_jax.models.generation import bucket_length
 from semloss_jax.models.llama import forward
 
@@ -85,7 +86,6 @@ class GuardJudge:
     """P(unsafe) from a causal guard LM (see the module docstring)."""
 
     def __init__(self, path: str, *, max_tokens: int = 1024, batch_size: int = 4, loaded=None):
-        from semloss_jax.models import loading
         m = loaded if loaded is not None else loading.load_model(path)
         self.params, self.cfg, self.tok = m.params, m.cfg, m.tok
         self.unsafe_id, self.safe_id = verdict_ids(self.tok)

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from semloss_jax.errors import EvalError
+from semloss_jax.eval import judges
 from semloss_jax.eval.judging import judge_replies, judge_threshold
 from semloss_jax.paths import atomic_write_text
 
@@ -73,9 +74,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Run `eval.py judge`: read, judge, write atomically, print the class counts."""
-    from semloss_jax.eval.judges import load_judge
     rows = read_reply_rows(args.inp)
-    judge = load_judge(args.judge)
+    judge = judges.load_judge(args.judge)
     out = judge_rows(judge, rows, progress=not args.no_progress)
     atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                               for r in out))

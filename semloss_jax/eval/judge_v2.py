@@ -30,6 +30,8 @@ import numpy as np
 from semloss_jax.errors import EvalError
 from semloss_jax.eval.degenerate import DegenerateRule, degeneracy_features
 from semloss_jax.eval.judges import is_refusal
+from semloss_jax.eval.lm_features import LMFeaturizer
+from semloss_jax.models import loading
 
 ARTIFACT = Path(__file__).resolve().parent / "judge_data" / "judge_v2.json"
 JUDGE_V2_VERSION = "judge-v2"
@@ -144,10 +146,9 @@ class JudgeV2:
         return self.model.threshold
 
     def featurizer(self):
-        """The frozen LM featurizer: the default model, checked against the artifact's hash."""
+        """The frozen LM featurizer (the default model, loaded on first use), checked against the
+        artifact's features key."""
         if self._fx is None:
-            from semloss_jax.eval.lm_features import LMFeaturizer
-            from semloss_jax.models import loading
             self._fx = LMFeaturizer.from_model(loading.load_model(None))
         want = self.meta.get("lm_key")
         if want and self._fx.key != want:

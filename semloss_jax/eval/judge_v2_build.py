@@ -48,7 +48,9 @@ from semloss_jax.eval.judge_v2_data import (
     read_labelled,
     row_features,
 )
-from semloss_jax.eval.judges import binary_auc
+from semloss_jax.eval.judges import HarmJudge, binary_auc
+from semloss_jax.eval.lm_features import LMFeaturizer
+from semloss_jax.models import loading
 from semloss_jax.paths import REPO_ROOT, atomic_write_text, cache_dir
 
 FIGURES = REPO_ROOT / "docs" / "results" / "judge_v2.json"
@@ -164,7 +166,6 @@ def detectors(rule: DegenerateRule, parts: dict[str, Sequence[Row]]) -> dict:
 
 def tfidf_baseline(parts: dict[str, Sequence[Row]]) -> dict:
     """The previous TF-IDF judge (judges.HarmJudge, PyRIT only) on the same own rows."""
-    from semloss_jax.eval.judges import HarmJudge
     j = HarmJudge.load_or_train()
     return {name: binary_figures(rows, j.score([r.prompt for r in rows],
                                                [r.response for r in rows]), 0.5)
@@ -246,8 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--artifact", default=str(ARTIFACT))
     ap.add_argument("--figures", default=str(FIGURES))
     args = ap.parse_args(argv)
-    from semloss_jax.eval.lm_features import LMFeaturizer
-    from semloss_jax.models import loading
     labelled = Path(args.labelled)
     own_all = own_rows(read_labelled(labelled), "all")
     fx = LMFeaturizer.from_model(loading.load_model(None))

@@ -57,7 +57,7 @@ def fit_linear(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(mean, scale, coef, intercept) of standardize + L2 logistic regression (balanced class
     weights times the row weights w; deterministic lbfgs)."""
-    from sklearn.linear_model import LogisticRegression  # lazy: sklearn import ~1 s
+    from sklearn.linear_model import LogisticRegression  # lazy: importing sklearn takes ~2 s
     mean = X.mean(axis=0)
     scale = X.std(axis=0)
     scale = np.where(scale > 1e-8, scale, 1.0)
@@ -83,7 +83,7 @@ def fit_model(cfg: FitConfig, rows: Sequence[Row], lm: np.ndarray | None, hand: 
 def cv_folds(rows: Sequence[Row], n_splits: int = N_FOLDS, seed: int = CV_SEED
              ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Grouped, stratified folds: no prompt is in two folds."""
-    from sklearn.model_selection import StratifiedGroupKFold  # lazy: sklearn import ~1 s
+    from sklearn.model_selection import StratifiedGroupKFold  # lazy: importing sklearn takes ~2 s
     y = np.array([r.harmful for r in rows], int)
     groups = [r.group for r in rows]
     skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

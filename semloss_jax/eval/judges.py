@@ -26,6 +26,7 @@ import numpy as np
 from semloss_jax.data import registry
 from semloss_jax.data.splits import normalize
 from semloss_jax.errors import cli_main
+from semloss_jax.eval.guard import GuardJudge
 from semloss_jax.paths import atomic_write_bytes, cache_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +421,6 @@ def load_judge(spec: str | None = None):
     if spec in ("tfidf", JUDGE_VERSION):
         return HarmJudge.load_or_train()
     if spec.startswith("guard:"):
-        from semloss_jax.eval.guard import GuardJudge  # lazy: loads a model
         return GuardJudge(spec[len("guard:"):])
     path = spec[3:] if spec.startswith("hf:") else spec
     if not Path(path).expanduser().is_dir():

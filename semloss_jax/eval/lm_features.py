@@ -127,7 +127,7 @@ class LMFeaturizer:
     @classmethod
     def from_model(cls, loaded, spec: FeatureSpec = FeatureSpec(), root: Path | None = None):
         """From a models.loading.LoadedModel; its fingerprint keys the cache."""
-        from semloss_jax.eval.evaluate import model_fingerprint
+        from semloss_jax.eval.evaluate import model_fingerprint  # lazy: evaluate imports this module
         mh = model_fingerprint(loaded.params, loaded.cfg, loaded.tok)
         return cls(loaded.params, loaded.cfg, loaded.tok, mh, spec, root)
 
