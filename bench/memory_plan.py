@@ -87,8 +87,9 @@ def plan(cfg_file: Path, overrides: list[str], activation_rules: bool = True) ->
     rows = sum(parts.values()) // (mesh.shape["data"] * mesh.shape["fsdp"])
     coll = hlo.collectives(compiled.as_text(), mcfg.num_hidden_layers)
     T, total = cfg.data.seq_len, sum(parts.values())
+    weights = hlo.param_shapes(p.abstract_params)
     act = [shape for shape in coll["all_reduce"]["by_size"]
-           if shape.endswith("[layer scan]") and hlo.activation_shaped(shape, rows, T, total)]
+           if shape.endswith("[layer scan]") and hlo.activation_shaped(shape, rows, T, total, weights)]
     return {
         "config": str(cfg_file), "overrides": overrides, "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "activation_rules": activation_rules,
@@ -100,7 +101,7 @@ def plan(cfg_file: Path, overrides: list[str], activation_rules: bool = True) ->
         "activation_all_reduces_in_layer_scan": act,
         "weight_all_gathers_in_layer_scan": sum(
             n for shape, n in coll["all_gather"]["by_size"].items()
-            if shape.endswith("[layer scan]") and not hlo.activation_shaped(shape, rows, T, total)),
+            if shape.endswith("[layer scan]") and not hlo.activation_shaped(shape, rows, T, total, weights)),
         "fallbacks": sorted(set(p.fallbacks) | set(js.fallbacks)), "compile_s": compile_s,
         **coll,
     }

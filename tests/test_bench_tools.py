@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from semloss_jax.train import hlo
@@ -47,6 +49,13 @@ def test_collectives_by_kind_size_and_layer_scan():
     assert hlo.activation_shaped("f32[4,64,32] [layer scan]", rows=4, seq_len=64)
     assert hlo.activation_shaped("f32[256,32]", rows=4, seq_len=64)          # tokens flattened
     assert not hlo.activation_shaped("f32[128,32]", rows=4, seq_len=64)
+    # a weight whose leading dim happens to equal rows x seq_len is not an activation
+    assert hlo.activation_shaped("(f32[64,128], f32[64]) [layer scan]", rows=1, seq_len=64)
+    weights = hlo.param_shapes({"w": jax.ShapeDtypeStruct((2, 64, 128), jnp.float32),
+                                "norm": jax.ShapeDtypeStruct((2, 64), jnp.float32)})
+    assert not hlo.activation_shaped("(f32[64,128], f32[64]) [layer scan]", rows=1, seq_len=64,
+                                     weight_shapes=weights)
+    assert hlo.activation_shaped("(f32[64,128], f32[1,64,64])", rows=1, seq_len=64, weight_shapes=weights)
 
 
 def _run(args, env=None, timeout=900):

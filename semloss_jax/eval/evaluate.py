@@ -426,28 +426,36 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
         atomic_write_text(out_dir / "generations" / f"{s}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         timings[s] = time.perf_counter() - ts
-    report = {
+    report = _build_report(
+        mhash=mhash, cfg=cfg, model_info=model_info, judge=judge, embedder=embedder,
+        settings_extra={**dataclasses.asdict(settings), "decoding": "greedy" if
+                        settings.temperature == 0 else "sampling", "batch_size": batch_size,
+                        "limit": limit, "ce_seq_len": ce_seq_len, "n_boot": n_boot,
+                        "bootstrap_seed": seed, "min_tokens": min_tokens},
+        counts=counts, results=results, seconds={"total": time.perf_counter() - t0, **timings})
+    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "eval.md", render_markdown(report))
+    return report
+
+
+def _build_report(*, mhash: str, cfg, model_info: dict | None, judge, embedder, settings_extra: dict,
+                  counts: dict, results: dict, seconds: dict) -> dict:
+    """The eval.json object: model, settings, judge, counts, per-set results, timings."""
+    return {
         "eval_version": EVAL_VERSION,
         "model": {**(model_info or {}), "hash": mhash,
                   "arch": {k: v for k, v in hf_config.to_hf_dict(cfg).items()
                            if k in ("hidden_size", "num_hidden_layers", "vocab_size")}},
-        "settings": {**dataclasses.asdict(settings), "decoding": "greedy" if
-                     settings.temperature == 0 else "sampling", "batch_size": batch_size,
-                     "limit": limit, "ce_seq_len": ce_seq_len, "n_boot": n_boot,
-                     "bootstrap_seed": seed,
+        "settings": {**settings_extra,
                      "harm_threshold": judge_threshold(judge) if judge is not None else None,
-                     "min_tokens": min_tokens,
                      "embed_model": embedder.name if embedder is not None else None,
                      "refusal_detector": "semloss_jax.eval.judges.is_refusal"},
         "judge": _judge_info(judge),
         "counts": counts,
         "sets": results,
-        "seconds": {"total": time.perf_counter() - t0, **timings},
+        "seconds": seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
-    atomic_write_text(out_dir / "eval.md", render_markdown(report))
-    return report
 
 
 def _check_request(sets: Sequence[str], min_tokens: int) -> None:

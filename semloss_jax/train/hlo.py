@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import jax
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 _OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _LAYOUT = re.compile(r"\{[^{}]*\}")
@@ -91,14 +93,29 @@ def collectives(text: str, n_layers: int) -> dict:
     return out
 
 
-def activation_shaped(shape: str, rows: int, seq_len: int, global_rows: int | None = None) -> bool:
+def activation_shaped(shape: str, rows: int, seq_len: int, global_rows: int | None = None,
+                      weight_shapes: frozenset = frozenset()) -> bool:
     """Whether an HLO result type holds activations: some part [r, seq_len, ...] with r at most the
     global rows of a micro-batch (a device's rows, or all of them when activations are not
-    sharded), or [r x seq_len, ...] with r = rows or global_rows (tokens flattened)."""
+    sharded), or [r x seq_len, ...] with r = rows or global_rows (tokens flattened).
+    weight_shapes: shapes of parameters (`param_shapes`); a part of exactly such a shape is a
+    weight, not an activation (on small models a hidden size can equal rows x seq_len)."""
     top = max(rows, global_rows or rows)
     flat = {rows * seq_len, top * seq_len}
     for dims in re.findall(r"\w+\[([\d,]*)\]", shape):
         d = [int(x) for x in dims.split(",") if x]
+        if tuple(d) in weight_shapes:
+            continue
         if (len(d) >= 2 and d[1] == seq_len and d[0] <= top) or (d and d[0] in flat):
             return True
     return False
+
+
+def param_shapes(abstract_params, layer_axis: bool = True) -> frozenset:
+    """The shapes of every parameter leaf, and (layer_axis) of one layer of a scanned stack."""
+    shapes = set()
+    for leaf in jax.tree_util.tree_leaves(abstract_params):
+        shapes.add(tuple(leaf.shape))
+        if layer_axis and len(leaf.shape) > 1:
+            shapes.add(tuple(leaf.shape[1:]))
+    return frozenset(shapes)

@@ -90,14 +90,7 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
         return obj_lib.combine(sums, counts, obj), sums
 
     def step(state, benign_micro, harmful_micro, E_hat):
-        A = _leading(benign_micro, "benign")
-        if harmful_micro is not None and _leading(harmful_micro, "harmful") != A:
-            raise TrainError(f"benign and harmful batches have different micro-batch counts "
-                             f"({A} vs {_leading(harmful_micro, 'harmful')})")
-        if A != ocfg.grad_accum:
-            raise TrainError(f"batches carry {A} micro-batches but optim.grad_accum = {ocfg.grad_accum}")
-        if obj.uses_harmful and harmful_micro is None:
-            raise TrainError(f"objective kind {obj.kind!r} with lam={obj.lam} needs a harmful batch")
+        _check_micro(benign_micro, harmful_micro, obj, ocfg)
         params, frozen = state["params"], state["frozen"]
         mask = trainable_mask(params, model_cfg, ocfg)
         counts = obj_lib.global_counts(benign_micro, harmful_micro)
@@ -143,6 +136,18 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
         return new_state, metrics
 
     return step
+
+
+def _check_micro(benign_micro, harmful_micro, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig) -> None:
+    """The micro-batch axes agree with each other and with optim.grad_accum (trace time)."""
+    A = _leading(benign_micro, "benign")
+    if harmful_micro is not None and _leading(harmful_micro, "harmful") != A:
+        raise TrainError(f"benign and harmful batches have different micro-batch counts "
+                         f"({A} vs {_leading(harmful_micro, 'harmful')})")
+    if A != ocfg.grad_accum:
+        raise TrainError(f"batches carry {A} micro-batches but optim.grad_accum = {ocfg.grad_accum}")
+    if obj.uses_harmful and harmful_micro is None:
+        raise TrainError(f"objective kind {obj.kind!r} with lam={obj.lam} needs a harmful batch")
 
 
 def _real_tokens(batch) -> jax.Array:
