@@ -122,23 +122,30 @@ class _DropLibraryTracebacks(logging.Filter):
         return not (record.levelno >= logging.ERROR and record.exc_info)
 
 
+_DROP_LIBRARY_TRACEBACKS = _DropLibraryTracebacks()  # one instance: addFilter is idempotent
+
+
 @contextlib.contextmanager
 def _quiet_library_noise():
-    """While a CLI runs without --debug: _DropLibraryTracebacks on the "absl" logger, and no
-    'Event loop is closed' tracebacks (TensorStore callbacks of a save that already failed)."""
-    flt, absl_log, old_hook = _DropLibraryTracebacks(), logging.getLogger("absl"), sys.unraisablehook
+    """While a CLI runs without --debug: _DropLibraryTracebacks on the "absl" and "asyncio"
+    loggers, and no 'Event loop is closed' tracebacks (TensorStore callbacks of a save that
+    already failed). When the run ends in an error the quieting stays until the process exits:
+    Orbax's failed write tasks are reported by asyncio when they are garbage collected, which
+    can be after the one-line error has been printed."""
+    flt, old_hook = _DROP_LIBRARY_TRACEBACKS, sys.unraisablehook
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
 
     def hook(u):  # TensorStore reports these through PyErr_WriteUnraisable
         if not (type(u.exc_value) is RuntimeError and str(u.exc_value) == "Event loop is closed"):
             old_hook(u)
 
-    absl_log.addFilter(flt)
+    for lg in loggers:
+        lg.addFilter(flt)
     sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        absl_log.removeFilter(flt)
-        sys.unraisablehook = old_hook
+    yield  # an exception propagates from here and leaves the filters in place
+    for lg in loggers:
+        lg.removeFilter(flt)
+    sys.unraisablehook = old_hook
 
 
 def cli_main(prog: str, main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:

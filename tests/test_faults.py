@@ -77,6 +77,35 @@ def test_cli_main_one_line_exit_codes_and_debug(capsys):
         cli_main("prog", bug, [])
 
 
+def test_cli_error_stays_one_line_when_a_failed_background_task_is_collected_later():
+    """Orbax's failed write tasks are reported by asyncio ("Task exception was never retrieved",
+    a traceback) when garbage collected, which can be after cli_main printed its one line."""
+    script = textwrap.dedent("""
+        import asyncio, gc, logging
+        from semloss_jax.errors import CheckpointError, cli_main
+        logging.basicConfig()
+        held = []
+
+        async def write():
+            raise OSError(28, "No space left on device")
+
+        def main(_):
+            loop = asyncio.new_event_loop()
+            held.append(loop.create_task(write()))
+            loop.run_until_complete(asyncio.sleep(0.01))
+            loop.close()
+            raise CheckpointError("saving checkpoint 4 failed: no space left on device")
+
+        rc = cli_main("train.py", main, [])
+        held.clear()
+        gc.collect()
+        raise SystemExit(rc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert "saving checkpoint 4" in _one_line_error(proc, "train.py")
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs
 
