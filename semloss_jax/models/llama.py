@@ -13,6 +13,9 @@ Design:
 - Every parameter carries logical axis names (`param_logical_axes`), and so do the activations
   (the residual stream, q/k/v, the MLP's hidden layer, the logits: models/axes.constrain), so
   sharding is data: the training code maps logical names to mesh axes with rule tables.
+- The projections and the MLP multiply flat tokens [B*T, d] (one contracting axis, so the
+  weight gradients need no transposed copies on XLA:CPU), and SwiGLU has its own backward
+  (`swiglu`); docs/PERFORMANCE.md section 3 has the profile behind both.
 - Attention runs through models/attention.attend (one function for training and the KV cache);
   `cfg.attention` picks the training kernel (einsum reference, chunked, cuDNN, Pallas splash).
 - Attention masking is one rule for training, packing and cached decoding:
