@@ -114,9 +114,10 @@ class EvalError(SemlossError, ValueError):
 
 
 class _DropLibraryTracebacks(logging.Filter):
-    """Drops the ERROR records with a traceback that absl-logging libraries (Orbax) write from
-    their background threads: the same exception reaches the caller, which reports it in one
-    line (a failed checkpoint save would otherwise print hundreds of lines)."""
+    """Drops the ERROR records with a traceback that libraries write from their background
+    threads and tasks (Orbax through absl, its asyncio write tasks): the same exception reaches
+    the caller, which reports it in one line (a failed checkpoint save would otherwise print
+    hundreds of lines)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and record.exc_info)
