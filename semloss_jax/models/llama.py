@@ -531,25 +531,27 @@ def head_logits(params: Params, cfg: LlamaConfig, x: jax.Array, vocab_chunk: int
 
     vocab_chunk: compute them in blocks of that many vocabulary rows (a loop over blocks; the
     last block is shifted back to end at V, so any V works). Each output is the same dot
-    product as in one matmul; on CPU, a [few rows, d] x [d, V] product runs about 2x faster in
-    blocks whose weights stay in cache (bench/generation_speed.py, docs/PERFORMANCE.md).
+    product as in one matmul; on CPU, a [few rows, d] x [d, V] product runs faster in blocks
+    whose weights stay in cache (bench/generation_speed.py, docs/PERFORMANCE.md). A tied head
+    is sliced by rows of the [V, d] embedding, never transposed as a whole.
     """
     dt = _dt(cfg.dtype)
-    w = lm_head_matrix(params, cfg).astype(dt)  # [d, V]
-    V = w.shape[1]
+    V = cfg.vocab_size
     if vocab_chunk is None or vocab_chunk >= V:
-        return lm_logits(x, w)
+        return lm_logits(x, lm_head_matrix(params, cfg).astype(dt))
+    tied = cfg.tie_word_embeddings
+    w = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]  # [V, d] or [d, V]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    n = -(-V // vocab_chunk)
+    spec = "nd,vd->nv" if tied else "nd,dv->nv"
 
     def block(i, out):
         start = jnp.minimum(i * vocab_chunk, V - vocab_chunk)
-        wi = jax.lax.dynamic_slice_in_dim(w, start, vocab_chunk, 1)
-        part = jnp.einsum("nd,dv->nv", x2, wi, preferred_element_type=jnp.float32)
+        wi = jax.lax.dynamic_slice_in_dim(w, start, vocab_chunk, 0 if tied else 1).astype(dt)
+        part = jnp.einsum(spec, x2, wi, preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(out, part, start, 1)
 
-    out = jax.lax.fori_loop(0, n, block, jnp.zeros((x2.shape[0], V), jnp.float32))
+    out = jax.lax.fori_loop(0, -(-V // vocab_chunk), block, jnp.zeros((x2.shape[0], V), jnp.float32))
     return out.reshape(*lead, V)
 
 
