@@ -287,7 +287,9 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
         mirror(run / "test" / "eval.json", res / "test_eval.json")
 
     def needs_data() -> str | None:
-        need = ["d_harmful.jsonl"] + (["safe_replies.jsonl"] if m.family == "dpo" else []) + (
+        uses_harmful = "data.harmful_batch=0" not in (m.overrides or ())
+        need = (["d_harmful.jsonl"] if uses_harmful else []) + (
+            ["safe_replies.jsonl"] if m.family == "dpo" else []) + (
             ["d_harmful_sampled.jsonl"] if any("@sampled" in o for o in m.overrides or ()) else [])
         missing = [n for n in need if not lay.data(n).exists()]
         return f"needs {', '.join(missing)} (data/ parts)" if missing else None

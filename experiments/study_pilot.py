@@ -39,9 +39,9 @@ PY = sys.executable
 
 # candidate trainable sets for the step-time comparison (same rows and seq_len)
 CANDIDATES = {
-    "lora_all_r16": ["optim.trainable=lora", "optim.lora_rank=16"],
     "last_k8": ["optim.trainable=last_k", "optim.last_k=8", "optim.lr=1e-4"],
-    "last_k4": ["optim.trainable=last_k", "optim.last_k=4", "optim.lr=1e-4"],
+    "lora_all_r16_accum2": ["optim.trainable=lora", "optim.lora_rank=16", "optim.grad_accum=2",
+                            "data.benign_batch=2", "data.harmful_batch=2"],
 }
 # the pilot's training runs on the candidate budget (harmful rows are logged for SFT too)
 PILOT_RUNS = {
@@ -92,6 +92,8 @@ def steptime(args) -> dict:
     """Median seconds per step (after the first) of each candidate, args.steps steps, TA-SFT LB."""
     out = {}
     for name, ov in CANDIDATES.items():
+        if args.only and name not in args.only:
+            continue
         load0 = [round(x, 2) for x in os.getloadavg()]
         # timing only: PyRIT's harmful replies stand in for D_harmful (same shapes)
         run = train(f"steptime_{name}", [*ov, "objective.kind=tasft", "data.harmful=pyrit"], steps=args.steps)
@@ -144,6 +146,7 @@ def main() -> int:
     ap.add_argument("cmd", choices=("lengths", "steptime", "train", "curves"))
     ap.add_argument("name", nargs="?", help="train: one of " + ", ".join(PILOT_RUNS))
     ap.add_argument("--steps", type=int, default=6, help="steptime: steps per candidate")
+    ap.add_argument("--only", nargs="*", default=None, help="steptime: these candidates")
     args = ap.parse_args()
     t = time.perf_counter()
     if args.cmd == "train":

@@ -51,16 +51,18 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
     return ids, seg
 
 
-def vocab_chunk_for(backend: str) -> int | None:
-    """The LM-head block size of a decode step (`llama.head_logits`) on this backend: blocks of
-    VOCAB_CHUNK rows on CPU, where they measured about 2x faster for a few rows; one matmul on
-    accelerators."""
-    return VOCAB_CHUNK if backend == "cpu" else None
+def vocab_chunk_for(backend: str, batch_size: int) -> int | None:
+    """The LM-head block size of a decode step (`llama.head_logits`): blocks of VOCAB_CHUNK rows
+    on CPU for batches of at least BLOCK_MIN_BATCH rows, where a [batch, d] x [d, V] product
+    measured faster in blocks (docs/PERFORMANCE.md); one matmul otherwise (a single row is a
+    matrix-vector product, already streamed once; accelerators run one large matmul best)."""
+    return VOCAB_CHUNK if backend == "cpu" and batch_size >= BLOCK_MIN_BATCH else None
 
 
 # Rows of the LM head per block in a CPU decode step: 1024 rows x d = 576 floats (2.3 MiB) fit in
 # the L2 cache of the CPUs measured in docs/PERFORMANCE.md.
 VOCAB_CHUNK = 1024
+BLOCK_MIN_BATCH = 4
 
 # Nucleus sampling looks at the top NUCLEUS_CANDIDATES tokens only: a full sort of the
 # vocabulary costs ~50x a decode step on CPU (XLA's sort), and the nucleus of a chat model at
@@ -143,7 +145,7 @@ def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[i
                                       context=cfg.max_position_embeddings, truncate=truncate_prompt)
     results: list[list[int]] = []
     key = jax.random.PRNGKey(seed)
-    chunk_v = vocab_chunk_for(jax.default_backend())
+    chunk_v = vocab_chunk_for(jax.default_backend(), batch_size)
     n = len(prompt_token_ids)
     for start in range(0, n, batch_size):
         chunk = list(prompt_token_ids[start:start + batch_size])
