@@ -3,8 +3,8 @@
 
     python experiments/study_pilot.py lengths            # token lengths of D_harmful and benign data
     python experiments/study_pilot.py steptime           # seconds per step of candidate budgets
-    python experiments/study_pilot.py train NAME         # one pilot run (see PILOT_RUNS)
-    python experiments/study_pilot.py curves             # training curves of the pilot runs (PNG)
+    python experiments/study_pilot.py train NAME [--train-steps N]  # one pilot run (PILOT_RUNS)
+    python experiments/study_pilot.py curves [--runs DIR ...]  # training curves of the pilot runs (PNG)
 
 Reads the harvested D_harmful of experiments/study.py (runs/study/data/d_harmful.jsonl) and
 writes under runs/study_pilot/ (run dirs) and docs/study/pilot/ (the figures it reports).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,11 @@ PILOT_RUNS = {
     "sft": ["objective.kind=sft", "objective.lam=0"],
     "tasft_lb_l1": ["objective.kind=tasft", "objective.lam=1"],
     "tasft_lb_l4": ["objective.kind=tasft", "objective.lam=4"],
+    # the LoRA candidate (all 30 layers, q/v, rank 16; the project's LoRA learning rate)
+    "lora_tasft_lb_l4": ["objective.kind=tasft", "objective.lam=4", *CANDIDATES["lora_all_r16_accum2"],
+                         "optim.lr=5e-4"],
 }
+CURVES = ("ce", "emd_lower", "emd_onehot", "harm_nll")
 
 
 def pct(xs, qs=(50, 90, 95, 99, 100)) -> dict:
@@ -85,6 +90,8 @@ def train(name: str, overrides: list[str], steps: int | None = None) -> Path:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         sys.exit(f"train {name} failed; see {OUT / f'{name}.log'}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "metrics.jsonl", RESULTS / f"metrics_{name}.jsonl")  # the curve, committed
     return run
 
 
@@ -94,6 +101,7 @@ def steptime(args) -> dict:
     for name, ov in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
+        shutil.rmtree(OUT / f"steptime_{name}", ignore_errors=True)  # a fresh run: no resume
         load0 = [round(x, 2) for x in os.getloadavg()]
         # timing only: PyRIT's harmful replies stand in for D_harmful (same shapes)
         run = train(f"steptime_{name}", [*ov, "objective.kind=tasft", "data.harmful=pyrit"], steps=args.steps)
@@ -116,20 +124,25 @@ def curves(args) -> dict:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     summary = {}
-    for name in PILOT_RUNS:
-        path = OUT / name / "metrics.jsonl"
-        if not path.exists():
-            continue
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        steps = [r["step"] for r in rows]
-        for ax, key in zip(axes, ("ce", "emd_lower", "emd_onehot", "harm_nll")):
-            v = np.array([r[key] for r in rows])
-            ax.plot(steps, np.convolve(v, np.ones(10) / 10, mode="same"), label=name)
-            ax.set_title(f"{key} (10-step mean)")
-        summary[name] = {k: {"first10": float(np.mean([r[k] for r in rows[:10]])),
-                             "last20": float(np.mean([r[k] for r in rows[-20:]]))}
-                         for k in ("ce", "emd_lower", "emd_onehot", "harm_nll")}
-        summary[name]["step_time_s_median"] = float(np.median([r["step_time_s"] for r in rows[1:]]))
+    for folder in [Path(r) for r in args.runs] if args.runs else [OUT]:
+        for name in PILOT_RUNS:
+            path = folder / name / "metrics.jsonl"
+            if not path.exists():
+                continue
+            label = f"{folder.name}/{name}"
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            steps = [r["step"] for r in rows]
+            for ax, key in zip(axes, CURVES):
+                v = np.array([r[key] for r in rows])
+                if not v.any():  # not logged by this run (SFT has no harmful batch)
+                    continue
+                k = min(5, len(v))
+                ax.plot(steps[k - 1:], np.convolve(v, np.ones(k) / k, mode="valid"), label=label)
+                ax.set_title(f"{key} (5-step mean)")
+            summary[label] = {k: {"first5": float(np.mean([r[k] for r in rows[:5]])),
+                                  "last5": float(np.mean([r[k] for r in rows[-5:]]))} for k in CURVES}
+            summary[label]["steps"] = len(rows)
+            summary[label]["step_time_s_median"] = float(np.median([r["step_time_s"] for r in rows[1:]]))
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -147,13 +160,16 @@ def main() -> int:
     ap.add_argument("name", nargs="?", help="train: one of " + ", ".join(PILOT_RUNS))
     ap.add_argument("--steps", type=int, default=6, help="steptime: steps per candidate")
     ap.add_argument("--only", nargs="*", default=None, help="steptime: these candidates")
+    ap.add_argument("--runs", nargs="*", default=None, help=f"curves: folders of run dirs (default {OUT})")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="train: stop after this many steps (no checkpoints, no HF export)")
     args = ap.parse_args()
     t = time.perf_counter()
     if args.cmd == "train":
-        train(args.name, PILOT_RUNS[args.name])
+        train(args.name, PILOT_RUNS[args.name], steps=args.train_steps)
         return 0
     res = {"lengths": lengths, "steptime": steptime, "curves": curves}[args.cmd](args)
-    res = {"command": f"python experiments/study_pilot.py {args.cmd}",
+    res = {"command": "python experiments/study_pilot.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": round(time.perf_counter() - t, 1),
            "result": res}
     atomic_write_text(RESULTS / f"{args.cmd}.json", json.dumps(res, indent=1) + "\n")
