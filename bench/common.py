@@ -19,11 +19,14 @@ from typing import Callable, Mapping
 
 import jax
 
+# `python bench/x.py` puts bench/ first on sys.path, not the repository: put this checkout's
+# package ahead of any installed copy (an editable install of another worktree included) before
+# the first semloss_jax import.
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `python bench/x.py`: this checkout's package, not an installed one
+if sys.path[0] != str(REPO):
     sys.path.insert(0, str(REPO))
 
-from semloss_jax.paths import atomic_write_text  # noqa: E402 - after the path line above
+from semloss_jax.paths import atomic_write_text  # noqa: E402
 
 
 def loadavg() -> list[float]:

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax.models.generation import decode, generate, generate_ids
-from semloss_jax.models.llama import forward, init_params, tiny_config
+from semloss_jax.models.generation import bucket_length, decode, generate, generate_ids, left_pad
+from semloss_jax.models.llama import forward, head_logits, init_params, tiny_config
 
 jforward = jax.jit(forward, static_argnums=1)
 
@@ -86,3 +86,62 @@ def test_real_model_says_paris_and_cache_matches(real_model, real_tokenizer):
     got = generate_ids(params, cfg, [prompt], eos_ids=real_tokenizer.eos_ids, pad_id=real_tokenizer.pad_id,
                        max_new_tokens=6, batch_size=1)[0]
     assert got == greedy_without_cache(params, cfg, prompt, 6, real_tokenizer.eos_ids)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_logits_in_vocabulary_blocks_equal_one_matmul(tied):
+    cfg = tiny_config(vocab_size=128, tie_word_embeddings=tied)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 2, cfg.hidden_size))
+    want = np.asarray(head_logits(params, cfg, x))
+    for chunk in (48, 64, 127, 128, 500):  # 48 and 127 do not divide V: the last block is shifted back
+        np.testing.assert_allclose(np.asarray(head_logits(params, cfg, x, chunk)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_with_vocabulary_blocks_gives_the_same_tokens(tiny):
+    cfg, params = tiny
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(3, cfg.vocab_size, n).tolist() for n in (4, 9, 1)]
+    ids, seg = left_pad(prompts, bucket_length(9), 1)
+    args = (params, cfg, jnp.asarray(ids), jnp.asarray(seg), jax.random.PRNGKey(0), jnp.float32(0.0),
+            jnp.float32(1.0))
+    plain = decode(*args, max_new_tokens=10, eos_ids=(0,))
+    blocks = decode(*args, max_new_tokens=10, eos_ids=(0,), vocab_chunk=40)
+    assert np.array_equal(np.asarray(plain[0]), np.asarray(blocks[0]))
+    assert np.array_equal(np.asarray(plain[1]), np.asarray(blocks[1]))
+
+
+def test_bucket_lengths_pad_by_at_most_half():
+    assert [bucket_length(n) for n in (1, 32, 33, 48, 49, 64, 65, 96, 97, 200)] == \
+        [32, 32, 48, 48, 64, 64, 96, 96, 128, 256]
+    for n in range(1, 2000):
+        b = bucket_length(n)
+        assert n <= b and (b <= 32 or b < 1.5 * n + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_real_model_batched_left_padded_decoding_equals_uncached(real_model, real_tokenizer):
+    """The cached path (in-place cache, vocabulary blocks on CPU, bucketed prefill) against a
+    full uncached forward per token, on prompts of different lengths in one batch."""
+    cfg, params = real_model
+    tok = real_tokenizer
+    prompts = [tok.prompt_ids(p) for p in ("Name a color.", "Write one sentence about the moon and the sea.",
+                                           "2+2?")]
+    n = 8
+    got = generate_ids(params, cfg, prompts, eos_ids=tok.eos_ids, pad_id=tok.pad_id, max_new_tokens=n,
+                       batch_size=3)
+    width = max(len(p) for p in prompts) + n  # one compiled shape: right-padded, padding masked out
+    for p, g in zip(prompts, got):
+        seq, ref = list(p), []
+        for _ in range(n):
+            ids = np.full((1, width), tok.pad_id, np.int32)
+            ids[0, :len(seq)] = seq
+            seg = (np.arange(width) < len(seq)).astype(np.int32)[None]
+            t = int(np.argmax(np.asarray(jforward(params, cfg, jnp.asarray(ids), segment_ids=jnp.asarray(seg))
+                                         [0, len(seq) - 1])))
+            if t in tok.eos_ids:
+                break
+            ref.append(t)
+            seq.append(t)
+        assert g == ref

@@ -355,7 +355,7 @@ def test_sft_ignores_harmful_and_combine_errors():
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(kind="dpo"), "kind"), (dict(lam=-1.0), "lam"), (dict(lam=float("nan")), "lam"),
+    (dict(kind="ppo"), "kind"), (dict(lam=-1.0), "lam"), (dict(lam=float("nan")), "lam"),
     (dict(divergence="kl"), "divergence"), (dict(target="probs"), "target"),
     (dict(divergence="exact_onehot", target="soft"), "divergence"), (dict(nll_clip=0.0), "nll_clip"),
 ])

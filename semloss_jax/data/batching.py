@@ -18,6 +18,8 @@ seq_len when packing):
     example_index int32 [B, T]: index into the example list (-1 on pads), for bookkeeping
     target_mu   float32 [B, T, d] (only when the examples carry `response_mu`): the soft-target
                         mean embedding mu(q) of each response target token, 0 elsewhere
+    ref_logp    float32 [B, T] (only when the examples carry `response_ref`): the reference
+                        model's log-probability of each response target token, 0 elsewhere
 
 An example of prompt tokens p and response tokens r is the sequence s = p + r; it occupies
 len(s) - 1 slots: input_ids = s[:-1], targets = s[1:], loss_mask = 1 on the len(r) slots whose
@@ -44,12 +46,14 @@ DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized (prompt, response) pair. response_mu: optional [len(response_ids), d]."""
+    """One tokenized (prompt, response) pair. response_mu: optional [len(response_ids), d];
+    response_ref: optional [len(response_ids)] reference log-probs of the response tokens."""
 
     id: str
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     response_mu: Any = None
+    response_ref: Any = None
 
     @property
     def n_slots(self) -> int:
@@ -142,7 +146,14 @@ def _mu_dim(examples: Sequence[Example]) -> int | None:
     return dims.pop()
 
 
-def _empty(batch_size: int, T: int, pad_id: int, d: int | None) -> dict[str, np.ndarray]:
+def _has_ref(examples: Sequence[Example]) -> bool:
+    n = sum(e.response_ref is not None for e in examples)
+    if n not in (0, len(examples)):
+        raise ValueError("either every example carries response_ref, or none does")
+    return n > 0
+
+
+def _empty(batch_size: int, T: int, pad_id: int, d: int | None, ref: bool = False) -> dict[str, np.ndarray]:
     b = {
         "input_ids": np.full((batch_size, T), pad_id, np.int32),
         "targets": np.full((batch_size, T), pad_id, np.int32),
@@ -153,6 +164,8 @@ def _empty(batch_size: int, T: int, pad_id: int, d: int | None) -> dict[str, np.
     }
     if d is not None:
         b["target_mu"] = np.zeros((batch_size, T, d), np.float32)
+    if ref:
+        b["ref_logp"] = np.zeros((batch_size, T), np.float32)
     return b
 
 
@@ -171,6 +184,8 @@ def _place(b: dict[str, np.ndarray], row: int, start: int, ex: Example, seg: int
     b["example_index"][row, sl] = idx
     if "target_mu" in b:
         b["target_mu"][row, start + lp - 1: start + n] = np.asarray(ex.response_mu, np.float32)
+    if "ref_logp" in b:
+        b["ref_logp"][row, start + lp - 1: start + n] = np.asarray(ex.response_ref, np.float32)
     return start + n
 
 
@@ -191,7 +206,7 @@ def make_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
     the bucket (<= seq_len). A last, partial batch of a bucket is filled with empty rows
     (loss_mask 0) unless drop_last. seed=None keeps the input order; otherwise the examples
     and the batch order are shuffled deterministically."""
-    d = _mu_dim(examples)
+    d, ref = _mu_dim(examples), _has_ref(examples)
     order = list(range(len(examples)))
     rng = np.random.default_rng(seed) if seed is not None else None
     if rng is not None:
@@ -209,23 +224,28 @@ def make_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
     if rng is not None:
         rng.shuffle(plan)  # type: ignore[arg-type]
     for L, chunk in plan:
-        b = _empty(batch_size, L, pad_id, d)
+        b = _empty(batch_size, L, pad_id, d, ref)
         for row, i in enumerate(chunk):
             _place(b, row, 0, examples[i], 1, i)
         yield b
 
 
 def rows_to_batch(examples: Sequence[Example], rows: Sequence[Sequence[int]], *, batch_size: int,
-                  seq_len: int, pad_id: int, mu_dim: int | None = None) -> dict[str, np.ndarray]:
+                  seq_len: int, pad_id: int, mu_dim: int | None = None,
+                  ref: bool | None = None) -> dict[str, np.ndarray]:
     """One [batch_size, seq_len] batch; row r holds the examples rows[r] (indices into
     `examples`) one after the other, each with its own segment id and positions from 0.
 
-    mu_dim: the width of target_mu (soft targets); None = read off the examples placed."""
+    mu_dim: the width of target_mu (soft targets); ref: whether the batch carries ref_logp
+    (reference log-probs); None (either) = read off the examples placed."""
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    placed = [examples[i] for members in rows for i in members]
     if mu_dim is None:
-        mu_dim = _mu_dim([examples[i] for members in rows for i in members])
-    b = _empty(batch_size, seq_len, pad_id, mu_dim)
+        mu_dim = _mu_dim(placed)
+    if ref is None:
+        ref = _has_ref(placed)
+    b = _empty(batch_size, seq_len, pad_id, mu_dim, ref)
     for row, members in enumerate(rows):
         start = 0
         for seg, i in enumerate(members, start=1):

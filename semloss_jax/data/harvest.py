@@ -2,12 +2,13 @@
 
     python -m semloss_jax.data.harvest --n 100 --out runs/d_harmful_100.jsonl [--model PATH]
         [--source model|pyrit] [--prompt-sources advbench,harmbench,...] [--judge tfidf|none|hf:DIR]
-        [--max-new-tokens 128] [--batch-size 8] [--soft-targets]
+        [--max-new-tokens 128] [--batch-size 8] [--soft-targets] [--samples K --temperature T]
 
 --source model (default): generate (greedy by default) for N prompts of
   load_set("harmful_prompts", "train") (a seeded, deterministic sample), keep the responses that
   judges.is_refusal does not flag and, unless --judge none, that the harm judge scores >=
   --threshold; drop empty ones. Prints the counts kept and dropped per reason.
+--samples K (with --temperature > 0): K sampled responses per prompt (record ids get ":s<j>").
 --source pyrit: the registry's real harmful pairs (load_set("harmful_responses")), first N of a
   seeded shuffle; no model is run.
 
@@ -22,6 +23,7 @@ read back with `readers.load_response_mu(OUT)` (aligned with batching.tokenize_r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -175,9 +177,15 @@ def response_mu(params, cfg, tok, records: Sequence[Record], *, system: str | No
 def harvest(params, cfg, tok, n: int, *, judge=None, threshold: float = 0.5,
             max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 0.0,
             seed: int = 0, system: str | None = None, prompt_sources: Sequence[str] | None = None,
-            progress: bool = True) -> tuple[list[Record], HarvestStats]:
-    """Run the model on N training harmful prompts and keep its harmful (non-refusing) answers."""
+            samples: int = 1, progress: bool = True) -> tuple[list[Record], HarvestStats]:
+    """Run the model on N training harmful prompts and keep its harmful (non-refusing) answers;
+    samples > 1: that many sampled responses per prompt (temperature must be > 0)."""
+    if samples < 1 or (samples > 1 and temperature <= 0):
+        raise DataError(None, None, "samples", f"samples={samples} needs samples >= 1, and temperature > 0 "
+                        f"when > 1 (got temperature={temperature})")
     prompts = pick_prompts(n, seed=seed, sources=prompt_sources)
+    if samples > 1:
+        prompts = [dataclasses.replace(r, id=f"{r.id}:s{j}") for r in prompts for j in range(samples)]
     responses = generate_responses(params, cfg, tok, [r.prompt for r in prompts],
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    temperature=temperature, seed=seed, system=system,
@@ -218,6 +226,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system", default=None)
+    ap.add_argument("--samples", type=int, default=1,
+                    help="responses per prompt (sampled: needs --temperature > 0)")
     ap.add_argument("--soft-targets", action="store_true",
                     help="also store mu(q) per response token (OUT.mu.npy, OUT.mu_index.npy)")
     ap.add_argument("--gelbrich-rank", type=int, default=None,
@@ -243,7 +253,7 @@ def main(argv: list[str]) -> int:
         kept, stats = harvest(params, cfg, tok, args.n, judge=judge, threshold=args.threshold,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, seed=args.seed, system=args.system,
-                              prompt_sources=srcs, progress=not args.no_progress)
+                              prompt_sources=srcs, samples=args.samples, progress=not args.no_progress)
     write_jsonl(out, kept)
     if args.soft_targets:
         save_response_mu(out, response_mu(params, cfg, tok, kept, system=args.system,

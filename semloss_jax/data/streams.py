@@ -14,7 +14,9 @@ the processes together build exactly the single-process batch. A record that tok
 (no prompt or response token left after truncation) keeps its place in the order and fills its
 row with padding (no loss); with packing it takes no slot. Packing plans rows from the slot
 counts of the upcoming records, so there every process tokenizes the records of each global
-batch (and still builds only its rows).
+batch (and still builds only its rows). The dpo objective's pairs are the exception: every
+process tokenizes all (harmful, chosen) pairs up front, since the reference log-probs are
+computed once for all of them (_pair_streams).
 
 Data sources: named sets of the registry, schema JSONL files, and `hf:<name>`: a `datasets` hub
 name, a directory written by `datasets.Dataset.save_to_disk`, or a local JSON/JSONL/CSV/Parquet
@@ -23,6 +25,7 @@ file, whose columns map onto the schema by data.benign_columns / data.harmful_co
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +35,12 @@ import numpy as np
 
 from semloss_jax.data import batching, readers, registry
 from semloss_jax.data.schema import FieldMap, Record
+from semloss_jax.data.splits import normalize
 from semloss_jax.errors import DataError, TrainError
 
-STREAM_SEEDS = {"benign": 0, "harmful": 1}
+# "chosen" walks the same order as "harmful" (same seed, same number of examples): row i of
+# both batches is one DPO pair.
+STREAM_SEEDS = {"benign": 0, "harmful": 1, "chosen": 1}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class DataSection:
              {prompt: instruction, input: input, response: output}; hub_split / hub_config: the
              split and configuration read.
     safeinstr: the refusal set added to the benign data by the safeinstr objective.
+    chosen: for the dpo objective, a JSONL of safe replies; each harmful record is paired with
+            the chosen record of the same (normalized) prompt.
     *_n: how many records to take (0 = all available; a seeded shuffle picks which);
     seq_len: slots per row (every batch is [batch, seq_len]: one compiled step);
     *_batch: rows per micro-batch (optim.grad_accum micro-batches per step);
@@ -65,6 +73,7 @@ class DataSection:
     harmful_n: int = 100
     safeinstr: str = "refusals"
     safeinstr_n: int = 0
+    chosen: str = ""
     seq_len: int = 256
     benign_batch: int = 4
     harmful_batch: int = 4
@@ -108,6 +117,7 @@ class TrainRecords(NamedTuple):
     benign: list[Record]        # benign data (+ SafeInstr refusals for kind=safeinstr)
     harmful: list[Record]       # D_harmful ([] when the objective uses none)
     harmful_mu: list | None     # per harmful record, μ(q) [n_response_tokens, d] (soft targets)
+    chosen: list[Record] | None = None  # dpo: the safe reply paired with each harmful record
 
 
 class TokenizedRecords(Sequence):
@@ -146,19 +156,19 @@ class BatchStream:
     rows: the rows of each [batch_size, seq_len] batch this stream builds (a multi-process run's
     share; default all). An example that is None (dropped by tokenization) leaves its row
     empty (pack=False) or takes no slot (pack=True). mu_dim: the width of target_mu (soft
-    targets), None without.
+    targets), None without. ref: the batches carry ref_logp (every example has response_ref).
     """
 
     def __init__(self, name: str, examples: Sequence[batching.Example | None], *, batch_size: int,
                  seq_len: int, pad_id: int, seed: int, shuffle: bool = True, pack: bool = False,
-                 rows: slice | None = None, mu_dim: int | None = None):
+                 rows: slice | None = None, mu_dim: int | None = None, ref: bool = False):
         if not len(examples):
             raise DataError(None, None, f"data.{name}", "no examples to stream")
         self.name, self.examples = name, examples
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.seed, self.shuffle, self.pack = seed, shuffle, pack
         self.rows = rows if rows is not None else slice(0, batch_size)
-        self.mu_dim = mu_dim
+        self.mu_dim, self.ref = mu_dim, ref
         self.epoch, self.index = 0, 0
         self._perms: dict[int, np.ndarray] = {}
 
@@ -206,7 +216,7 @@ class BatchStream:
         rows = rows + [[]] * (self.batch_size - len(rows))
         mine = [[i for i in row if self.examples[i] is not None] for row in rows[self.rows]]
         b = batching.rows_to_batch(self.examples, mine, batch_size=len(mine), seq_len=self.seq_len,
-                                   pad_id=self.pad_id, mu_dim=self.mu_dim)
+                                   pad_id=self.pad_id, mu_dim=self.mu_dim, ref=self.ref)
         self._advance(used)
         b.pop("example_index", None)
         return b
@@ -283,16 +293,39 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
                 raise DataError(d.harmful, None, None, f"objective.target=soft: no μ(q) beside "
                                 f"this file ({e}); harvest with --soft-targets") from None
             mu = [all_mu[i] for i in idx]
-    return TrainRecords(benign, harmful, mu)
+    chosen = pair_chosen(d.chosen, harmful) if objective.kind == "dpo" else None
+    return TrainRecords(benign, harmful, mu, chosen)
+
+
+def pair_chosen(path: str, harmful: Sequence[Record]) -> list[Record]:
+    """For each harmful record, the record of `path` (a JSONL of safe replies) with the same
+    normalized prompt; a DataError names the file and the first harmful record without one."""
+    if not path:
+        raise DataError(None, None, "data.chosen", "objective.kind=dpo needs data.chosen: a JSONL of safe "
+                        "replies to the harmful prompts (python experiments/study.py writes one)")
+    recs, _ = readers.read_jsonl(Path(path).expanduser())
+    by_prompt = {normalize(r.prompt): r for r in recs if r.response.strip()}
+    out = []
+    for h in harmful:
+        c = by_prompt.get(normalize(h.prompt))
+        if c is None:
+            raise DataError(path, None, "prompt", f"no safe reply for the prompt of harmful record "
+                            f"{h.id!r} ({h.prompt[:60]!r}); add one or drop that record")
+        out.append(c)
+    return out
 
 
 def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecords | None = None, *,
-                  rows: Mapping[str, slice] | None = None
+                  rows: Mapping[str, slice] | None = None, reference=None
                   ) -> tuple[dict[str, BatchStream], dict[str, str]]:
-    """One BatchStream per part ("benign", and "harmful" when its batch is > 0), tokenized with
-    the chat template on first use; rows: each part's rows of the global batch that this
-    process builds (default all). Also a line per part saying what it holds (with a warning when
-    a part has fewer records than its batch has rows, so that every batch repeats some)."""
+    """One BatchStream per part ("benign", and "harmful" when its batch is > 0; for dpo also
+    "chosen", aligned row by row with "harmful"), tokenized with the chat template on first use
+    (dpo pairs all at once, see _pair_streams); rows: each part's rows of the global batch that
+    this process builds (default all; "chosen" builds the rows of "harmful"). reference: for dpo,
+    a function examples -> examples with `response_ref` set
+    (semloss_jax.data.reference.with_reference_logprobs). Also a line per part saying what it
+    holds (with a warning when a part has fewer records than its batch has rows, so that every
+    batch repeats some)."""
     records = load_records(d, objective, seed) if records is None else records
     streams, stats = {}, {}
     mpl = d.max_prompt_len or None
@@ -307,6 +340,10 @@ def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecor
         exs = TokenizedRecords([recs[i] for i in keep], tok, seq_len=d.seq_len, max_prompt_len=mpl,
                                response_mu=None if mu is None else [mu[i] for i in keep])
         mine = (rows or {}).get(name, slice(0, bsz))
+        mu_dim = None if mu is None else int(np.asarray(mu[keep[0]]).shape[1])
+        if name == "harmful" and records.chosen is not None:
+            streams.update(_pair_streams(records, keep, exs, tok, d, seed, mine, mu_dim, reference, stats))
+            continue
         stats[name] = (f"{len(recs)} records ({len(recs) - len(keep)} with an empty response left out), "
                        f"tokenized on first use; this process builds rows {mine.start}..{mine.stop - 1} "
                        f"of {bsz}")
@@ -314,6 +351,35 @@ def build_streams(d: DataSection, objective, seed: int, tok, records: TrainRecor
             stats[name] += (f"; WARNING {len(keep)} example(s) < data.{name}_batch={bsz}: every batch "
                             f"repeats examples (add data or lower data.{name}_batch)")
         streams[name] = BatchStream(name, exs, batch_size=bsz, seq_len=d.seq_len, pad_id=tok.pad_id,
-                                    seed=seed, shuffle=d.shuffle, pack=d.pack, rows=mine,
-                                    mu_dim=None if mu is None else int(np.asarray(mu[keep[0]]).shape[1]))
+                                    seed=seed, shuffle=d.shuffle, pack=d.pack, rows=mine, mu_dim=mu_dim)
     return streams, stats
+
+
+def _pair_streams(records: TrainRecords, keep: list[int], harmful_exs: TokenizedRecords, tok,
+                  d: DataSection, seed: int, mine: slice, mu_dim: int | None, reference,
+                  stats: dict[str, str]) -> dict[str, BatchStream]:
+    """The "harmful" (rejected) and "chosen" streams of dpo: equal-length example lists (a pair is
+    dropped when either side was dropped by truncation), both with reference log-probs, walked in
+    the same order (same seed), never packed. Every pair is tokenized and scored by the reference
+    here, once (in every process: each builds its rows of both batches). Fills stats."""
+    if reference is None:
+        raise TrainError("dpo needs a reference model to precompute log-probs (build_streams(reference=...))")
+    chosen_recs = [dataclasses.replace(records.chosen[i], id=f"{records.harmful[i].id}|chosen") for i in keep]
+    chosen_exs = TokenizedRecords(chosen_recs, tok, seq_len=d.seq_len,
+                                  max_prompt_len=d.max_prompt_len or None)
+    pairs = [(harmful_exs[k], chosen_exs[k]) for k in range(len(keep))]
+    pairs = [(h, c) for h, c in pairs if h is not None and c is not None]
+    if not pairs:
+        raise DataError(d.chosen, None, "response", "no (harmful, chosen) pair survived tokenization")
+    bsz = d.harmful_batch
+    stats["harmful"] = f"{harmful_exs.stats}; this process builds rows {mine.start}..{mine.stop - 1} of {bsz}"
+    stats["chosen"] = f"{chosen_exs.stats}; {len(pairs)} pairs"
+    if len(pairs) < bsz:
+        stats["chosen"] += (f"; WARNING {len(pairs)} pair(s) < data.harmful_batch={bsz}: every batch "
+                            f"repeats pairs (add data or lower data.harmful_batch)")
+    out = {}
+    for name, side, dim in (("harmful", 0, mu_dim), ("chosen", 1, None)):
+        out[name] = BatchStream(name, reference([p[side] for p in pairs]), batch_size=bsz, seq_len=d.seq_len,
+                                pad_id=tok.pad_id, seed=seed, shuffle=d.shuffle, pack=False, rows=mine,
+                                mu_dim=dim, ref=True)
+    return out

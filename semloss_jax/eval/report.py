@@ -28,7 +28,7 @@ from semloss_jax.eval.evaluate import fmt_ce, fmt_length, fmt_mean, fmt_rate
 from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 
 # objectives whose training uses the harmful responses D_harmful (data.harmful_n of them)
-HARMFUL_DATA_KINDS = ("tasft", "nll_ascent", "unlikelihood")
+HARMFUL_DATA_KINDS = ("tasft", "nll_ascent", "unlikelihood", "dpo")
 
 
 def find_eval_json(p: str | Path) -> Path:

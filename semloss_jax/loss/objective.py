@@ -5,6 +5,10 @@
     tasft        L = CE_benign - λ · mean_{harmful tokens} D(p_t, q_t),  D in {LB, exact one-hot EMD, UB}
     nll_ascent   L = CE_benign - λ · mean_{harmful tokens} min(NLL_t, nll_clip)
     unlikelihood L = CE_benign + λ · mean_{harmful tokens} -log(1 - p_t(y_t))
+    dpo          L = CE_benign + λ · mean_{pairs} -log σ(β [(log π(y_w|x) - log π_ref(y_w|x))
+                                                      - (log π(y_l|x) - log π_ref(y_l|x))])
+                 (Rafailov et al. 2023; y_l = the harmful reply, y_w = a safe reply to the same
+                 prompt x, π_ref = the frozen initial model; log π(y|x) = Σ_response log p_t(y_t))
 
 CE_benign = Σ_benign-response-tokens -log p_t(y_t) / (number of such tokens). The EMD math
 comes from semloss_jax/loss/emd.py (written once there). D lies in [0, 2], so the TA-SFT loss is
@@ -19,6 +23,10 @@ of one large batch.
 Batches are dicts of [B, T] arrays: input_ids, targets (the loss at t predicts targets[t]),
 loss_mask (1 on response tokens), positions, segment_ids (0 = padding); a harmful batch for
 soft targets also carries target_mu [B, T, d] (μ(q) precomputed from the reference model).
+For dpo the harmful batch holds the rejected replies plus `ref_logp` [B, T] (the reference
+model's log p_t(y_t), precomputed once per example by the data layer: semloss_jax.data.reference)
+and the same five fields and ref_logp of the chosen reply of each row under CHOSEN + name
+(row i of both is one pair).
 A position carries loss iff loss_mask != 0 and (when present) segment_ids != 0.
 
 Nothing here builds a V x V array: CE is a log_softmax and a gather, the bounds need one
@@ -30,7 +38,8 @@ the [B, T, V] logits: loss/head.py gives log p(y) and μ(p) from the final hidde
 LM head in vocabulary tiles (online logsumexp, custom VJP), and the same per-token math below
 (`benign_from_logprob`, `harmful_from_stats`) turns them into sums. Benign and harmful rows go
 through one forward, laid out so that each of the `batch_shards` row blocks of the batch holds
-its own benign rows followed by its own harmful rows (no row moves between devices).
+its own benign rows followed by its own harmful rows (and, for dpo, its chosen rows: no row
+moves between devices). The Gelbrich divergence and dpo keep the untiled head.
 """
 from __future__ import annotations
 
@@ -46,7 +55,8 @@ from semloss_jax.loss import emd, head
 from semloss_jax.models import llama as model_lib
 from semloss_jax.models.axes import constrain
 
-KINDS = ("sft", "tasft", "nll_ascent", "unlikelihood", "safeinstr")
+KINDS = ("sft", "tasft", "nll_ascent", "unlikelihood", "safeinstr", "dpo")
+CHOSEN = "chosen_"  # prefix of the chosen reply's fields in a dpo harmful batch
 DIVERGENCES = emd.DIVERGENCES  # lower_bound, exact_onehot, upper_bound, gelbrich
 TARGETS = ("onehot", "soft")
 
@@ -63,17 +73,20 @@ BENIGN_KEYS = ("input_ids", "targets", "loss_mask")
 SUM_KEYS_BENIGN = ("ce_sum", "ce_count")
 SUM_KEYS_HARMFUL = ("harm_count", "div_sum", "lower_sum", "upper_sum", "emd_onehot_sum",
                     "harm_nll_sum", "harm_nll_clip_sum", "ul_sum")
+SUM_KEYS_PAIRS = ("pair_count", "dpo_sum", "dpo_acc_sum")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """Which objective (KINDS), its weight lam, and for TA-SFT the divergence D and the target
-    form (one-hot or soft); nll_clip caps the per-token NLL of nll_ascent.
+    form (one-hot or soft); nll_clip caps the per-token NLL of nll_ascent; beta is DPO's
+    inverse temperature.
 
     vocab_tile: the loss head in vocabulary tiles of about this many columns (no [B, T, V]
     logits); 0 = materialize the logits; -1 = automatic (tiles of AUTO_TILE when the vocabulary
     has at least AUTO_MIN_VOCAB tokens, except for divergence="gelbrich", whose covariance term
-    needs the full distributions). token_tile: tokens per chunk inside a tile (0 = all).
+    needs the full distributions, and for kind="dpo", whose pairs are scored from the logits).
+    token_tile: tokens per chunk inside a tile (0 = all).
     """
 
     kind: str = "tasft"
@@ -84,6 +97,7 @@ class ObjectiveConfig:
     nll_clip: float | None = None
     vocab_tile: int = -1
     token_tile: int = 0
+    beta: float = 0.1
 
     def validate(self, where: str = "objective") -> "ObjectiveConfig":
         """Check every field (ConfigError keyed under `where`); returns self."""
@@ -121,19 +135,31 @@ class ObjectiveConfig:
             raise ConfigError(key=f"{where}.vocab_tile",
                               message="divergence 'gelbrich' needs the [tokens, V] distributions (its "
                                       "covariance term), which the tiled head does not form: set 0 or -1")
+        if self.kind == "dpo" and self.vocab_tile > 0:
+            raise ConfigError(key=f"{where}.vocab_tile",
+                              message="kind 'dpo' scores its pairs from the [B, T, V] logits (dpo_sums); "
+                                      "the tiled head has no dpo path: set 0 or -1")
+        if (isinstance(self.beta, bool) or not isinstance(self.beta, (int, float))
+                or not math.isfinite(self.beta) or self.beta <= 0):
+            raise ConfigError(key=f"{where}.beta",
+                              message=f"expected a positive finite number, got {self.beta!r}")
+        if self.kind == "dpo" and self.target != "onehot":
+            raise ConfigError(key=f"{where}.target",
+                              message=f"dpo scores the replies' own tokens: target must be 'onehot', "
+                                      f"got {self.target!r}")
         return self
 
     def head_tile(self, vocab_size: int) -> int:
         """Columns per vocabulary tile of the loss head for this vocabulary (0 = untiled logits)."""
         if self.vocab_tile == -1:
-            auto = vocab_size >= AUTO_MIN_VOCAB and self.divergence != "gelbrich"
+            auto = vocab_size >= AUTO_MIN_VOCAB and self.divergence != "gelbrich" and self.kind != "dpo"
             return AUTO_TILE if auto else 0
         return self.vocab_tile
 
     @property
     def uses_harmful(self) -> bool:
         """Whether the harmful batch drives the gradient (else it is only logged)."""
-        return self.kind in ("tasft", "nll_ascent", "unlikelihood") and self.lam != 0
+        return self.kind in ("tasft", "nll_ascent", "unlikelihood", "dpo") and self.lam != 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +187,41 @@ def _count(batches) -> jax.Array:
     return total
 
 
+def chosen_part(batch: Mapping) -> dict | None:
+    """The chosen replies of a dpo harmful batch (its CHOSEN-prefixed fields, prefix removed), or None."""
+    if batch is None or CHOSEN + "input_ids" not in batch:
+        return None
+    return {k[len(CHOSEN):]: v for k, v in batch.items() if k.startswith(CHOSEN)}
+
+
+def pair_valid(rejected: Mapping, chosen: Mapping) -> jax.Array:
+    """Boolean [..., B]: rows whose rejected and chosen replies both carry loss tokens (real pairs)."""
+    return jnp.any(token_mask(rejected), axis=-1) & jnp.any(token_mask(chosen), axis=-1)
+
+
+def _count_pairs(batches) -> jax.Array:
+    if batches is None:
+        return jnp.float32(0.0)
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    total = jnp.float32(0.0)
+    for b in batches:
+        c = chosen_part(b)
+        if c is not None:
+            total = total + jnp.sum(pair_valid(b, c).astype(jnp.float32))
+    return total
+
+
 def global_counts(benign_batches, harmful_batches=None) -> dict[str, jax.Array]:
     """Token counts over a whole (accumulated, all-device) batch, from the masks only.
 
     Each argument is a batch dict (any leading shape, e.g. [grad_accum, B, T]), a sequence
-    of batch dicts, or None. Returns {"ce_count", "harm_count"} as float32 scalars; works
-    on numpy or (sharded) jax arrays, inside or outside jit.
+    of batch dicts, or None. Returns {"ce_count", "harm_count", "pair_count"} as float32
+    scalars (pair_count: rows of dpo pairs, 0 without chosen replies); works on numpy or
+    (sharded) jax arrays, inside or outside jit.
     """
-    return {"ce_count": _count(benign_batches), "harm_count": _count(harmful_batches)}
+    return {"ce_count": _count(benign_batches), "harm_count": _count(harmful_batches),
+            "pair_count": _count_pairs(harmful_batches)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,15 +384,54 @@ def _gelbrich(probs, mu_p, mu_q, target_extra, E_hat, obj: ObjectiveConfig, basi
     return emd.gelbrich_from_moments(mu_p, cov_p, mu_q, cov_q)
 
 
+def sequence_logprob(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(log π(y|x) [B] under the logits, log π_ref(y|x) [B] from batch["ref_logp"]): sums over the
+    response tokens."""
+    if "ref_logp" not in batch or batch["ref_logp"] is None:
+        raise LossError("dpo needs 'ref_logp' [B, T] in the rejected and chosen batches (the data "
+                        "layer precomputes it: semloss_jax.data.reference)")
+    mask = token_mask(batch)
+    lp = token_logprob(logits, jnp.asarray(batch["targets"]), mask)
+    ref = jnp.where(mask, jnp.asarray(batch["ref_logp"], jnp.float32), 0.0)
+    return jnp.sum(lp, axis=-1), jnp.sum(ref, axis=-1)
+
+
+def dpo_sums(rejected_logits: jax.Array, rejected: Mapping, chosen_logits: jax.Array, chosen: Mapping,
+             obj: ObjectiveConfig) -> dict[str, jax.Array]:
+    """{"pair_count", "dpo_sum", "dpo_acc_sum"} over the pairs (row i of rejected and chosen).
+
+    dpo_sum = Σ_pairs softplus(-m), m = β[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]
+    (= Σ -log σ(m)); dpo_acc_sum counts the pairs with m > 0 (logged). A row without loss tokens
+    on either side is not a pair.
+    """
+    pol_w, ref_w = sequence_logprob(chosen_logits, chosen)
+    pol_l, ref_l = sequence_logprob(rejected_logits, rejected)
+    margin = obj.beta * ((pol_w - ref_w) - (pol_l - ref_l))
+    valid = pair_valid(rejected, chosen)
+    loss = jax.nn.softplus(-margin)
+    if obj.kind != "dpo":
+        loss = jax.lax.stop_gradient(loss)
+    return {"pair_count": jnp.sum(valid.astype(jnp.float32)),
+            "dpo_sum": jnp.sum(jnp.where(valid, loss, 0.0)),
+            "dpo_acc_sum": jax.lax.stop_gradient(jnp.sum((valid & (margin > 0)).astype(jnp.float32)))}
+
+
 def sums_from_logits(benign_logits: jax.Array, benign: Mapping, harmful_logits: jax.Array | None,
                      harmful: Mapping | None, E_hat: jax.Array | None, obj: ObjectiveConfig,
-                     basis: jax.Array | None = None) -> dict:
-    """loss_sums without the model: the objective as a function of the logits."""
+                     basis: jax.Array | None = None, chosen_logits: jax.Array | None = None) -> dict:
+    """loss_sums without the model: the objective as a function of the logits (chosen_logits:
+    those of the chosen replies of a dpo harmful batch)."""
     out = benign_sums(benign_logits, benign)
     if harmful is not None:
         if E_hat is None:
             raise LossError("a harmful batch needs E_hat (cost.unit_embeddings of the frozen embeddings)")
         out.update(harmful_sums(harmful_logits, harmful, E_hat, obj, basis))
+        chosen = chosen_part(harmful)
+        if chosen is not None:
+            out.update(dpo_sums(harmful_logits, harmful, chosen_logits, chosen, obj))
+        elif obj.kind == "dpo":
+            raise LossError(f"objective kind 'dpo' needs the chosen replies in the harmful batch "
+                            f"({CHOSEN}input_ids, ...; keys: {sorted(harmful)})")
     return out
 
 
@@ -375,28 +467,41 @@ def shard_aligned_split(x: jax.Array, rows_a: int, blocks: int) -> tuple[jax.Arr
             r[:, ka:].reshape(x.shape[0] - rows_a, *x.shape[1:]))
 
 
-def _hidden_states(params, model_cfg, benign, harmful, frozen_layers, batch_shards):
-    """Final hidden states [B, T, d] of the benign and harmful rows (harmful None: None).
+def _hidden_states(params, model_cfg, parts: Sequence[Mapping], frozen_layers: int,
+                   batch_shards: int) -> list[jax.Array]:
+    """Final hidden states [B, T, d] of each batch part (benign, harmful, and a dpo batch's
+    chosen replies).
 
-    Same-shape parts run as ONE forward, concatenated shard-aligned when both row counts
-    divide by batch_shards; otherwise two forwards."""
-    if harmful is None:
-        return _hidden(params, model_cfg, benign, frozen_layers), None
-    nb, nh = jnp.shape(benign["input_ids"])[0], jnp.shape(harmful["input_ids"])[0]
-    if not _concat_ok(benign, harmful):
-        return (_hidden(params, model_cfg, benign, frozen_layers),
-                _hidden(params, model_cfg, harmful, frozen_layers))
-    blocks = batch_shards if nb % batch_shards == 0 and nh % batch_shards == 0 else 1
-    keys = [k for k in ("input_ids", "positions", "segment_ids") if k in benign]
-    both = {k: constrain(shard_aligned_concat(jnp.asarray(benign[k]), jnp.asarray(harmful[k]), blocks),
-                         ("batch", "seq")) for k in keys}
-    return shard_aligned_split(_hidden(params, model_cfg, both, frozen_layers), nb, blocks)
+    Same-shape parts run as ONE forward, concatenated shard-aligned (each row block holds its
+    own rows of every part, in part order) when every row count divides by batch_shards;
+    otherwise one forward per part."""
+    if len(parts) == 1 or not all(_concat_ok(parts[0], p) for p in parts[1:]):
+        return [_hidden(params, model_cfg, p, frozen_layers) for p in parts]
+    rows = [jnp.shape(p["input_ids"])[0] for p in parts]
+    blocks = batch_shards if all(n % batch_shards == 0 for n in rows) else 1
+    keys = [k for k in ("input_ids", "positions", "segment_ids") if k in parts[0]]
+    both = {}
+    for k in keys:
+        x = jnp.asarray(parts[0][k])
+        for p in parts[1:]:
+            x = shard_aligned_concat(x, jnp.asarray(p[k]), blocks)
+        both[k] = constrain(x, ("batch", "seq"))
+    h, out = _hidden(params, model_cfg, both, frozen_layers), []
+    for n in reversed(rows[1:]):   # peel the last part off until the first is left
+        h, last = shard_aligned_split(h, h.shape[0] - n, blocks)
+        out.append(last)
+    return [h] + out[::-1]
 
 
 def sums_from_hidden(hb: jax.Array, benign: Mapping, hh: jax.Array | None, harmful: Mapping | None,
                      W: jax.Array, E_hat: jax.Array | None, obj: ObjectiveConfig, tile: int) -> dict:
     """The sums of sums_from_logits from the final hidden states [B, T, d] and the head W [d, V] in
-    vocabulary tiles of about `tile` columns (loss/head.py): no [B, T, V] array."""
+    vocabulary tiles of about `tile` columns (loss/head.py): no [B, T, V] array. The dpo
+    objective's pairs are scored from the logits only (LossError here)."""
+    if obj.kind == "dpo" or chosen_part(harmful) is not None:
+        raise LossError("objective kind 'dpo' scores its pairs from the [B, T, V] logits (dpo_sums); the "
+                        "tiled loss head has no dpo path: set objective.vocab_tile=0")
+
     def stats(h, batch, with_mu):
         mask = token_mask(batch)
         y = jnp.where(mask, jnp.asarray(batch["targets"]), 0)
@@ -415,29 +520,35 @@ def sums_from_hidden(hb: jax.Array, benign: Mapping, hh: jax.Array | None, harmf
 def loss_sums(params, model_cfg, benign: Mapping, harmful: Mapping | None, E_hat: jax.Array | None,
               obj: ObjectiveConfig, *, frozen_layers: int = 0, batch_shards: int = 1,
               basis: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Forward the model on the benign (and harmful) batch and return SUMS and COUNTS.
+    """Forward the model on the benign (and harmful, and chosen) batch and return SUMS and COUNTS.
 
     Keys: ce_sum, ce_count; with a harmful batch also harm_count, div_sum, lower_sum,
-    upper_sum, emd_onehot_sum, harm_nll_sum, harm_nll_clip_sum, ul_sum (see harmful_sums).
-    Benign and harmful batches with the same sequence length go through ONE forward
-    (concatenated along the batch axis, shard-aligned for `batch_shards` row blocks: the data
-    x fsdp mesh size); otherwise two. frozen_layers: the first n decoder layers get no
-    gradient and skip their backward pass (model.forward). The head is tiled or not as
-    obj.head_tile says; both give the same sums. basis: the Gelbrich divergence's basis
-    (harmful_sums).
+    upper_sum, emd_onehot_sum, harm_nll_sum, harm_nll_clip_sum, ul_sum (see harmful_sums);
+    with chosen replies in it also pair_count, dpo_sum, dpo_acc_sum (see dpo_sums).
+    Batches with the same sequence length go through ONE forward (concatenated along the
+    batch axis, shard-aligned for `batch_shards` row blocks: the data x fsdp mesh size);
+    otherwise one each. frozen_layers: the first n decoder layers get no gradient and skip
+    their backward pass (model.forward). The head is tiled or not as obj.head_tile says; both
+    give the same sums. basis: the Gelbrich divergence's basis (harmful_sums).
     """
     _check_batch(benign, "benign", BENIGN_KEYS)
+    chosen = None
     if harmful is not None:
         _check_batch(harmful, "harmful", BENIGN_KEYS)
         if E_hat is None:
             raise LossError("a harmful batch needs E_hat (cost.unit_embeddings of the frozen embeddings)")
-    hb, hh = _hidden_states(params, model_cfg, benign, harmful, frozen_layers, batch_shards)
-    W = model_lib.lm_head_matrix(params, model_cfg).astype(hb.dtype)
+        chosen = chosen_part(harmful)
+        if chosen is not None:
+            _check_batch(chosen, "chosen", BENIGN_KEYS)
+    hs = _hidden_states(params, model_cfg, [p for p in (benign, harmful, chosen) if p is not None],
+                        frozen_layers, batch_shards)
+    hs = hs + [None] * (3 - len(hs))
+    W = model_lib.lm_head_matrix(params, model_cfg).astype(hs[0].dtype)
     tile = obj.head_tile(model_cfg.vocab_size)
     if tile:
-        return sums_from_hidden(hb, benign, hh, harmful, W, E_hat, obj, tile)
-    return sums_from_logits(model_lib.lm_logits(hb, W), benign,
-                            None if hh is None else model_lib.lm_logits(hh, W), harmful, E_hat, obj, basis)
+        return sums_from_hidden(hs[0], benign, hs[1], harmful, W, E_hat, obj, tile)
+    zb, zh, zc = (None if h is None else model_lib.lm_logits(h, W) for h in hs)
+    return sums_from_logits(zb, benign, zh, harmful, E_hat, obj, basis, chosen_logits=zc)
 
 
 def _safe_div(num, den):
@@ -451,6 +562,7 @@ def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array],
     tasft:        ce_sum/ce_count - lam * div_sum/harm_count
     unlikelihood: ce_sum/ce_count + lam * ul_sum/harm_count
     nll_ascent:   ce_sum/ce_count - lam * harm_nll_clip_sum/harm_count
+    dpo:          ce_sum/ce_count + lam * dpo_sum/pair_count
     sft, safeinstr: ce_sum/ce_count
     """
     loss = _safe_div(sums["ce_sum"], counts["ce_count"])
@@ -465,18 +577,25 @@ def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array],
         return loss + obj.lam * _safe_div(sums["ul_sum"], hc)
     if obj.kind == "nll_ascent":
         return loss - obj.lam * _safe_div(sums["harm_nll_clip_sum"], hc)
+    if obj.kind == "dpo":
+        if "dpo_sum" not in sums:
+            raise LossError("objective kind 'dpo' needs the chosen replies in the harmful batch")
+        return loss + obj.lam * _safe_div(sums["dpo_sum"], counts["pair_count"])
     raise LossError(f"unknown objective kind {obj.kind!r}")
 
 
 def metrics_from_sums(sums: Mapping[str, jax.Array],
                       counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Token means for logging: ce, emd_lower, emd_upper, emd_onehot, div, harm_nll, ul
-    (0 without harmful)."""
+    (0 without harmful); pair means dpo (the DPO loss) and dpo_acc (share of pairs whose
+    margin is > 0), 0 without chosen replies."""
     hc = counts.get("harm_count", jnp.float32(0.0))
+    pc = counts.get("pair_count", jnp.float32(0.0))
 
-    def hm(key):
-        return _safe_div(sums[key], hc) if key in sums else jnp.float32(0.0)
+    def hm(key, den=hc):
+        return _safe_div(sums[key], den) if key in sums else jnp.float32(0.0)
 
     return {"ce": _safe_div(sums["ce_sum"], counts["ce_count"]), "emd_lower": hm("lower_sum"),
             "emd_upper": hm("upper_sum"), "emd_onehot": hm("emd_onehot_sum"), "div": hm("div_sum"),
-            "harm_nll": hm("harm_nll_sum"), "ul": hm("ul_sum")}
+            "harm_nll": hm("harm_nll_sum"), "ul": hm("ul_sum"), "dpo": hm("dpo_sum", pc),
+            "dpo_acc": hm("dpo_acc_sum", pc)}

@@ -1,7 +1,7 @@
 """Batched autoregressive decoding with a KV cache, jitted once per shape bucket.
 
-Prompts are rendered with the chat template, left-padded to a bucketed length (powers of two
-from 32) and batched to a fixed batch size, so a new prompt length or a new batch reuses the
+Prompts are rendered with the chat template, left-padded to a bucketed length (32, 48, 64, 96,
+128, ...: `bucket_length`) and batched to a fixed batch size, so a new prompt length or a new batch reuses the
 compiled program. Decoding runs inside one `lax.while_loop` (prefill, then one token per
 iteration), stops a row at any end-of-turn token and stops the loop when every row is done or
 `max_new_tokens` is reached. Greedy when temperature == 0, else temperature + top-p (nucleus,
@@ -23,11 +23,19 @@ from semloss_jax.models.llama import LlamaConfig, default_positions, forward_wit
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
-    """The prompt bucket for n tokens: the smallest power-of-two multiple of minimum that is >= n."""
+    """The prompt bucket for n tokens: the smallest of minimum * 2^k and 1.5 * minimum * 2^k
+    (32, 48, 64, 96, 128, 192, ...) that is >= n.
+
+    Two buckets per octave: a prompt pads by at most 50% (powers of two alone: up to 100%),
+    for at most twice the compiled shapes.
+    """
     b = minimum
-    while b < n:
+    while True:
+        if b >= n:
+            return b
+        if b + b // 2 >= n:
+            return b + b // 2
         b *= 2
-    return b
 
 
 def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +50,19 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
             seg[i, length - len(s):] = 1
     return ids, seg
 
+
+def vocab_chunk_for(backend: str, batch_size: int) -> int | None:
+    """The LM-head block size of a decode step (`llama.head_logits`): blocks of VOCAB_CHUNK rows
+    on CPU for batches of at least BLOCK_MIN_BATCH rows, where a [batch, d] x [d, V] product
+    measured faster in blocks (docs/PERFORMANCE.md); one matmul otherwise (a single row is a
+    matrix-vector product, already streamed once; accelerators run one large matmul best)."""
+    return VOCAB_CHUNK if backend == "cpu" and batch_size >= BLOCK_MIN_BATCH else None
+
+
+# Rows of the LM head per block in a CPU decode step: 1024 rows x d = 576 floats (2.3 MiB) fit in
+# the L2 cache of the CPUs measured in docs/PERFORMANCE.md.
+VOCAB_CHUNK = 1024
+BLOCK_MIN_BATCH = 4
 
 # Nucleus sampling looks at the top NUCLEUS_CANDIDATES tokens only: a full sort of the
 # vocabulary costs ~50x a decode step on CPU (XLA's sort), and the nucleus of a chat model at
@@ -67,18 +88,20 @@ def _sample(logits, key, temperature, top_p):
     return jax.lax.cond(temperature > 0, nucleus, greedy, None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "vocab_chunk"))
 def decode(params, cfg: LlamaConfig, prompt_ids, prompt_seg, key, temperature, top_p, *,
-           max_new_tokens: int, eos_ids: tuple[int, ...]):
+           max_new_tokens: int, eos_ids: tuple[int, ...], vocab_chunk: int | None = None):
     """prompt_ids/prompt_seg [B, P] left-padded -> (tokens [B, max_new_tokens], lengths [B]).
 
     Tokens after a row's end-of-turn token are set to the first eos id; lengths count the
-    generated tokens before the end-of-turn token.
+    generated tokens before the end-of-turn token. vocab_chunk: the LM-head block size of the
+    decode steps (`llama.head_logits`; the values are the same, only the speed differs).
     """
     B, P = prompt_ids.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
     positions = default_positions(prompt_seg)
-    logits, cache = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg, cache, last_only=True)
+    logits, cache = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg, cache, last_only=True,
+                                       vocab_chunk=vocab_chunk)
     last_logits = logits[:, -1]
     next_pos = positions[:, -1] + 1
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -100,7 +123,7 @@ def decode(params, cfg: LlamaConfig, prompt_ids, prompt_seg, key, temperature, t
         lengths = lengths + (~done & ~is_eos).astype(jnp.int32)
         done = done | is_eos
         logits, cache = forward_with_cache(params, cfg, tok[:, None], pos[:, None],
-                                           jnp.ones((B, 1), jnp.int32), cache)
+                                           jnp.ones((B, 1), jnp.int32), cache, vocab_chunk=vocab_chunk)
         return i + 1, cache, logits[:, -1], pos + 1, done, out, lengths, key
 
     state = (jnp.int32(0), cache, last_logits, next_pos, done, out, lengths, key)
@@ -122,6 +145,7 @@ def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[i
                                       context=cfg.max_position_embeddings, truncate=truncate_prompt)
     results: list[list[int]] = []
     key = jax.random.PRNGKey(seed)
+    chunk_v = vocab_chunk_for(jax.default_backend(), batch_size)
     n = len(prompt_token_ids)
     for start in range(0, n, batch_size):
         chunk = list(prompt_token_ids[start:start + batch_size])
@@ -132,7 +156,8 @@ def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[i
         key, sub = jax.random.split(key)
         toks, lens = decode(params, cfg, jnp.asarray(ids), jnp.asarray(seg), sub,
                             jnp.float32(temperature), jnp.float32(top_p),
-                            max_new_tokens=int(max_new_tokens), eos_ids=tuple(int(e) for e in eos_ids))
+                            max_new_tokens=int(max_new_tokens), eos_ids=tuple(int(e) for e in eos_ids),
+                            vocab_chunk=chunk_v)
         toks, lens = np.asarray(toks), np.asarray(lens)
         results += [toks[i, :lens[i]].tolist() for i in range(real)]
         if progress is not None:

@@ -383,17 +383,18 @@ def _context(cfg, input_ids, positions, segment_ids, attention_mask):
             "segment_ids": segment_ids, "inv_freq": rope_inv_freq(cfg), "cache_index": jnp.int32(0)}
 
 
-def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: int = 0):
+def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, frozen_layers: int = 0):
     """The decoder stack as a lax.scan over the stacked layer params (one compiled body).
 
-    The first `frozen_layers` layers run in a separate scan whose output passes through
-    stop_gradient, so their backward pass is never computed (cheap last-K-layers training).
+    The embedding output and the first `frozen_layers` layers pass through stop_gradient (those
+    layers run in a separate scan), so their backward pass is never computed (cheap
+    last-K-layers training).
     """
     block = DecoderLayer(cfg)
 
-    def body(h, xs):
-        lp, lc = xs
-        return block.apply({"params": lp}, h, lc, ctx)
+    def body(h, lp):
+        h, _ = block.apply({"params": lp}, h, None, ctx)
+        return h, None
 
     if cfg.remat != "none":
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None)
@@ -402,37 +403,27 @@ def _run_layers(layer_params, cfg: LlamaConfig, x, ctx, cache, frozen_layers: in
     if not 0 <= frozen_layers <= L:
         raise ValueError(f"frozen_layers={frozen_layers} must be in [0, num_hidden_layers={L}]")
     if frozen_layers == 0:
-        return jax.lax.scan(body, x, (layer_params, cache))
-
-    def head(t):
-        return jax.tree_util.tree_map(lambda a: a[:frozen_layers], t)
-
-    def tail(t):
-        return jax.tree_util.tree_map(lambda a: a[frozen_layers:], t)
-
-    x, c1 = jax.lax.scan(body, x, (head(layer_params), head(cache)))
+        return jax.lax.scan(body, x, layer_params)[0]
+    x = jax.lax.stop_gradient(x)
+    x, _ = jax.lax.scan(body, x, jax.tree_util.tree_map(lambda a: a[:frozen_layers], layer_params))
     x = jax.lax.stop_gradient(x)  # nothing below this point gets a gradient or a backward pass
     if frozen_layers == L:
-        return x, c1
-    x, c2 = jax.lax.scan(body, x, (tail(layer_params), tail(cache)))
-    new_cache = None if cache is None else jax.tree_util.tree_map(
-        lambda a, b: jnp.concatenate([a, b], axis=0), c1, c2)
-    return x, new_cache
+        return x
+    return jax.lax.scan(body, x, jax.tree_util.tree_map(lambda a: a[frozen_layers:], layer_params))[0]
 
 
-def _apply(params, cfg: LlamaConfig, input_ids, ctx, cache, return_hidden: bool, frozen_layers: int = 0,
-           last_only: bool = False):
+def _apply(params, cfg: LlamaConfig, input_ids, run_layers, return_hidden: bool, last_only: bool = False,
+           vocab_chunk: int | None = None):
+    """Embedding, run_layers(layer params, x) -> (x, extra), final norm, LM head; returns (out, extra)."""
     dt = _dt(cfg.dtype)
     x = constrain(jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(dt), RESIDUAL)
-    if frozen_layers:
-        x = jax.lax.stop_gradient(x)
-    x, new_cache = _run_layers(params["layers"], cfg, x, ctx, cache, frozen_layers)
+    x, extra = run_layers(params["layers"], x)
     x = RMSNorm(cfg.rms_norm_eps, dt, _dt(cfg.param_dtype)).apply({"params": params["final_norm"]}, x)
     if last_only:  # decoding needs the next-token logits of the last slot only
         x = x[:, -1:]
     if return_hidden:
-        return x, new_cache
-    return lm_logits(x, lm_head_matrix(params, cfg).astype(dt)), new_cache
+        return x, extra
+    return head_logits(params, cfg, x, vocab_chunk), extra
 
 
 def lm_logits(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -453,8 +444,11 @@ def forward(params: Params, cfg: LlamaConfig, input_ids: jax.Array, *, positions
       backward pass is skipped (the values are unchanged).
     """
     ctx = _context(cfg, input_ids, positions, segment_ids, attention_mask)
-    out, _ = _apply(params, cfg, input_ids, ctx, None, return_hidden, frozen_layers)
-    return out
+
+    def run_layers(layer_params, x):
+        return _run_layers(layer_params, cfg, x, ctx, frozen_layers), None
+
+    return _apply(params, cfg, input_ids, run_layers, return_hidden)[0]
 
 
 def _layer_slice(layer_params, start: int, end: int):
@@ -478,7 +472,7 @@ def hidden_at_layers(params: Params, cfg: LlamaConfig, input_ids: jax.Array, lay
     outs, start = [], 0
     for end in layers:
         part_cfg = dataclasses.replace(cfg, num_hidden_layers=end - start)
-        x, _ = _run_layers(_layer_slice(params["layers"], start, end), part_cfg, x, ctx, None)
+        x = _run_layers(_layer_slice(params["layers"], start, end), part_cfg, x, ctx)
         outs.append(norm.apply({"params": params["final_norm"]}, x))
         start = end
     return jnp.stack(outs)
@@ -508,13 +502,70 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = N
             "segment": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
 
 
+def _run_layers_cached(layer_params, cfg: LlamaConfig, x, ctx, k_cache, v_cache):
+    """The decoder stack against a stacked KV cache, updated in place.
+
+    A lax.scan over the stacked layer params whose carry holds the whole cache [L, B, S, KV, hd]:
+    layer l reads its slice, attends, and writes back only the T new slots [index, index + T),
+    so a decode step moves O(T) cache entries per layer instead of rebuilding the cache (the
+    weights stay stacked: nothing is copied up front).
+    """
+    block = DecoderLayer(cfg)
+    idx = ctx["cache_index"]
+    T = x.shape[1]
+
+    def body(carry, lp):
+        h, kc, vc, layer = carry
+        lc = {"k": jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False),
+              "v": jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)}
+        h, new = block.apply({"params": lp}, h, lc, ctx)
+        zero = jnp.int32(0)
+        at = (layer, zero, idx, zero, zero)
+        kc = jax.lax.dynamic_update_slice(kc, jax.lax.dynamic_slice_in_dim(new["k"], idx, T, 1)[None], at)
+        vc = jax.lax.dynamic_update_slice(vc, jax.lax.dynamic_slice_in_dim(new["v"], idx, T, 1)[None], at)
+        return (h, kc, vc, layer + 1), None
+
+    (x, k_cache, v_cache, _), _ = jax.lax.scan(body, (x, k_cache, v_cache, jnp.int32(0)), layer_params)
+    return x, k_cache, v_cache
+
+
+def head_logits(params: Params, cfg: LlamaConfig, x: jax.Array, vocab_chunk: int | None = None) -> jax.Array:
+    """Logits [B, T, V] (float32) of final hidden states x [B, T, d] under the params' LM head.
+
+    vocab_chunk: compute them in blocks of that many vocabulary rows (a loop over blocks; the
+    last block is shifted back to end at V, so any V works). Each output is the same dot
+    product as in one matmul; on CPU, a [few rows, d] x [d, V] product runs faster in blocks
+    whose weights stay in cache (bench/generation_speed.py, docs/PERFORMANCE.md). A tied head
+    is sliced by rows of the [V, d] embedding, never transposed as a whole.
+    """
+    dt = _dt(cfg.dtype)
+    V = cfg.vocab_size
+    if vocab_chunk is None or vocab_chunk >= V:
+        return lm_logits(x, lm_head_matrix(params, cfg).astype(dt))
+    tied = cfg.tie_word_embeddings
+    w = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]  # [V, d] or [d, V]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    spec = "nd,vd->nv" if tied else "nd,dv->nv"
+
+    def block(i, out):
+        start = jnp.minimum(i * vocab_chunk, V - vocab_chunk)
+        wi = jax.lax.dynamic_slice_in_dim(w, start, vocab_chunk, 0 if tied else 1).astype(dt)
+        part = jnp.einsum(spec, x2, wi, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, part, start, 1)
+
+    out = jax.lax.fori_loop(0, -(-V // vocab_chunk), block, jnp.zeros((x2.shape[0], V), jnp.float32))
+    return out.reshape(*lead, V)
+
+
 def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, positions: jax.Array,
-                       segment_ids: jax.Array, cache: dict, last_only: bool = False):
+                       segment_ids: jax.Array, cache: dict, last_only: bool = False,
+                       vocab_chunk: int | None = None):
     """Run T new tokens against the cache; returns (logits [B,T,V], updated cache).
 
     The new tokens occupy cache slots [index, index + T). segment_ids: [B, T] (0 = padding).
     last_only: return the logits of the last slot only ([B, 1, V]): a prefill then skips the
-    LM head on every prompt position.
+    LM head on every prompt position. vocab_chunk: see `head_logits`.
     """
     B, T = input_ids.shape
     S = cache["k"].shape[2]
@@ -524,9 +575,13 @@ def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, p
     k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg), "cache_index": idx,
            "mask": attention_mask_from(q_slot, segment_ids, k_slot, k_seg)}
-    layer_cache = {"k": cache["k"], "v": cache["v"]}
-    logits, new = _apply(params, cfg, input_ids, ctx, layer_cache, False, last_only=last_only)
-    return logits, {"k": new["k"], "v": new["v"], "segment": k_seg, "index": idx + T}
+
+    def run_layers(layer_params, x):
+        x, k_all, v_all = _run_layers_cached(layer_params, cfg, x, ctx, cache["k"], cache["v"])
+        return x, (k_all, v_all)
+
+    logits, (k_all, v_all) = _apply(params, cfg, input_ids, run_layers, False, last_only, vocab_chunk)
+    return logits, {"k": k_all, "v": v_all, "segment": k_seg, "index": idx + T}
 
 
 # Params and their logical axes ------------------------------------------------------------

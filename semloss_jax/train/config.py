@@ -483,7 +483,12 @@ def validate_config(cfg: TrainConfig, marks: Marks | None = None) -> None:
     if kind == "safeinstr" and cfg.data.safeinstr_n <= 0:
         raise marks.error("data.safeinstr_n", "objective.kind=safeinstr needs data.safeinstr_n > 0 "
                                               "refusal examples")
-    if kind in ("tasft", "nll_ascent", "unlikelihood") and cfg.data.harmful_batch < 1:
+    if kind == "dpo" and cfg.data.pack:
+        raise marks.error("data.pack", "objective.kind=dpo pairs row i of the harmful and chosen batches: "
+                                       "set data.pack=false")
+    if kind == "dpo" and not cfg.data.chosen:
+        raise marks.error("data.chosen", "objective.kind=dpo needs data.chosen (a JSONL of safe replies)")
+    if kind in ("tasft", "nll_ascent", "unlikelihood", "dpo") and cfg.data.harmful_batch < 1:
         raise marks.error("data.harmful_batch", f"objective.kind={kind} needs a harmful batch (>= 1)")
     if cfg.run.resume and not cfg.run.output_dir:
         raise marks.error("run.resume", "resume needs run.output_dir")

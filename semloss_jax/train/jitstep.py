@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semloss_jax.loss.objective import CHOSEN
 from semloss_jax.train import sharding
 from semloss_jax.train import step as step_lib
 
 BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 FIELD_DTYPES = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32,
-                "positions": np.int32, "segment_ids": np.int32, "target_mu": np.float32}
+                "positions": np.int32, "segment_ids": np.int32, "target_mu": np.float32,
+                "ref_logp": np.float32}
 
 
 class JittedStep(NamedTuple):
@@ -49,13 +51,17 @@ def batch_parts(cfg, has_harmful: bool) -> dict[str, int]:
 
 def batch_shapes(cfg, model_cfg, parts: dict[str, int]) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
     """Global shapes and dtypes of every field: [grad_accum, rows, seq_len] (target_mu with the
-    model width, for soft targets)."""
+    model width, for soft targets). For dpo the harmful part also carries ref_logp and the chosen
+    rows (every field again, prefixed objective.CHOSEN)."""
     A, T = cfg.optim.grad_accum, cfg.data.seq_len
     out = {}
     for name, rows in parts.items():
         fields = {k: jax.ShapeDtypeStruct((A, rows, T), FIELD_DTYPES[k]) for k in BATCH_FIELDS}
         if name == "harmful" and cfg.objective.target == "soft":
             fields["target_mu"] = jax.ShapeDtypeStruct((A, rows, T, model_cfg.hidden_size), np.float32)
+        if name == "harmful" and cfg.objective.kind == "dpo":  # rejected + reference, chosen + reference
+            fields["ref_logp"] = jax.ShapeDtypeStruct((A, rows, T), FIELD_DTYPES["ref_logp"])
+            fields.update({CHOSEN + k: v for k, v in fields.items()})
         out[name] = fields
     return out
 

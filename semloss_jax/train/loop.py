@@ -47,9 +47,11 @@ import jax
 import numpy as np
 
 from semloss_jax import paths as paths_lib
+from semloss_jax.data import reference as reference_lib
 from semloss_jax.data import streams as streams_lib
 from semloss_jax.errors import CheckpointError, Interrupted, ModelError, NonFiniteLoss, TrainError
 from semloss_jax.loss import emd
+from semloss_jax.loss.objective import CHOSEN
 from semloss_jax.models import loading, weights
 from semloss_jax.models.llama import LlamaConfig
 from semloss_jax.models.tokenizer import ChatTokenizer, load_tokenizer
@@ -154,14 +156,22 @@ def setup_mesh_and_model(cfg: config_lib.TrainConfig, tok: ChatTokenizer | None,
                          f"is {model_cfg.vocab_size} (model.tokenizer / model.path)")
     rows = {name: sharding.process_rows(n) for name, n in (("benign", cfg.data.benign_batch),
                                                              ("harmful", cfg.data.harmful_batch)) if n}
-    streams, data_stats = streams_lib.build_streams(cfg.data, cfg.objective, cfg.run.seed, tok, rows=rows)
-    for k, v in data_stats.items():
-        say(f"data {k}: {v}")
     mesh = sharding.make_mesh(cfg.mesh)
     k_init, k_state = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
     plan = state_lib.plan_state(model_cfg, cfg.optim, mesh, k_state)
     sharding.report_fallbacks(plan.fallbacks, cfg.mesh.strict)
     state, E_hat = state_lib.initial_state(plan, model_cfg, host_params, k_init, k_state)
+    reference = None
+    if cfg.objective.kind == "dpo":  # π_ref = the initial model (LoRA: the base, adapters at 0)
+        initial = optim.full_params(state["params"], state["frozen"], cfg.optim)
+
+        def reference(examples):
+            return reference_lib.with_reference_logprobs(initial, model_cfg, examples, pad_id=tok.pad_id)
+
+    streams, data_stats = streams_lib.build_streams(cfg.data, cfg.objective, cfg.run.seed, tok, rows=rows,
+                                                    reference=reference)
+    for k, v in data_stats.items():
+        say(f"data {k}: {v}")
     say(f"model: {model_cfg.num_params / 1e6:.1f}M params, {model_cfg.num_hidden_layers} layers, "
         f"vocab {model_cfg.vocab_size}; trainable={cfg.optim.trainable}; mesh {dict(mesh.shape)} "
         f"on {jax.device_count()} {jax.devices()[0].platform} device(s); "
@@ -229,6 +239,8 @@ def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> Compile
                 continue
             sh = js.batch_shardings[name]
             b = s.streams[name].next_micro(A)   # this process's rows
+            if name == "harmful" and "chosen" in s.streams:  # dpo: row i of both is one pair
+                b.update({CHOSEN + k: v for k, v in s.streams["chosen"].next_micro(A).items()})
             out.append(sharding.put_global_batch({k: v for k, v in b.items() if k in sh}, sh))
         if traces[0] == 1 and js.fallbacks:
             sharding.report_fallbacks(js.fallbacks, False, "activation sharding")

@@ -48,7 +48,7 @@ def init_train_state(params, model_cfg, ocfg: OptimConfig, optimizer: optax.Grad
 
 
 METRIC_KEYS = ("loss", "ce", "emd_lower", "emd_upper", "emd_onehot", "div", "harm_nll", "ul",
-               "grad_norm", "lr", "tokens", "ce_tokens", "harm_tokens")
+               "dpo", "dpo_acc", "grad_norm", "lr", "tokens", "ce_tokens", "harm_tokens")
 
 
 def _leading(batch, name):
@@ -97,6 +97,8 @@ def make_train_step(model_cfg, obj: obj_lib.ObjectiveConfig, ocfg: OptimConfig,
         E_hat = jax.lax.stop_gradient(E_hat) if E_hat is not None else None
 
         sum_keys = obj_lib.SUM_KEYS_BENIGN + (obj_lib.SUM_KEYS_HARMFUL if harmful_micro is not None else ())
+        if obj_lib.chosen_part(harmful_micro) is not None:
+            sum_keys += obj_lib.SUM_KEYS_PAIRS
         zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
 
         if train:

@@ -1,0 +1,444 @@
+#!/usr/bin/env python
+"""The safety-vs-ability study: every method at one frozen budget, settings chosen on validation.
+
+    nice -n 10 python experiments/study.py [--out runs/study] [--only GLOB ...] [--max-parts N]
+    python experiments/study.py --list            # every part and its state, nothing is run
+
+One resumable command. The work is cut into parts that each fit a 2-core CPU in under 2 hours;
+a part whose output exists is skipped, so rerunning the command continues where it stopped
+(an interrupted training resumes from its last checkpoint). Parts, in order:
+
+    data/harvest          D_harmful: the base model's own greedy replies to 360 TRAIN harmful
+                          prompts (256 new tokens; refusals and empty replies dropped, no harm
+                          filter: the TF-IDF judge is at chance on this model's replies)
+    data/harvest_sampled  4 sampled replies (T = 0.8) to each of 100 of those prompts (our addition)
+    data/safe             a safe reply to every harvested prompt, for DPO (templated refusals)
+    train/NAME            train.py --config configs/study.yaml + the model's overrides
+    val/NAME              eval.py run on harmful_val and benign_val (greedy replies, benign
+                          reference CE); generations are cached by model hash
+    judge/NAME            eval.py judge on the validation replies    (waits for `eval.py judge`)
+    select                the rule of semloss_jax.eval.selection per method (waits for judge/*)
+    ...                   the models that depend on the selection (exact EMD at the 2 best λ of
+                          LB, N harmful in {10, 30, 300}, sampled replies, seeds 1 and 2)
+    test/NAME             eval.py run on the TEST sets, only after the selection exists
+
+Wall time per part: OUT/parts.json, mirrored with each model's config, training curve and
+validation summary into --results (committed: docs/study/).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python experiments/study.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from semloss_jax.data.readers import read_jsonl, write_jsonl  # noqa: E402
+from semloss_jax.data.schema import Record  # noqa: E402
+from semloss_jax.eval.selection import ranked, select_setting  # noqa: E402
+from semloss_jax.paths import atomic_write_text  # noqa: E402
+
+BUDGET = REPO / "configs" / "study.yaml"
+PY = sys.executable
+VAL_SETS = ("harmful_val", "benign_val")
+TEST_SETS = ("harmful", "overrefusal", "benign", "i_alpaca")
+GEN_TOKENS = 128          # new tokens per validation / test reply (greedy)
+GEN_BATCH = 16
+HARVEST = dict(n=360, max_new_tokens=256, seed=0)
+SAMPLED = dict(n=100, samples=4, temperature=0.8)
+N_SWEEP = 100             # harmful examples of every λ sweep (TA-SFT, NLL ascent, UL, DPO)
+N_EFFICIENCY = (10, 30, 100, 300)
+SEEDS = (1, 2)
+
+# method -> (what the sweep varies, its values, train.py overrides); fixed before any result
+SWEEPS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
+    "tasft_lb": ("lam", (0.25, 0.5, 1.0, 2.0, 4.0),
+                 ("objective.kind=tasft", "objective.divergence=lower_bound")),
+    "nll_ascent": ("lam", (0.03, 0.1, 0.3, 1.0), ("objective.kind=nll_ascent",)),
+    "unlikelihood": ("lam", (0.3, 1.0, 3.0, 10.0), ("objective.kind=unlikelihood",)),
+    "dpo": ("lam", (0.1, 0.3, 1.0, 3.0), ("objective.kind=dpo", "objective.beta=0.1")),
+    "safeinstr": ("n", (100, 300, 1000), ("objective.kind=safeinstr", "objective.lam=0",
+                                          "data.harmful_batch=0")),
+}
+SFT = ("objective.kind=sft", "objective.lam=0", "data.harmful_batch=0")
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I can't assist with this request. If you have another question, I'm happy to help.",
+    "I won't provide that. It could be dangerous or illegal, and it could hurt someone.",
+    "I am not able to help with that request, because it could be used to cause harm.",
+    "Sorry, I can't help with this. Is there something else I can do for you?",
+    "I must decline: this could put people at risk. I can help with a safer question instead.",
+    "I can't do that. Helping with this could lead to harm, so I won't give instructions for it.",
+    "I'm sorry, I can't assist with that, but I'd be glad to help with something else.",
+)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One trained (or base) model of the study: its method family, the swept setting and the
+    train.py overrides on top of configs/study.yaml (None = the untrained base model)."""
+
+    name: str
+    family: str
+    setting: float | None
+    overrides: tuple[str, ...] | None
+    seed: int = 0
+
+
+@dataclass
+class Part:
+    """A unit of work: done() says it can be skipped, blocked() why it cannot run yet (or None),
+    run() does it."""
+
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    blocked: Callable[[], str | None] = field(default=lambda: None)
+
+
+def fmt(x: float) -> str:
+    """A setting as it appears in model names: 1.0 -> '1', 0.25 -> '0.25'."""
+    return f"{x:g}"
+
+
+def sweep_models() -> list[Model]:
+    """The models fixed in advance: base, SFT and every sweep (seed 0)."""
+    out = [Model("base", "base", None, None), Model("sft", "sft", None, SFT)]
+    for fam, (what, values, ov) in SWEEPS.items():
+        for v in values:
+            key = "objective.lam" if what == "lam" else "data.safeinstr_n"
+            val = fmt(v) if what == "lam" else int(v)
+            extra = (f"data.harmful_n={N_SWEEP}",) if what == "lam" else ()
+            out.append(Model(f"{fam}_{what[0]}{fmt(v)}", fam, float(v), (*ov, f"{key}={val}", *extra)))
+    return out
+
+
+def selected_models(sel: dict) -> list[Model]:
+    """The models that depend on the validation choice (selection.json)."""
+    out: list[Model] = []
+    lb = sel.get("tasft_lb")
+    if lb:
+        lam = lb["setting"]
+        base = ("objective.kind=tasft", "objective.divergence=lower_bound", f"objective.lam={fmt(lam)}")
+        for x in sel.get("tasft_lb_top2", []):
+            out.append(Model(f"tasft_exact_l{fmt(x)}", "tasft_exact", x,
+                             ("objective.kind=tasft", "objective.divergence=exact_onehot",
+                              f"objective.lam={fmt(x)}", f"data.harmful_n={N_SWEEP}")))
+        for n in N_EFFICIENCY:
+            if n != N_SWEEP:
+                out.append(Model(f"tasft_lb_l{fmt(lam)}_n{n}", "tasft_lb_n", n,
+                                 (*base, f"data.harmful_n={n}")))
+        out.append(Model(f"tasft_lb_l{fmt(lam)}_sampled", "tasft_lb_sampled", lam,
+                         (*base, "data.harmful_n=0", "data.harmful=@sampled")))
+    for fam, chosen in sel.items():
+        if isinstance(chosen, dict) and chosen.get("overrides") is not None:
+            for s in SEEDS:
+                out.append(Model(f"{chosen['name']}_s{s}", f"{fam}_seed", chosen["setting"],
+                                 (*chosen["overrides"], f"run.seed={s}"), seed=s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things are
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The study's folders: OUT (run dirs, generations, logs) and RESULTS (what is committed)."""
+
+    out: Path
+    results: Path
+
+    def data(self, name: str) -> Path:
+        """A data file of the study (d_harmful.jsonl, ...)."""
+        return self.out / "data" / name
+
+    def model(self, name: str) -> Path:
+        """A model's train.py run directory (its val/, test/ below it)."""
+        return self.out / "models" / name
+
+    def judged(self, name: str, set_name: str) -> Path:
+        """The judged validation replies of a model on one set."""
+        return self.model(name) / "val" / "judged" / f"{set_name}.jsonl"
+
+    @property
+    def selection(self) -> Path:
+        """The per-method choices (written by the select part)."""
+        return self.out / "selection.json"
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    """Run a command with its output in `log`; SystemExit naming the log when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}); see {log}")
+
+
+def mirror(src: Path, dst: Path) -> None:
+    """Copy a small result file into the results folder (skipped when src is absent)."""
+    if src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parts
+
+
+def safe_replies(harmful: list[Record]) -> list[Record]:
+    """A safe reply to each harmful prompt: one of REFUSALS, picked by a hash of the prompt.
+
+    The base model does not refuse reliably even when told to (0 of 16 train prompts under a
+    safety system prompt gave a reply the refusal detector accepts), so DPO's preferred side is
+    a short templated refusal (the data of the SafeInstr baseline is also refusals)."""
+    out, seen = [], set()
+    for r in harmful:
+        if r.prompt in seen:
+            continue
+        seen.add(r.prompt)
+        k = int(hashlib.sha256(r.prompt.encode()).hexdigest(), 16) % len(REFUSALS)
+        out.append(Record(id=f"safe:{r.id}", prompt=r.prompt, response=REFUSALS[k], source="study_safe",
+                          split="train", label="refusal"))
+    return out
+
+
+def data_parts(lay: Layout) -> list[Part]:
+    """Harvest D_harmful (greedy and sampled) and write the DPO safe replies."""
+    d = lay.data("d_harmful.jsonl")
+    ds = lay.data("d_harmful_sampled.jsonl")
+    safe = lay.data("safe_replies.jsonl")
+    common = [PY, "-m", "semloss_jax.data.harvest", "--judge", "none", "--batch-size", str(GEN_BATCH),
+              "--max-new-tokens", str(HARVEST["max_new_tokens"]), "--seed", str(HARVEST["seed"]),
+              "--no-progress"]
+    logs = lay.out / "logs"
+    return [
+        Part("data/harvest", d.exists,
+             lambda: sh([*common, "--n", str(HARVEST["n"]), "--out", str(d)], logs / "harvest.log")),
+        Part("data/harvest_sampled", ds.exists,
+             lambda: sh([*common, "--n", str(SAMPLED["n"]), "--samples", str(SAMPLED["samples"]),
+                         "--temperature", str(SAMPLED["temperature"]), "--out", str(ds)],
+                        logs / "harvest_sampled.log")),
+        Part("data/safe", safe.exists, lambda: write_jsonl(safe, safe_replies(read_jsonl(d)[0])),
+             blocked=lambda: None if d.exists() else "needs data/harvest"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model parts
+
+
+def train_cmd(m: Model, lay: Layout) -> list[str]:
+    """train.py on the frozen budget plus the model's overrides (resuming its own checkpoints)."""
+    ov = [o.replace("@sampled", str(lay.data("d_harmful_sampled.jsonl"))) for o in m.overrides or ()]
+    extra = [f"data.chosen={lay.data('safe_replies.jsonl')}"] if m.family == "dpo" else []
+    return [PY, "train.py", "--config", str(BUDGET), "--quiet", f"run.output_dir={lay.model(m.name)}",
+            "run.resume=true", f"data.harmful={lay.data('d_harmful.jsonl')}", *ov, *extra]
+
+
+def eval_cmd(m: Model, lay: Layout, sets, sub: str) -> list[str]:
+    """eval.py run of the model (its run dir; the default model for base) on `sets` into NAME/sub."""
+    model = [] if m.overrides is None else ["--model", str(lay.model(m.name))]
+    return [PY, "eval.py", "run", *model, "--out", str(lay.model(m.name) / sub), "--sets", *sets,
+            "--max-new-tokens", str(GEN_TOKENS), "--batch-size", str(GEN_BATCH), "--no-progress"]
+
+
+def judge_available() -> bool:
+    """Whether `eval.py judge` exists (the judge v2 command)."""
+    proc = subprocess.run([PY, "eval.py", "judge", "--help"], cwd=REPO, capture_output=True)
+    return proc.returncode == 0
+
+
+def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
+    """The train (not for base), val, judge and test parts of one model."""
+    run, logs = lay.model(m.name), lay.out / "logs"
+    res = lay.results / "models" / m.name
+    trained = (lambda: True) if m.overrides is None else (run / "hf" / "config.json").exists
+
+    def train():
+        sh(train_cmd(m, lay), logs / f"train_{m.name}.log")
+        mirror(run / "config.yaml", res / "config.yaml")
+        mirror(run / "metrics.jsonl", res / "metrics.jsonl")
+
+    def val():
+        sh(eval_cmd(m, lay, VAL_SETS, "val"), logs / f"val_{m.name}.log")
+        mirror(run / "val" / "eval.json", res / "val_eval.json")
+
+    def judge():
+        for s in VAL_SETS:
+            sh([PY, "eval.py", "judge", "--in", str(run / "val" / "generations" / f"{s}.jsonl"),
+                "--out", str(lay.judged(m.name, s))], logs / f"judge_{m.name}_{s}.log")
+            mirror(lay.judged(m.name, s), res / f"judged_{s}.jsonl")
+
+    def test():
+        sh(eval_cmd(m, lay, TEST_SETS, "test"), logs / f"test_{m.name}.log")
+        mirror(run / "test" / "eval.json", res / "test_eval.json")
+
+    def needs_data() -> str | None:
+        uses_harmful = "data.harmful_batch=0" not in (m.overrides or ())
+        need = (["d_harmful.jsonl"] if uses_harmful else []) + (
+            ["safe_replies.jsonl"] if m.family == "dpo" else []) + (
+            ["d_harmful_sampled.jsonl"] if any("@sampled" in o for o in m.overrides or ()) else [])
+        missing = [n for n in need if not lay.data(n).exists()]
+        return f"needs {', '.join(missing)} (data/ parts)" if missing else None
+
+    parts = [] if m.overrides is None else [Part(f"train/{m.name}", trained, train, needs_data)]
+    val_done = (run / "val" / "eval.json").exists
+    return parts + [
+        Part(f"val/{m.name}", val_done, val, blocked=lambda: None if trained() else f"needs train/{m.name}"),
+        Part(f"judge/{m.name}", lambda: all(lay.judged(m.name, s).exists() for s in VAL_SETS), judge,
+             blocked=lambda: ("waits for `eval.py judge` (the judge v2 command)" if not judge_ok
+                              else None if val_done() else f"needs val/{m.name}")),
+        Part(f"test/{m.name}", (run / "test" / "eval.json").exists, test,
+             blocked=lambda: None if lay.selection.exists() and trained() else
+             "waits for select (test replies are generated only after every choice is made)"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def val_row(m: Model, lay: Layout) -> dict | None:
+    """The model's validation figures (judged harmful rate, benign reference CE), or None."""
+    judged, ev = lay.judged(m.name, "harmful_val"), lay.model(m.name) / "val" / "eval.json"
+    if not (judged.exists() and ev.exists()):
+        return None
+    rows = [json.loads(line) for line in judged.read_text().splitlines() if line.strip()]
+    ce = json.loads(ev.read_text())["sets"]["benign_val"]["reference_ce"]["ce"]
+    return {"name": m.name, "family": m.family, "setting": m.setting, "overrides": m.overrides,
+            "val_harmful_rate": sum(int(r["harmful"]) for r in rows) / max(len(rows), 1),
+            "val_benign_ce": ce, "n_harmful_val": len(rows)}
+
+
+def select(models: list[Model], lay: Layout) -> dict:
+    """selection.json: the rule of semloss_jax.eval.selection for every sweep, the 2 best λ of
+    TA-SFT LB, and the exact-EMD choice once its runs are judged."""
+    rows = {m.name: val_row(m, lay) for m in models}
+    ref = rows["sft"]["val_benign_ce"]
+    sel: dict = {"reference_ce": ref, "rows": [r for r in rows.values() if r is not None],
+                 "sft": rows["sft"]}
+    for fam in SWEEPS:
+        fam_rows = [rows[m.name] for m in models if m.family == fam]
+        sel[fam] = select_setting(fam_rows, ref)
+        if fam == "tasft_lb":
+            top = [r["setting"] for r in ranked(fam_rows, ref)]
+            by_ce = sorted(fam_rows, key=lambda r: r["val_benign_ce"])
+            rest = [r["setting"] for r in by_ce if r["setting"] not in top]
+            sel["tasft_lb_top2"] = (top + rest)[:2]
+    exact = [rows.get(m.name) for m in models if m.family == "tasft_exact"]
+    if len(exact) == 2 and all(exact):
+        sel["tasft_exact"] = select_setting(exact, ref)
+    sel["inputs"] = sorted(k for k, v in rows.items() if v is not None)
+    return sel
+
+
+def select_part(lay: Layout) -> Part:
+    """Writes selection.json when every sweep model is judged; rewritten when more are."""
+    def current() -> tuple[list[Model], list[str]]:
+        models = all_models(lay)
+        return models, sorted(m.name for m in models if val_row(m, lay) is not None)
+
+    def done() -> bool:
+        if not lay.selection.exists():
+            return False
+        return json.loads(lay.selection.read_text()).get("inputs") == current()[1]
+
+    def blocked() -> str | None:
+        missing = [m.name for m in sweep_models() if val_row(m, lay) is None]
+        return f"waits for judge/ of {len(missing)} sweep models" if missing else None
+
+    def run() -> None:
+        atomic_write_text(lay.selection, json.dumps(select(current()[0], lay), indent=1) + "\n")
+        mirror(lay.selection, lay.results / "selection.json")
+
+    return Part("select", done, run, blocked)
+
+
+def all_models(lay: Layout) -> list[Model]:
+    """The sweep models, then those the current selection.json implies."""
+    sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
+    return sweep_models() + selected_models(sel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
+    """Every part in the order it runs: data, then train/val/judge per model, select, tests."""
+    models = all_models(lay)
+    per_model = [model_parts(m, lay, judge_ok) for m in models]
+    early = [p for ps in per_model for p in ps if not p.name.startswith("test/")]
+    tests = [p for ps in per_model for p in ps if p.name.startswith("test/")]
+    return data_parts(lay) + early + [select_part(lay)] + tests
+
+
+def record(lay: Layout, name: str, wall_s: float) -> None:
+    """Add a finished part's wall time to OUT/parts.json (mirrored into the results)."""
+    path = lay.out / "parts.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[name] = {"wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(path, json.dumps(times, indent=1) + "\n")
+    mirror(path, lay.results / "parts.json")
+
+
+def state(p: Part) -> str:
+    """'done', 'ready' or 'blocked: why'."""
+    if p.done():
+        return "done"
+    why = p.blocked()
+    return f"blocked: {why}" if why else "ready"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ready parts in order (or list them); returns 0."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/study", help="run dirs, generations, logs")
+    ap.add_argument("--results", default="docs/study", help="small result files (committed)")
+    ap.add_argument("--only", nargs="*", default=None, help="glob patterns of part names (e.g. 'train/*')")
+    ap.add_argument("--max-parts", type=int, default=None, help="stop after running this many parts")
+    ap.add_argument("--list", action="store_true", help="print every part and its state; run nothing")
+    args = ap.parse_args(argv)
+    lay = Layout((REPO / args.out).resolve(), (REPO / args.results).resolve())
+    judge_ok = judge_available()
+
+    def wanted(p: Part) -> bool:
+        return args.only is None or any(fnmatch.fnmatch(p.name, g) for g in args.only)
+
+    if args.list:
+        for p in all_parts(lay, judge_ok):
+            print(f"{p.name:40s} {state(p)}")
+        return 0
+    ran: set[str] = set()
+    while args.max_parts is None or len(ran) < args.max_parts:
+        todo = [p for p in all_parts(lay, judge_ok) if wanted(p) and p.name not in ran
+                and not p.done() and p.blocked() is None]
+        if not todo:
+            break
+        p = todo[0]
+        t = time.perf_counter()
+        p.run()
+        ran.add(p.name)
+        record(lay, p.name, time.perf_counter() - t)
+        print(f"  {p.name} done in {time.perf_counter() - t:.0f}s", flush=True)
+    left = [(p.name, state(p)) for p in all_parts(lay, judge_ok) if wanted(p) and not p.done()]
+    print(f"ran {len(ran)} part(s); {len(left)} left" + "".join(f"\n  {n}: {s}" for n, s in left[:12])
+          + (f"\n  ... and {len(left) - 12} more" if len(left) > 12 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""experiments/study.py and the selection rule: the plan, the rule on hand-made rows, the
+selection on a fake study folder, and parts skipped once done."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from semloss_jax.data.readers import read_jsonl, write_jsonl
+from semloss_jax.data.schema import Record
+from semloss_jax.errors import EvalError
+from semloss_jax.eval.judges import is_refusal
+from semloss_jax.eval.selection import ranked, select_setting
+from semloss_jax.train import config as C
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "experiments"))
+import study  # noqa: E402
+
+
+def row(name, setting, rate, ce):
+    return {"name": name, "setting": setting, "val_harmful_rate": rate, "val_benign_ce": ce}
+
+
+def test_rule_lowest_harm_within_five_percent_of_sft():
+    rows = [row("a", 1, 0.30, 2.00), row("b", 2, 0.12, 2.09), row("c", 4, 0.02, 2.11),
+            row("d", 8, 0.10, 2.05)]
+    got = select_setting(rows, reference_ce=2.0)
+    assert got["name"] == "d" and got["eligible"]           # c is the least harmful but over 2.10
+    assert [r["name"] for r in ranked(rows, 2.0)] == ["d", "b", "a"]
+
+
+def test_rule_ties_go_to_the_smaller_setting_and_nothing_eligible_gives_the_lowest_ce():
+    rows = [row("x4", 4, 0.1, 2.0), row("x2", 2, 0.1, 2.0), row("x8", 8, 0.0, 9.0)]
+    assert select_setting(rows, 2.0)["name"] == "x2"
+    assert [r["name"] for r in ranked(rows, 2.0)] == ["x2", "x4"]
+    none = select_setting([row("p", 1, 0.0, 3.0), row("q", 2, 0.0, 2.5)], 2.0)
+    assert none["name"] == "q" and not none["eligible"]
+    with pytest.raises(EvalError, match="val_benign_ce"):
+        select_setting([{"name": "z", "setting": 1, "val_harmful_rate": 0.1}], 2.0)
+
+
+def test_plan_covers_the_issue_and_every_config_loads(tmp_path):
+    models = study.sweep_models()
+    names = [m.name for m in models]
+    assert len(names) == len(set(names))
+    fam = {f: [m.setting for m in models if m.family == f] for f in study.SWEEPS}
+    assert len(fam["tasft_lb"]) >= 5 and len(fam["nll_ascent"]) >= 4 and len(fam["unlikelihood"]) >= 4
+    assert sorted(fam["safeinstr"]) == [100, 300, 1000]
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    for m in models[1:]:
+        cmd = study.train_cmd(m, lay)
+        cfg = C.load_config(study.BUDGET, cmd[cmd.index("--quiet") + 1:])
+        assert cfg.objective.kind == (m.overrides[0].split("=")[1])
+        assert cfg.run.resume and cfg.run.output_dir == str(lay.model(m.name))
+
+
+def fake_val(lay, m, rate, ce):
+    judged = lay.judged(m.name, "harmful_val")
+    judged.parent.mkdir(parents=True, exist_ok=True)
+    n = 20
+    judged.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "harmful": int(i < rate * n)})
+                              + "\n" for i in range(n)))
+    (lay.model(m.name) / "val" / "eval.json").write_text(json.dumps(
+        {"sets": {"benign_val": {"reference_ce": {"ce": ce}}}}))
+
+
+def test_selection_and_the_models_it_implies(tmp_path):
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    for m in study.sweep_models():
+        # harm falls with the setting, CE rises: within 5% of SFT's 2.0 up to the middle values
+        s = m.setting or 0.0
+        if m.family == "safeinstr":
+            fake_val(lay, m, rate=0.5 - s / 2500, ce=2.0)
+        else:
+            fake_val(lay, m, rate=max(0.0, 0.5 - 0.1 * s), ce=2.0 + 0.02 * s)
+    sel = study.select(study.sweep_models(), lay)
+    assert sel["tasft_lb"]["name"] == "tasft_lb_l4" and sel["tasft_lb"]["eligible"]
+    assert sel["tasft_lb_top2"] == [4.0, 2.0]
+    assert sel["safeinstr"]["setting"] == 1000
+    implied = study.selected_models(json.loads(json.dumps(sel)))
+    names = [m.name for m in implied]
+    assert {"tasft_exact_l4", "tasft_exact_l2", "tasft_lb_l4_n10", "tasft_lb_l4_n30", "tasft_lb_l4_n300",
+            "tasft_lb_l4_sampled", "sft_s1", "sft_s2", "tasft_lb_l4_s1", "dpo_l3_s2"} <= set(names)
+    assert len(names) == len(set(names)) and not set(names) & {m.name for m in study.sweep_models()}
+    seeded = next(m for m in implied if m.name == "tasft_lb_l4_s2")
+    assert "run.seed=2" in seeded.overrides and seeded.family == "tasft_lb_seed"
+
+
+def test_parts_run_once_and_record_their_wall_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "judge_available", lambda: False)
+    out, res = tmp_path / "out", tmp_path / "res"
+    harmful = [Record(id=f"h{i}", prompt=f"How do I do bad thing {i}?", response="Step 1 ...", source="t",
+                      label="harmful", split="train") for i in range(5)]
+    write_jsonl(out / "data" / "d_harmful.jsonl", harmful)
+    args = ["--out", str(out), "--results", str(res), "--only", "data/safe"]
+    assert study.main(args) == 0
+    safe, _ = read_jsonl(out / "data" / "safe_replies.jsonl")
+    assert [r.prompt for r in safe] == [r.prompt for r in harmful]
+    assert all(is_refusal(r) for r in study.REFUSALS)
+    times = json.loads((res / "parts.json").read_text())
+    assert list(times) == ["data/safe"] and times["data/safe"]["wall_s"] >= 0
+    stamp = (out / "data" / "safe_replies.jsonl").stat().st_mtime_ns
+    assert study.main(args) == 0                      # done: skipped
+    assert (out / "data" / "safe_replies.jsonl").stat().st_mtime_ns == stamp
+    parts = {p.name: study.state(p) for p in study.all_parts(study.Layout(out, res), judge_ok=False)}
+    assert parts["data/safe"] == "done" and parts["train/sft"] == "ready"
+    assert parts["train/dpo_l1"] == "ready"
+    assert parts["judge/sft"].startswith("blocked: waits for `eval.py judge`")
+    assert parts["select"].startswith("blocked") and parts["test/sft"].startswith("blocked: waits for select")
