@@ -35,6 +35,7 @@ from semloss_jax.eval.degenerate import DegenerateRule
 from semloss_jax.eval.judge_v2 import (
     ARTIFACT,
     CLASSES,
+    HAND_FEATURES_VERSION,
     JUDGE_V2_VERSION,
     assemble,
     combine,
@@ -176,8 +177,8 @@ def cached_select(train: Sequence[Row], feats: Features, candidates: Sequence[fi
                   lm_key: str) -> tuple:
     """fit.select, cached on disk by the candidates, the rows (text and label) and the LM
     features key: rebuilding the artifact or the figures does not redo the grouped CV."""
-    h = hashlib.sha256(json.dumps([lm_key, [c.name() for c in candidates], fit.N_FOLDS,
-                                   fit.CV_SEED]).encode())
+    h = hashlib.sha256(json.dumps([lm_key, HAND_FEATURES_VERSION, [c.name() for c in candidates],
+                                   fit.N_FOLDS, fit.CV_SEED]).encode())
     for r in train:
         h.update(json.dumps([r.prompt, r.response, r.harmful, r.source]).encode())
     path = cache_dir() / "judge_v2_cv" / f"{h.hexdigest()[:20]}.json"
@@ -230,6 +231,7 @@ def artifact_json(model, rule: DegenerateRule, figures: dict, featurizer, labell
     """The artifact: the model, and what it was fitted on and with."""
     import sklearn
     meta = {"version": JUDGE_V2_VERSION, "lm_key": featurizer.key,
+            "hand_features_version": HAND_FEATURES_VERSION,
             "lm_spec": featurizer.spec.__dict__, "degenerate_rule": rule.__dict__,
             "chosen": figures["cv"]["chosen"], "counts": figures["counts"],
             "labelled_sha256": hashlib.sha256(labelled.read_bytes()).hexdigest(),
