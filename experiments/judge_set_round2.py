@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""Round 2 of the labelled own outputs: replies of the study's models, which judge v2 never saw.
+"""Round 2 (and later rounds) of the labelled own outputs: replies of the study's models, which
+judge v2 was not fitted on.
 
-    python experiments/judge_set_round2.py --study-models runs/study/models \
+    python experiments/judge_set_round2.py --study-models runs/study/models [--round 2] \
         [--out runs/judge_set_round2] [--pool semloss_jax/eval/judge_data/round2/own_outputs_pool.jsonl]
+
+Round N (default 2) uses plan seed N and excludes the prompts of every earlier round's pool, so
+each round is a fresh set of prompts (round 3: an independent check of a judge refitted with
+round 2).
 
 The study (docs/STUDY.md) judges its models with judge v2, fitted on the seven models of round 1
 (experiments/judge_set.py). These rows check it on the models the study reports: each model of
@@ -38,29 +43,35 @@ from semloss_jax.paths import atomic_write_text  # noqa: E402
 
 MODELS = ("sft", "tasft_lb_l0.25", "tasft_lb_l0.5", "tasft_lb_l1", "tasft_lb_l2", "tasft_lb_l4")
 PER_MODEL, GREEDY = 30, 20
-SEED = 2
 POOL1 = REPO / "semloss_jax" / "eval" / "judge_data" / "own_outputs_pool.jsonl"
-DEFAULT_POOL = REPO / "semloss_jax" / "eval" / "judge_data" / "round2" / "own_outputs_pool.jsonl"
 
 
-def excluded(d_harmful_files: list[Path]) -> set[str]:
-    """Normalized prompts of round 1's pool, of the D_harmful files and of the refusal set."""
-    out = {normalize(json.loads(line)["prompt"])
-           for line in POOL1.read_text(encoding="utf-8").splitlines() if line.strip()}
+def round_pool(n: int) -> Path:
+    """The pool file of round n (round 1: judge_data/own_outputs_pool.jsonl)."""
+    return POOL1 if n == 1 else POOL1.parent / f"round{n}" / "own_outputs_pool.jsonl"
+
+
+def excluded(d_harmful_files: list[Path], rnd: int) -> set[str]:
+    """Normalized prompts of every earlier round's pool, of the D_harmful files and of the
+    refusal set."""
+    out = set()
+    for k in range(1, rnd):
+        out |= {normalize(json.loads(line)["prompt"]) for line in
+                round_pool(k).read_text(encoding="utf-8").splitlines() if line.strip()}
     for f in d_harmful_files:
         out |= {normalize(r.prompt) for r in read_jsonl(f)[0]}
     out |= {normalize(r.prompt) for r in load_set("refusals", "train")}
     return out
 
 
-def plan(exclude: set[str]) -> dict[str, list[dict]]:
+def plan(exclude: set[str], seed: int) -> dict[str, list[dict]]:
     """Each model's prompts: a seeded shuffle of the unused TRAIN prompts dealt out in chunks."""
     recs = sorted(load_set("harmful_prompts", "train"), key=lambda r: r.id)
     recs = [r for r in recs if normalize(r.prompt) not in exclude]
     assert all(hash_split(r.prompt) == "train" for r in recs)
     if PER_MODEL * len(MODELS) > len(recs):
         sys.exit(f"{len(recs)} unused TRAIN prompts, {PER_MODEL * len(MODELS)} needed")
-    order = np.random.default_rng([SEED, 0]).permutation(len(recs))
+    order = np.random.default_rng([seed, 0]).permutation(len(recs))
     out = {}
     for mi, m in enumerate(MODELS):
         out[m] = [{"part": "harmful_train", "kind": "harmful", "split": r.split,
@@ -78,9 +89,14 @@ def main() -> int:
     ap.add_argument("--study-d-harmful", default=None,
                     help="the study's D_harmful (default: STUDY_MODELS/../data/d_harmful.jsonl)")
     ap.add_argument("--round1-d-harmful", default="runs/judge_set/d_harmful.jsonl")
-    ap.add_argument("--out", default="runs/judge_set_round2")
-    ap.add_argument("--pool", default=str(DEFAULT_POOL))
+    ap.add_argument("--round", type=int, default=2, help="round number (>= 2): plan seed, exclusions")
+    ap.add_argument("--out", default=None, help="default: runs/judge_set_round<N>")
+    ap.add_argument("--pool", default=None, help="default: judge_data/round<N>/own_outputs_pool.jsonl")
     args = ap.parse_args()
+    if args.round < 2:
+        sys.exit("--round must be >= 2 (round 1 is experiments/judge_set.py)")
+    args.out = args.out or f"runs/judge_set_round{args.round}"
+    args.pool = args.pool or str(round_pool(args.round))
     models_dir = Path(args.study_models).resolve()
     out, pool = (REPO / args.out).resolve(), Path(args.pool).resolve()
     d_files = [Path(args.study_d_harmful or models_dir.parent / "data" / "d_harmful.jsonl"),
@@ -90,7 +106,7 @@ def main() -> int:
             sys.exit(f"{f}: missing (a D_harmful file whose prompts must be excluded)")
     plan_path = out / "plan.json"
     if not plan_path.exists():
-        atomic_write_text(plan_path, json.dumps(plan(excluded(d_files)), indent=1,
+        atomic_write_text(plan_path, json.dumps(plan(excluded(d_files, args.round), args.round), indent=1,
                                                 ensure_ascii=False))
     p = json.loads(plan_path.read_text())
     for name in MODELS:
@@ -110,16 +126,18 @@ def main() -> int:
                                            "model_hash": next(r["model_hash"] for r in rows
                                                               if r["model"] == f"study_{m}")}
                             for m in MODELS},
-                 "per_model": PER_MODEL, "greedy": GREEDY, "plan_seed": SEED,
+                 "round": args.round, "per_model": PER_MODEL, "greedy": GREEDY,
+                 "plan_seed": args.round,
                  "decoding_seed": r1.SEED, "max_new_tokens": r1.MAX_NEW_TOKENS,
                  "sampling": r1.SAMPLING}
         atomic_write_text(pool.with_name("pool_stats.json"), json.dumps(stats, indent=1) + "\n")
     batches = pool.parent / "batches"
     if not (batches / "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "semloss_jax.eval.label", "batches", "--pool",
-                        str(pool), "--out", str(batches), "--size", "60", "--seed", str(SEED)],
+                        str(pool), "--out", str(batches), "--size", "60", "--seed", str(args.round)],
                        cwd=REPO, check=True)
-    print(f"[round2] pool {pool} ({len(rows)} rows, {dropped} duplicates dropped); batches {batches}")
+    print(f"[round{args.round}] pool {pool} ({len(rows)} rows, {dropped} duplicates dropped); "
+          f"batches {batches}")
     return 0
 
 
