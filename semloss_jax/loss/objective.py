@@ -176,15 +176,20 @@ def token_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
     return mask
 
 
-def _count(batches) -> jax.Array:
+def _total(batches, per_batch) -> jax.Array:
+    """Sum of per_batch(b) over a batch, a list of batches, or None (0)."""
     if batches is None:
         return jnp.float32(0.0)
     if isinstance(batches, Mapping):
         batches = [batches]
     total = jnp.float32(0.0)
     for b in batches:
-        total = total + jnp.sum(token_mask(b).astype(jnp.float32))
+        total = total + per_batch(b)
     return total
+
+
+def _count(batches) -> jax.Array:
+    return _total(batches, lambda b: jnp.sum(token_mask(b).astype(jnp.float32)))
 
 
 def chosen_part(batch: Mapping) -> dict | None:
@@ -200,16 +205,10 @@ def pair_valid(rejected: Mapping, chosen: Mapping) -> jax.Array:
 
 
 def _count_pairs(batches) -> jax.Array:
-    if batches is None:
-        return jnp.float32(0.0)
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    total = jnp.float32(0.0)
-    for b in batches:
+    def pairs(b):
         c = chosen_part(b)
-        if c is not None:
-            total = total + jnp.sum(pair_valid(b, c).astype(jnp.float32))
-    return total
+        return jnp.float32(0.0) if c is None else jnp.sum(pair_valid(b, c).astype(jnp.float32))
+    return _total(batches, pairs)
 
 
 def global_counts(benign_batches, harmful_batches=None) -> dict[str, jax.Array]:
