@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import judge_set as r1  # noqa: E402
 
-from semloss_jax.data.readers import read_jsonl  # noqa: E402
 from semloss_jax.data.registry import load_set  # noqa: E402
 from semloss_jax.data.splits import hash_split, normalize  # noqa: E402
 from semloss_jax.paths import atomic_write_text  # noqa: E402
@@ -58,9 +57,8 @@ def excluded(d_harmful_files: list[Path], rnd: int) -> set[str]:
     for k in range(1, rnd):
         out |= {normalize(json.loads(line)["prompt"]) for line in
                 round_pool(k).read_text(encoding="utf-8").splitlines() if line.strip()}
-    for f in d_harmful_files:
-        out |= {normalize(r.prompt) for r in read_jsonl(f)[0]}
-    out |= {normalize(r.prompt) for r in load_set("refusals", "train")}
+    for f in d_harmful_files:  # round 1's exclusion: a D_harmful file's and the refusals' prompts
+        out |= r1.excluded_prompts(f)
     return out
 
 
