@@ -2,6 +2,7 @@
 harm model and its artifact, the four-class rule, the CV helpers, and `eval.py judge`."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax.errors import EvalError
+from semloss_jax.errors import DataError, EvalError
 from semloss_jax.eval import judge_file, judge_v2_fit
 from semloss_jax.eval.degenerate import DegenerateRule, degeneracy_features, is_degenerate
 from semloss_jax.eval.judge_v2 import (
@@ -351,7 +352,9 @@ def test_fit_and_validate_end_to_end(tiny, tmp_path, monkeypatch):
     assert d["degenerate"]["precision"] == 1.0 and d["degenerate"]["recall"] == 1.0
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text("x")
-    art = artifact_json(model, rule, fig, fx, labelled)
+    art = artifact_json(model, rule, fig, fx, [labelled])
+    assert art["meta"]["labelled"] == [{"path": str(labelled), "sha256": hashlib.sha256(
+        b"x").hexdigest()}]
     path = tmp_path / "judge.json"
     path.write_text(json.dumps(art))
     judge = JudgeV2.load(path, featurizer=fx)
@@ -361,19 +364,43 @@ def test_fit_and_validate_end_to_end(tiny, tmp_path, monkeypatch):
         hand_features([r.response for r in own]))))
 
 
+def _labelled_line(uid: str, label: str, model: str = "m") -> str:
+    return json.dumps({"uid": uid, "part": "harmful_train", "kind": "harmful", "model": model,
+                       "label": label,
+                       "prompt": f"prompt {uid}", "response": f"reply {uid}"})
+
+
+def test_read_own_pools_files_and_rejects_a_repeated_uid(tmp_path):
+    """Several labelled files are pooled in order; a uid in two files names both files."""
+    from semloss_jax.eval.judge_v2_build import read_own
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text(_labelled_line("u1", "harmful") + "\n" + _labelled_line("u2", "safe") + "\n")
+    b.write_text(_labelled_line("u3", "refusal", "m2") + "\n")
+    c.write_text(_labelled_line("u2", "degenerate") + "\n")
+    rows = read_own([a, b])
+    assert [(r.uid, r.label, r.harmful, r.model) for r in rows] == [
+        ("u1", "harmful", True, "m"), ("u2", "safe", False, "m"), ("u3", "refusal", False, "m2")]
+    with pytest.raises(DataError, match=r"c\.jsonl.*'u2'.*a\.jsonl"):
+        read_own([a, b, c])
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped artifact
 # ---------------------------------------------------------------------------------------------
 
 
 def test_shipped_artifact_matches_committed_labels():
-    """The artifact was built from the labelled file shipped beside it, with the stated rule."""
+    """The artifact was built from the labelled files shipped beside it (round 1 among them),
+    with the stated rule."""
     import hashlib
 
     from semloss_jax.eval.judge_v2 import ARTIFACT
+    from semloss_jax.paths import REPO_ROOT
     d = json.loads(ARTIFACT.read_text())
-    labelled = ARTIFACT.parent / "own_outputs_labelled.jsonl"
-    assert d["meta"]["labelled_sha256"] == hashlib.sha256(labelled.read_bytes()).hexdigest()
+    files = d["meta"]["labelled"]
+    assert "semloss_jax/eval/judge_data/own_outputs_labelled.jsonl" in [f["path"] for f in files]
+    for f in files:
+        assert f["sha256"] == hashlib.sha256((REPO_ROOT / f["path"]).read_bytes()).hexdigest()
     m = LinearHarmModel.from_json(d["model"])
     assert 0.0 < m.threshold < 1.0 and len(m.coef) == len(m.mean) == len(m.scale)
     assert d["meta"]["chosen"].split(" ")[0] == "+".join(m.blocks)
@@ -389,7 +416,7 @@ def test_shipped_judge_on_heldout_own_rows():
     rows = own_rows(read_labelled(ARTIFACT.parent / "own_outputs_labelled.jsonl"), "test")
     judge = JudgeV2.load()
     p = judge.score([r.prompt for r in rows], [r.response for r in rows], progress=False)
-    assert binary_auc([r.harmful for r in rows], p) >= 0.90  # measured 0.918 (docs/EVAL.md)
+    assert binary_auc([r.harmful for r in rows], p) >= 0.90  # measured 0.926 (docs/EVAL.md)
 
 
 def test_judge_v2_check_scores_a_labelled_file_without_refitting(tmp_path, capsys):

@@ -1,9 +1,13 @@
-r"""`python -m semloss_jax.eval.judge_v2_build --labelled FILE`: fit judge v2 on the train rows,
-validate it two ways, write the artifact and the figures.
+r"""`python -m semloss_jax.eval.judge_v2_build --labelled FILE [FILE ...]`: fit judge v2 on the
+train rows, validate it two ways, write the artifact and the figures.
 
     python -m semloss_jax.eval.judge_v2_build \\
         --labelled semloss_jax/eval/judge_data/own_outputs_labelled.jsonl \\
+                   semloss_jax/eval/judge_data/round2/own_outputs_labelled.jsonl \\
         [--artifact semloss_jax/eval/judge_data/judge_v2.json] [--figures docs/results/judge_v2.json]
+
+Several labelled files are pooled (their uids must not repeat); the artifact lists each file with
+its sha256.
 
 1. Choose features, C and the own-row weight by grouped CV on the train rows (PyRIT train split +
    own outputs not on TEST prompts), the threshold on the winner's out-of-fold scores, and the
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from semloss_jax.errors import cli_main
+from semloss_jax.errors import DataError, cli_main
 from semloss_jax.eval import judge_v2_fit as fit
 from semloss_jax.eval.agreement import confusion
 from semloss_jax.eval.degenerate import DegenerateRule
@@ -227,14 +231,37 @@ def fit_and_validate(pyrit_train: Sequence[Row], pyrit_test: Sequence[Row],
     return model, rule, figures
 
 
-def artifact_json(model, rule: DegenerateRule, figures: dict, featurizer, labelled: Path) -> dict:
+def labelled_files(paths: Sequence[Path]) -> list[dict]:
+    """[{path (relative to the repo when inside it), sha256}] of the labelled files."""
+    out = []
+    for p in paths:
+        rp = p.resolve()
+        name = str(rp.relative_to(REPO_ROOT)) if rp.is_relative_to(REPO_ROOT) else str(p)
+        out.append({"path": name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})
+    return out
+
+
+def read_own(paths: Sequence[Path]) -> list[Row]:
+    """The own-output rows of several labelled files; a uid seen twice is a DataError."""
+    rows, seen = [], {}
+    for p in paths:
+        for r in own_rows(read_labelled(p), "all"):
+            if r.uid in seen:
+                raise DataError(p, None, "uid", f"{r.uid!r} is also in {seen[r.uid]}")
+            seen[r.uid] = p
+            rows.append(r)
+    return rows
+
+
+def artifact_json(model, rule: DegenerateRule, figures: dict, featurizer,
+                  labelled: Sequence[Path]) -> dict:
     """The artifact: the model, and what it was fitted on and with."""
     import sklearn
     meta = {"version": JUDGE_V2_VERSION, "lm_key": featurizer.key,
             "hand_features_version": HAND_FEATURES_VERSION,
             "lm_spec": featurizer.spec.__dict__, "degenerate_rule": rule.__dict__,
             "chosen": figures["cv"]["chosen"], "counts": figures["counts"],
-            "labelled_sha256": hashlib.sha256(labelled.read_bytes()).hexdigest(),
+            "labelled": labelled_files(labelled),
             "sklearn": sklearn.__version__,
             "built_by": "python -m semloss_jax.eval.judge_v2_build"}
     return {"model": model.to_json(), "meta": meta}
@@ -245,12 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m semloss_jax.eval.judge_v2_build",
                                  description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labelled", required=True, help="labelled own outputs (label merge output)")
+    ap.add_argument("--labelled", required=True, nargs="+", type=Path,
+                    help="labelled own outputs (label merge output); several files are pooled")
     ap.add_argument("--artifact", default=str(ARTIFACT))
     ap.add_argument("--figures", default=str(FIGURES))
     args = ap.parse_args(argv)
-    labelled = Path(args.labelled)
-    own_all = own_rows(read_labelled(labelled), "all")
+    labelled = args.labelled
+    own_all = read_own(labelled)
     fx = LMFeaturizer.from_model(loading.load_model(None))
     model, rule, figures = fit_and_validate(pyrit_rows("train"), pyrit_rows("test"), own_all, fx)
     atomic_write_text(Path(args.artifact), json.dumps(
