@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,27 +37,33 @@ def _check(n_boot: int, level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
-def bootstrap_ratio_stats(num: np.ndarray, den: np.ndarray, *, n_boot: int = DEFAULT_N_BOOT,
-                          seed: int = DEFAULT_SEED) -> np.ndarray:
-    """[n_boot] statistics sum(num[idx]) / sum(den[idx]) over resampled example indices idx."""
-    num = np.asarray(num, np.float64)
-    den = np.asarray(den, np.float64)
-    if num.shape != den.shape or num.ndim != 1:
-        raise ValueError(f"num and den must be equal-length 1-D arrays, got {num.shape}, "
-                         f"{den.shape}")
-    n = num.shape[0]
-    if n == 0:
-        raise ValueError("bootstrap of an empty sample")
+def bootstrap_stats(stat: Callable[..., np.ndarray], *arrays: np.ndarray,
+                    n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """[n_boot] values of stat(*[a[idx] for a in arrays]) over resampled index rows idx [m, n]
+    (rows of examples drawn with replacement, in vectorized chunks); stat maps arrays of shape
+    [m, n] to [m]."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    arrays = tuple(np.asarray(a, np.float64) for a in arrays)
+    n = arrays[0].shape[0] if arrays[0].ndim else 0
+    if n == 0 or any(a.shape != (n,) for a in arrays):
+        raise ValueError(f"bootstrap needs non-empty equal-length 1-D arrays, got "
+                         f"{[a.shape for a in arrays]}")
     rng = np.random.default_rng(seed)
     rows = max(1, _CHUNK_ELEMS // n)
     out = np.empty(n_boot, np.float64)
     for s in range(0, n_boot, rows):
         m = min(rows, n_boot - s)
         idx = rng.integers(0, n, size=(m, n))
-        d = den[idx].sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[s:s + m] = num[idx].sum(1) / d
+            out[s:s + m] = stat(*(a[idx] for a in arrays))
     return out
+
+
+def bootstrap_ratio_stats(num: np.ndarray, den: np.ndarray, *, n_boot: int = DEFAULT_N_BOOT,
+                          seed: int = DEFAULT_SEED) -> np.ndarray:
+    """[n_boot] statistics sum(num[idx]) / sum(den[idx]) over resampled example indices idx."""
+    return bootstrap_stats(lambda a, b: a.sum(1) / b.sum(1), num, den, n_boot=n_boot, seed=seed)
 
 
 def percentile_interval(stats: np.ndarray, estimate: float, level: float = DEFAULT_LEVEL

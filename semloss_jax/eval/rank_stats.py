@@ -17,37 +17,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from semloss_jax.eval.metrics import DEFAULT_LEVEL, DEFAULT_N_BOOT, DEFAULT_SEED, percentile_interval
-
-_CHUNK_ELEMS = 2_000_000  # resampled elements per vectorized chunk
+from semloss_jax.eval.metrics import (
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    DEFAULT_SEED,
+    bootstrap_stats,
+    percentile_interval,
+)
 
 
 def _rankdata(a: np.ndarray) -> np.ndarray:
     """Average ranks along the last axis (ties share their mean rank)."""
     from scipy.stats import rankdata  # scipy.stats takes ~1.2 s to import: loaded on first use
     return rankdata(a, axis=-1)
-
-
-def bootstrap_stats(stat: Callable[..., np.ndarray], *arrays: np.ndarray,
-                    n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """[n_boot] values of stat(*[a[idx] for a in arrays]) over resampled index rows idx [m, n];
-    stat maps arrays of shape [m, n] to [m]."""
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    arrays = tuple(np.asarray(a, np.float64) for a in arrays)
-    n = arrays[0].shape[0]
-    if n == 0 or any(a.shape != (n,) for a in arrays):
-        raise ValueError(f"bootstrap needs non-empty equal-length 1-D arrays, got "
-                         f"{[a.shape for a in arrays]}")
-    rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_ELEMS // n)
-    out = np.empty(n_boot, np.float64)
-    for s in range(0, n_boot, rows):
-        m = min(rows, n_boot - s)
-        idx = rng.integers(0, n, size=(m, n))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[s:s + m] = stat(*(a[idx] for a in arrays))
-    return out
 
 
 def bootstrap_stat_ci(stat: Callable[..., np.ndarray], *arrays, estimate: float,
