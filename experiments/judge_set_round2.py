@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Round 2 (and later rounds) of the labelled own outputs: replies of the study's models, which
-judge v2 was not fitted on.
+judge v2 was not fitted on. Rounds 2 and 3: MODELS (SFT and TA-SFT LB), 30 prompts each; round
+4: the study's NLL ascent models (`--models nll_ascent_l0.03 nll_ascent_l0.1 nll_ascent_l0.3
+--per-model 60`), a method the judge's study-model rows never had.
 
     python experiments/judge_set_round2.py --study-models runs/study/models [--round 2] \
+        [--models sft tasft_lb_l0.25 ...] [--per-model 30] \
         [--out runs/judge_set_round2] [--pool semloss_jax/eval/judge_data/round2/own_outputs_pool.jsonl]
 
 Round N (default 2) uses plan seed N and excludes the prompts of every earlier round's pool, so
@@ -11,8 +14,8 @@ round 2).
 
 The study (docs/STUDY.md) judges its models with judge v2, fitted on the seven models of round 1
 (experiments/judge_set.py). These rows check it on the models the study reports: each model of
-MODELS answers PER_MODEL harmful prompts of the harmful_prompts TRAIN split (GREEDY greedy, the
-rest sampled at T 0.7 / top-p 0.9, 96 new tokens, seed 0, as round 1), every prompt to one
+--models answers --per-model harmful prompts of the harmful_prompts TRAIN split (two thirds
+greedy, the rest sampled at T 0.7 / top-p 0.9, 96 new tokens, seed 0, as round 1), every prompt to one
 model, no prompt of round 1's pool, of either D_harmful (round 1's and the study's), of the
 SafeInstr refusals or of a validation or test split. The rows are labelled blind with
 `python -m semloss_jax.eval.label` like round 1 (batches of 60 and a 15% relabel batch).
@@ -41,8 +44,13 @@ from semloss_jax.data.splits import hash_split, normalize  # noqa: E402
 from semloss_jax.paths import atomic_write_text  # noqa: E402
 
 MODELS = ("sft", "tasft_lb_l0.25", "tasft_lb_l0.5", "tasft_lb_l1", "tasft_lb_l2", "tasft_lb_l4")
-PER_MODEL, GREEDY = 30, 20
+PER_MODEL = 30  # two thirds greedy, the rest sampled
 POOL1 = REPO / "semloss_jax" / "eval" / "judge_data" / "own_outputs_pool.jsonl"
+
+
+def greedy_count(per_model: int) -> int:
+    """Greedy replies per model: two thirds (20 of 30, as round 1's mix)."""
+    return round(per_model * 2 / 3)
 
 
 def round_pool(n: int) -> Path:
@@ -62,20 +70,23 @@ def excluded(d_harmful_files: list[Path], rnd: int) -> set[str]:
     return out
 
 
-def plan(exclude: set[str], seed: int) -> dict[str, list[dict]]:
+def plan(exclude: set[str], seed: int, models: tuple[str, ...] = MODELS,
+         per_model: int = PER_MODEL) -> dict[str, list[dict]]:
     """Each model's prompts: a seeded shuffle of the unused TRAIN prompts dealt out in chunks."""
     recs = sorted(load_set("harmful_prompts", "train"), key=lambda r: r.id)
     recs = [r for r in recs if normalize(r.prompt) not in exclude]
     assert all(hash_split(r.prompt) == "train" for r in recs)
-    if PER_MODEL * len(MODELS) > len(recs):
-        sys.exit(f"{len(recs)} unused TRAIN prompts, {PER_MODEL * len(MODELS)} needed")
+    if per_model * len(models) > len(recs):
+        sys.exit(f"{len(recs)} unused TRAIN prompts, {per_model * len(models)} needed")
     order = np.random.default_rng([seed, 0]).permutation(len(recs))
+    greedy = greedy_count(per_model)
     out = {}
-    for mi, m in enumerate(MODELS):
+    for mi, m in enumerate(models):
+        chunk = order[mi * per_model:(mi + 1) * per_model]
         out[m] = [{"part": "harmful_train", "kind": "harmful", "split": r.split,
                    "prompt_source": r.source, "prompt_id": r.id, "prompt": r.prompt,
-                   "category": r.category, "mode": "greedy" if j < GREEDY else "sample"}
-                  for j, r in enumerate(recs[int(i)] for i in order[mi * PER_MODEL:(mi + 1) * PER_MODEL])]
+                   "category": r.category, "mode": "greedy" if j < greedy else "sample"}
+                  for j, r in enumerate(recs[int(i)] for i in chunk)]
     return out
 
 
@@ -88,6 +99,9 @@ def main() -> int:
                     help="the study's D_harmful (default: STUDY_MODELS/../data/d_harmful.jsonl)")
     ap.add_argument("--round1-d-harmful", default="runs/judge_set/d_harmful.jsonl")
     ap.add_argument("--round", type=int, default=2, help="round number (>= 2): plan seed, exclusions")
+    ap.add_argument("--models", nargs="+", default=list(MODELS),
+                    help="run dir names under --study-models (default: SFT and TA-SFT LB)")
+    ap.add_argument("--per-model", type=int, default=PER_MODEL)
     ap.add_argument("--out", default=None, help="default: runs/judge_set_round<N>")
     ap.add_argument("--pool", default=None, help="default: judge_data/round<N>/own_outputs_pool.jsonl")
     args = ap.parse_args()
@@ -104,10 +118,14 @@ def main() -> int:
             sys.exit(f"{f}: missing (a D_harmful file whose prompts must be excluded)")
     plan_path = out / "plan.json"
     if not plan_path.exists():
-        atomic_write_text(plan_path, json.dumps(plan(excluded(d_files, args.round), args.round), indent=1,
-                                                ensure_ascii=False))
+        atomic_write_text(plan_path, json.dumps(
+            plan(excluded(d_files, args.round), args.round, tuple(args.models), args.per_model),
+            indent=1, ensure_ascii=False))
     p = json.loads(plan_path.read_text())
-    for name in MODELS:
+    models = list(p)
+    if models != list(args.models):
+        sys.exit(f"{plan_path} plans {models}, not --models {args.models}: another --out")
+    for name in models:
         gen_path = out / "gen" / f"{name}.jsonl"
         if not gen_path.exists():
             run_dir = models_dir / name
@@ -115,7 +133,7 @@ def main() -> int:
                 sys.exit(f"{run_dir}: no trained model (hf/config.json)")
             r1.write_rows(gen_path, r1.generate_model(f"study_{name}", run_dir, p[name],
                                                       out / "gen_cache", r1.SEED))
-    rows, dropped = r1.build_pool([out / "gen" / f"{n}.jsonl" for n in MODELS])
+    rows, dropped = r1.build_pool([out / "gen" / f"{n}.jsonl" for n in models])
     if not pool.exists():
         r1.write_rows(pool, rows)
         stats = {"rows": len(rows), "exact_duplicates_dropped": dropped,
@@ -123,8 +141,9 @@ def main() -> int:
                                            "config": "configs/study.yaml (docs/study/models/)",
                                            "model_hash": next(r["model_hash"] for r in rows
                                                               if r["model"] == f"study_{m}")}
-                            for m in MODELS},
-                 "round": args.round, "per_model": PER_MODEL, "greedy": GREEDY,
+                            for m in models},
+                 "round": args.round, "per_model": args.per_model,
+                 "greedy": greedy_count(args.per_model),
                  "plan_seed": args.round,
                  "decoding_seed": r1.SEED, "max_new_tokens": r1.MAX_NEW_TOKENS,
                  "sampling": r1.SAMPLING}
