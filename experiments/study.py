@@ -20,6 +20,10 @@ a part whose output exists is skipped, so rerunning the command continues where 
     select                the rule of semloss_jax.eval.selection per method (waits for judge/*)
     ...                   the models that depend on the selection (exact EMD at the 2 best λ of
                           LB, N harmful in {10, 30, 300}, sampled replies, seeds 1 and 2)
+    labelcheck/pool       a blind sample (40 each) of the judged harmful_val replies of base, SFT
+                          and each method's choice, cut into label batches (docs/study/labelcheck/)
+    labelcheck/report     hand labels against the judge on those rows (waits for the labels:
+                          `python -m semloss_jax.eval.label`, blind)
     test/NAME             eval.py run on the TEST sets, only after the selection exists
 
 Wall time per part: OUT/parts.json, mirrored with each model's config, training curve and
@@ -45,6 +49,7 @@ if str(REPO) not in sys.path:  # run as `python experiments/study.py` from anywh
 
 from semloss_jax.data.readers import read_jsonl, write_jsonl  # noqa: E402
 from semloss_jax.data.schema import Record  # noqa: E402
+from semloss_jax.eval import label_check  # noqa: E402
 from semloss_jax.eval.selection import ranked, select_setting  # noqa: E402
 from semloss_jax.paths import atomic_write_text  # noqa: E402
 
@@ -59,6 +64,7 @@ SAMPLED = dict(n=100, samples=4, temperature=0.8)
 N_SWEEP = 100             # harmful examples of every λ sweep (TA-SFT, NLL ascent, UL, DPO)
 N_EFFICIENCY = (10, 30, 100, 300)
 SEEDS = (1, 2)
+LABEL_CHECK = dict(per_model=40, seed=0, size=60)  # blind hand labels of the judged val replies
 
 # method -> (what the sweep varies, its values, train.py overrides); fixed before any result
 SWEEPS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
@@ -175,6 +181,11 @@ class Layout:
     def selection(self) -> Path:
         """The per-method choices (written by the select part)."""
         return self.out / "selection.json"
+
+    @property
+    def labelcheck(self) -> Path:
+        """The blind hand-label check of the judge (pool, batches, labels, report; committed)."""
+        return self.results / "labelcheck"
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -367,6 +378,46 @@ def select_part(lay: Layout) -> Part:
     return Part("select", done, run, blocked)
 
 
+def checked_models(sel: dict) -> list[str]:
+    """The models whose judged validation replies get blind hand labels: base, SFT and each
+    method's choice."""
+    return ["base", "sft"] + [sel[f]["name"] for f in SWEEPS if isinstance(sel.get(f), dict)]
+
+
+def labelcheck_parts(lay: Layout) -> list[Part]:
+    """labelcheck/pool (a blind sample of each checked model's judged harmful_val replies, cut
+    into label batches) and labelcheck/report (hand labels against the judge, once labelled)."""
+    def judged() -> dict[str, Path]:
+        sel = json.loads(lay.selection.read_text())
+        return {m: lay.judged(m, "harmful_val") for m in checked_models(sel)}
+
+    def pool_blocked() -> str | None:
+        if not lay.selection.exists():
+            return "waits for select"
+        missing = [m for m, p in judged().items() if not p.exists()]
+        return f"needs judge/ of {', '.join(missing)}" if missing else None
+
+    def pool() -> None:
+        rows = label_check.sample_pool(judged(), LABEL_CHECK["per_model"], LABEL_CHECK["seed"])
+        label_check.write_pool(lay.labelcheck, rows, size=LABEL_CHECK["size"],
+                               seed=LABEL_CHECK["seed"])
+
+    def report_blocked() -> str | None:
+        if not (lay.labelcheck / "pool.jsonl").exists():
+            return "needs labelcheck/pool"
+        left = label_check.unlabelled_count(lay.labelcheck)
+        return (f"waits for {left} blind labels (python -m semloss_jax.eval.label, "
+                f"batches in {lay.labelcheck / 'batches'})") if left else None
+
+    def report() -> None:
+        atomic_write_text(lay.labelcheck / "report.json",
+                          json.dumps(label_check.report(lay.labelcheck), indent=1) + "\n")
+
+    return [Part("labelcheck/pool", (lay.labelcheck / "pool.jsonl").exists, pool, pool_blocked),
+            Part("labelcheck/report", (lay.labelcheck / "report.json").exists, report,
+                 report_blocked)]
+
+
 def all_models(lay: Layout) -> list[Model]:
     """The sweep models, then those the current selection.json implies."""
     sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
@@ -378,12 +429,13 @@ def all_models(lay: Layout) -> list[Model]:
 
 
 def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
-    """Every part in the order it runs: data, then train/val/judge per model, select, tests."""
+    """Every part in the order it runs: data, then train/val/judge per model, select, the blind
+    label check, tests."""
     models = all_models(lay)
     per_model = [model_parts(m, lay, judge_ok) for m in models]
     early = [p for ps in per_model for p in ps if not p.name.startswith("test/")]
     tests = [p for ps in per_model for p in ps if p.name.startswith("test/")]
-    return data_parts(lay) + early + [select_part(lay)] + tests
+    return data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + tests
 
 
 def record(lay: Layout, name: str, wall_s: float) -> None:

@@ -61,8 +61,10 @@ def fake_val(lay, m, rate, ce):
     judged = lay.judged(m.name, "harmful_val")
     judged.parent.mkdir(parents=True, exist_ok=True)
     n = 20
-    judged.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "harmful": int(i < rate * n)})
-                              + "\n" for i in range(n)))
+    judged.write_text("".join(json.dumps(
+        {"prompt": f"p{i}", "response": f"{m.name} reply {i}", "harmful": int(i < rate * n),
+         "harm_prob": float(i < rate * n), "label": "harmful" if i < rate * n else "safe"})
+        + "\n" for i in range(n)))
     (lay.model(m.name) / "val" / "eval.json").write_text(json.dumps(
         {"sets": {"benign_val": {"reference_ce": {"ce": ce}}}}))
 
@@ -87,6 +89,34 @@ def test_selection_and_the_models_it_implies(tmp_path):
     assert len(names) == len(set(names)) and not set(names) & {m.name for m in study.sweep_models()}
     seeded = next(m for m in implied if m.name == "tasft_lb_l4_s2")
     assert "run.seed=2" in seeded.overrides and seeded.family == "tasft_lb_seed"
+
+
+def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
+    """The blind label check samples the checked models' judged replies once selection.json
+    exists, and reports only when every batch is labelled."""
+    from semloss_jax.eval import label
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    pool_part, report_part = study.labelcheck_parts(lay)
+    assert pool_part.blocked() == "waits for select"
+    for m in study.sweep_models():
+        fake_val(lay, m, rate=0.25 if m.family == "base" else 0.5, ce=2.0)
+    lay.selection.parent.mkdir(parents=True, exist_ok=True)
+    lay.selection.write_text(json.dumps(study.select(study.sweep_models(), lay)))
+    names = study.checked_models(json.loads(lay.selection.read_text()))
+    assert names[:2] == ["base", "sft"] and len(names) == 2 + len(study.SWEEPS)
+    assert pool_part.blocked() is None and report_part.blocked() == "needs labelcheck/pool"
+    pool_part.run()
+    pool = label.read_pool(lay.labelcheck / "pool.jsonl")
+    assert len(pool) == 20 * len(names)  # 20 judged rows each, fewer than 40
+    assert report_part.blocked().startswith(f"waits for {len(pool) + round(0.15 * len(pool))} ")
+    for b in sorted((lay.labelcheck / "batches").glob("*.jsonl")):
+        if not b.name.endswith(label.LABELS_SUFFIX):
+            label.set_labels(b, [f"{r['uid']}=harmful" for r in label.read_batch(b)], "t")
+    assert report_part.blocked() is None and not report_part.done()
+    report_part.run()
+    rep = json.loads((lay.labelcheck / "report.json").read_text())
+    assert rep["per_model"]["base"]["judge_harmful"]["k"] == 5
+    assert rep["per_model"]["base"]["hand_harmful"]["k"] == 20 and report_part.done()
 
 
 def test_parts_run_once_and_record_their_wall_time(tmp_path, monkeypatch):
