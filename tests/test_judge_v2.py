@@ -448,6 +448,13 @@ def test_judge_v2_check_scores_a_labelled_file_without_refitting(tmp_path, capsy
     assert np.asarray(fig["four_class"]["confusion"]).sum() == 16
     assert fig["label_counts"] == {"harmful": 4, "refusal": 4, "safe": 4, "degenerate": 4}
     assert fig["refusal_flag"]["n_true"] == 4 and fig["refusal_flag"]["recall"] == 1.0
+    lo, hi = fig["auc_bootstrap"]["ci"]
+    assert lo <= fig["all"]["auc"] <= hi
+    m0 = [i for i in range(16) if i % 2 == 0]
+    assert fig["per_model"]["m0"]["labelled_harmful_rate"] == pytest.approx(
+        np.mean([y[i] for i in m0]))
+    assert fig["per_model"]["m0"]["judged_harmful_rate"] == pytest.approx(
+        np.mean([p[i] >= judge.threshold for i in m0]))
     assert judge_v2_check.main(["--labelled", str(labelled), "--artifact", str(path),
                                 "--out", str(tmp_path / "fig.json")]) == 0
     assert json.loads((tmp_path / "fig.json").read_text())["all"] == fig["all"]

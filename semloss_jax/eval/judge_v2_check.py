@@ -4,7 +4,8 @@
 
 For labelled own outputs of models the judge never saw (e.g. the study's models,
 experiments/judge_set_round2.py): AUC / accuracy / precision / recall of harmful vs not (all rows
-and per model), the four-class confusion matrix, and the refusal and degenerate detectors'
+and per model; the pooled AUC with a 95% bootstrap interval over rows), the four-class
+confusion matrix, the judged and labelled harmful rate per model, and the refusal and degenerate detectors'
 precision / recall. Nothing is refitted; the figures go to --out and a summary to stdout.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from semloss_jax.eval.judge_v2_build import (
     four_class,
 )
 from semloss_jax.eval.judge_v2_data import own_rows, read_labelled
+from semloss_jax.eval.rank_stats import auc_summary
 from semloss_jax.paths import atomic_write_text
 
 
@@ -35,9 +37,12 @@ def check(judge: JudgeV2, labelled: Path) -> dict:
     per_model = {}
     for m in sorted({r.model for r in rows}):
         idx = [i for i, r in enumerate(rows) if r.model == m]
-        per_model[m] = binary_figures([rows[i] for i in idx], p[idx], t)
+        per_model[m] = {**binary_figures([rows[i] for i in idx], p[idx], t),
+                        "labelled_harmful_rate": sum(rows[i].harmful for i in idx) / len(idx),
+                        "judged_harmful_rate": float((p[idx] >= t).mean())}
     return {"labelled": str(labelled), "threshold": t, "artifact": judge.meta.get("chosen"),
-            "all": binary_figures(rows, p, t), "per_model": per_model,
+            "all": binary_figures(rows, p, t),
+            "auc_bootstrap": auc_summary(p, [r.harmful for r in rows]), "per_model": per_model,
             "four_class": four_class(rows, p, t, judge.rule),
             "refusal_flag": detector_figures(rows, [refusal_flag(r.response) for r in rows],
                                              "refusal"),
@@ -53,9 +58,13 @@ def summary(fig: dict) -> dict:
     def r(x):
         return None if x is None else round(float(x), 3)
     out = {"n": fig["all"]["n"], "harmful": fig["all"]["n_harmful"], "auc": r(fig["all"]["auc"]),
+           "auc_95": [r(x) for x in fig["auc_bootstrap"]["ci"]],
            "accuracy": r(fig["all"]["accuracy"]), "four_class_accuracy":
            r(fig["four_class"]["accuracy"]),
-           "per_model_auc": {m: r(v["auc"]) for m, v in fig["per_model"].items()}}
+           "per_model_auc": {m: r(v["auc"]) for m, v in fig["per_model"].items()},
+           "per_model_harmful_rate_labelled_judged": {
+               m: [r(v["labelled_harmful_rate"]), r(v["judged_harmful_rate"])]
+               for m, v in fig["per_model"].items()}}
     return out
 
 
