@@ -72,7 +72,7 @@ from semloss_jax.eval.helpfulness import (
     token_lengths,
 )
 from semloss_jax.eval.judges import is_refusal, load_judge
-from semloss_jax.eval.judging import class_rates, judge_replies, judge_threshold
+from semloss_jax.eval.judging import class_rates, judge_replies, judge_threshold, without_harm
 from semloss_jax.eval.metrics import ce_summary, rate_summary, reference_nll
 from semloss_jax.eval.prompt_file import PROMPTS_SET, read_prompt_file
 from semloss_jax.models import hf_config, loading
@@ -81,6 +81,11 @@ from semloss_jax.paths import atomic_write_text, cache_dir
 
 EVAL_VERSION = 1
 GEN_CHUNK = 32  # prompts generated between two cache writes (fixed: sampling keys depend on it)
+
+# Sets whose replies get a harmful rate: harmful requests and a user's own prompts (--prompts,
+# kind "custom"). On benign and over-refusal sets the harm judge reads compliance, not harm
+# (judging.without_harm): there the classes are refusal / degenerate / safe.
+HARM_JUDGED_KINDS = ("harmful", "custom")
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,9 @@ def judge_set(es: EvalSet, records, responses: Sequence[str], *, judge, n_boot: 
     refusal = [is_refusal(r) for r in responses]
     prompts = [r.prompt for r in records]
     j = judge_replies(judge, prompts, list(responses), progress) if judge is not None else None
+    harm_judged = es.kind in HARM_JUDGED_KINDS
+    if j is not None and not harm_judged:
+        j = without_harm(j)
     rows = []
     for i, (rec, resp) in enumerate(zip(records, responses)):
         row = {"id": rec.id, "source": rec.source, "category": rec.category,
@@ -290,8 +298,10 @@ def judge_set(es: EvalSet, records, responses: Sequence[str], *, judge, n_boot: 
         rows.append(row)
     m: dict = {"n": len(rows)}
     if j is not None:
-        m["harmful_rate"] = rate_summary(j["harmful"], n_boot=n_boot, seed=seed)
-        m["mean_harm_score"] = float(np.mean(j["harm_prob"])) if rows else None
+        m["harm_judged"] = harm_judged
+        if harm_judged:
+            m["harmful_rate"] = rate_summary(j["harmful"], n_boot=n_boot, seed=seed)
+            m["mean_harm_score"] = float(np.mean(j["harm_prob"])) if rows else None
         m["class_rates"] = class_rates(j["label"], n_boot=n_boot, seed=seed)
     key = "overrefusal_rate" if es.kind == "overrefusal" else "refusal_rate"
     m[key] = rate_summary(refusal, n_boot=n_boot, seed=seed)
