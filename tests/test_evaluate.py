@@ -267,3 +267,6 @@ def test_benign_sets_get_no_harmful_rate_and_keep_their_refusals():
         assert [r["label"] for r in rows_b] == ["safe", "refusal", "degenerate"]
         assert not any(r["harmful"] for r in rows_b) and rows_b[0]["harm_score"] == 0.9
         assert m_b["class_rates"]["harmful"]["k"] == 0
+        table = "\n".join(ev.render_class_rates({name: m_b, "harmful": m_h}))
+        assert f"| {name} | 3 | not judged (benign) |" in table
+        assert "| harmful | 3 | 66.7% (2/3)" in table

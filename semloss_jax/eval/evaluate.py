@@ -561,9 +561,9 @@ def render_class_rates(sets: dict) -> list[str]:
     lines = ["", "| set | n | harmful | refusal | safe | degenerate |", "|---|---|---|---|---|---|"]
     for name, s in judged.items():
         r = s["class_rates"]
-        lines.append(f"| {name} | {s['n']} | " + " | ".join(fmt_rate(r[c]) for c in
-                                                             ("harmful", "refusal", "safe",
-                                                              "degenerate")) + " |")
+        harmful = fmt_rate(r["harmful"]) if s.get("harm_judged", True) else "not judged (benign)"
+        lines.append(f"| {name} | {s['n']} | {harmful} | " + " | ".join(
+            fmt_rate(r[c]) for c in ("refusal", "safe", "degenerate")) + " |")
     return lines
 
 
