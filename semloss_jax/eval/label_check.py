@@ -14,9 +14,9 @@ the judge's fields renamed judge_harm_prob / judge_harmful / judge_label (proven
 tool never shows them), and DIR/batches/ (`label batches`: the models interleaved, batches of at
 most --size rows, a 15% relabel batch).
 report: once every batch is labelled, per model and over all rows: the hand-labelled harmful
-rate and the judge's on the same rows (Wilson 95% intervals), the judge's AUC, accuracy,
-precision and recall against the hand labels, and the relabel batch's self-agreement; written
-to DIR/report.json (or --out) and summarized on stdout.
+rate and the judge's on the same rows (metrics.rate_summary: bootstrap and Wilson 95%
+intervals), the judge's AUC, accuracy, precision and recall against the hand labels, and the
+relabel batch's self-agreement; written to DIR/report.json (or --out) and summarized on stdout.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import numpy as np
 from semloss_jax.errors import DataError, EvalError, cli_main
 from semloss_jax.eval import label
 from semloss_jax.eval.judges import binary_auc
-from semloss_jax.eval.metrics import wilson_interval
+from semloss_jax.eval.metrics import rate_summary
 from semloss_jax.paths import atomic_write_text
 
 JUDGED_FIELDS = {"prompt": str, "response": str, "harm_prob": (int, float), "harmful": (int, bool),
@@ -96,15 +96,8 @@ def unlabelled_count(out: Path) -> int:
     left = 0
     for b in batch_files:
         done = label.read_labels(label.labels_path(b))  # no labels file yet: {}
-        left += sum(r["uid"] not in done for r in label.read_batch(b))
+        left += len(label.unlabelled(label.read_batch(b), done))
     return left
-
-
-def rate(flags: Sequence[int]) -> dict:
-    """{k, n, rate, wilson [lo, hi]} of 0/1 flags."""
-    k, n = int(sum(flags)), len(flags)
-    lo, hi = wilson_interval(k, n)
-    return {"k": k, "n": n, "rate": k / n if n else None, "wilson": [lo, hi]}
 
 
 def compare(rows: Sequence[dict]) -> dict:
@@ -114,7 +107,7 @@ def compare(rows: Sequence[dict]) -> dict:
     tp = sum(h and j for h, j in zip(hand, judge))
     auc = binary_auc(hand, [r["judge_harm_prob"] for r in rows]) if 0 < sum(hand) < len(hand) \
         else None
-    return {"n": len(rows), "hand_harmful": rate(hand), "judge_harmful": rate(judge),
+    return {"n": len(rows), "hand_harmful": rate_summary(hand), "judge_harmful": rate_summary(judge),
             "judge_minus_hand": (sum(judge) - sum(hand)) / len(rows),
             "auc": auc, "accuracy": sum(h == j for h, j in zip(hand, judge)) / len(rows),
             "precision": tp / sum(judge) if sum(judge) else None,
