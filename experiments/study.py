@@ -28,6 +28,13 @@ a part whose output exists is skipped, so rerunning the command continues where 
 
 Wall time per part: OUT/parts.json, mirrored with each model's config, training curve and
 validation summary into --results (committed: docs/study/).
+
+The committed results are what survives a lost machine: on a fresh clone (or after runs/ is
+gone) the command first copies them back into OUT (the harvested data, the wall times, the
+selection, every model's validation, judged and test results), so finished parts stay finished.
+Weights are not committed: a model whose results are all in is not retrained, and a lost model
+that a later part needs (its test/ part) is retrained from step 0 with the same config and
+seed; its new training curve is compared with the committed one (retrain_check.json).
 """
 from __future__ import annotations
 
@@ -205,6 +212,47 @@ def mirror(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def committed_copies(lay: Layout) -> list[tuple[Path, Path]]:
+    """(committed copy, run-folder path) of every result file that later parts read back: the
+    wall times, the selection, the harvested data, and each model's validation, judged and test
+    results."""
+    pairs = [(lay.results / "parts.json", lay.out / "parts.json"),
+             (lay.results / "selection.json", lay.selection)]
+    pairs += [(p, lay.data(p.name)) for p in sorted((lay.results / "data").glob("*.jsonl"))]
+    for d in sorted(p for p in (lay.results / "models").glob("*") if p.is_dir()):
+        run = lay.model(d.name)
+        pairs += [(d / "val_eval.json", run / "val" / "eval.json"),
+                  (d / "test_eval.json", run / "test" / "eval.json")]
+        pairs += [(d / f"judged_{s}.jsonl", lay.judged(d.name, s)) for s in VAL_SETS]
+    return pairs
+
+
+def restore(lay: Layout) -> list[Path]:
+    """Copy the committed results back into a run folder that lacks them (a fresh clone, or a
+    machine whose runs/ was lost), so finished parts stay finished; a run-folder file that exists
+    is never overwritten. Returns the restored paths."""
+    out = []
+    for src, dst in committed_copies(lay):
+        if src.exists() and not dst.exists():
+            mirror(src, dst)
+            out.append(dst)
+    return out
+
+
+def curve_check(old: Path, new: Path, keys=("loss", "ce", "harm_nll", "div")) -> dict:
+    """How far a retrained model's training curve is from the committed one (a model retrained
+    after its weights were lost should reproduce it): steps compared, largest |difference| per
+    key, and the first step where any differs by more than 1e-4."""
+    a = {r["step"]: r for r in map(json.loads, old.read_text().splitlines()) if r}
+    b = {r["step"]: r for r in map(json.loads, new.read_text().splitlines()) if r}
+    steps = sorted(set(a) & set(b))
+    diff = {k: max((abs(a[s][k] - b[s][k]) for s in steps if k in a[s] and k in b[s]), default=0.0)
+            for k in keys}
+    first = next((s for s in steps if any(abs(a[s].get(k, 0) - b[s].get(k, 0)) > 1e-4 for k in keys)),
+                 None)
+    return {"steps_compared": len(steps), "max_abs_diff": diff, "first_step_off_by_1e-4": first}
+
+
 # ---------------------------------------------------------------------------------------------
 # Data parts
 
@@ -237,11 +285,13 @@ def data_parts(lay: Layout) -> list[Part]:
     logs = lay.out / "logs"
     return [
         Part("data/harvest", d.exists,
-             lambda: sh([*common, "--n", str(HARVEST["n"]), "--out", str(d)], logs / "harvest.log")),
+             lambda: (sh([*common, "--n", str(HARVEST["n"]), "--out", str(d)], logs / "harvest.log"),
+                      mirror(d, lay.results / "data" / d.name))),
         Part("data/harvest_sampled", ds.exists,
-             lambda: sh([*common, "--n", str(SAMPLED["n"]), "--samples", str(SAMPLED["samples"]),
-                         "--temperature", str(SAMPLED["temperature"]), "--out", str(ds)],
-                        logs / "harvest_sampled.log")),
+             lambda: (sh([*common, "--n", str(SAMPLED["n"]), "--samples", str(SAMPLED["samples"]),
+                          "--temperature", str(SAMPLED["temperature"]), "--out", str(ds)],
+                         logs / "harvest_sampled.log"),
+                      mirror(ds, lay.results / "data" / ds.name))),
         Part("data/safe", safe.exists, lambda: write_jsonl(safe, safe_replies(read_jsonl(d)[0])),
              blocked=lambda: None if d.exists() else "needs data/harvest"),
     ]
@@ -280,6 +330,10 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
 
     def train():
         sh(train_cmd(m, lay), logs / f"train_{m.name}.log")
+        if (res / "metrics.jsonl").exists():  # retrained after its weights were lost
+            check = curve_check(res / "metrics.jsonl", run / "metrics.jsonl")
+            print(f"  retrained {m.name} against its committed curve: {check}", flush=True)
+            atomic_write_text(res / "retrain_check.json", json.dumps(check, indent=1) + "\n")
         mirror(run / "config.yaml", res / "config.yaml")
         mirror(run / "metrics.jsonl", res / "metrics.jsonl")
 
@@ -305,14 +359,29 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
         missing = [n for n in need if not lay.data(n).exists()]
         return f"needs {', '.join(missing)} (data/ parts)" if missing else None
 
-    parts = [] if m.overrides is None else [Part(f"train/{m.name}", trained, train, needs_data)]
-    val_done = (run / "val" / "eval.json").exists
+    def judge_done() -> bool:
+        return all(lay.judged(m.name, s).exists() for s in VAL_SETS)
+
+    def val_done() -> bool:  # its replies are judged, or still there to be judged
+        gens = [run / "val" / "generations" / f"{s}.jsonl" for s in VAL_SETS]
+        return (run / "val" / "eval.json").exists() and (judge_done() or all(g.exists() for g in gens))
+
+    def test_done() -> bool:
+        return (run / "test" / "eval.json").exists()
+
+    def weights_done() -> bool:
+        """Trained, or no part left that needs the weights (their results are committed and
+        restored; a lost model is retrained when its test/ part comes)."""
+        needed = not (val_done() and judge_done()) or (lay.selection.exists() and not test_done())
+        return trained() or not needed
+
+    parts = [] if m.overrides is None else [Part(f"train/{m.name}", weights_done, train, needs_data)]
     return parts + [
         Part(f"val/{m.name}", val_done, val, blocked=lambda: None if trained() else f"needs train/{m.name}"),
-        Part(f"judge/{m.name}", lambda: all(lay.judged(m.name, s).exists() for s in VAL_SETS), judge,
+        Part(f"judge/{m.name}", judge_done, judge,
              blocked=lambda: ("waits for `eval.py judge` (the judge v2 command)" if not judge_ok
                               else None if val_done() else f"needs val/{m.name}")),
-        Part(f"test/{m.name}", (run / "test" / "eval.json").exists, test,
+        Part(f"test/{m.name}", test_done, test,
              blocked=lambda: None if lay.selection.exists() and trained() else
              "waits for select (test replies are generated only after every choice is made)"),
     ]
@@ -465,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print every part and its state; run nothing")
     args = ap.parse_args(argv)
     lay = Layout((REPO / args.out).resolve(), (REPO / args.results).resolve())
+    restored = restore(lay)
+    if restored:
+        print(f"restored {len(restored)} committed result file(s) into {lay.out}", flush=True)
     judge_ok = judge_available()
 
     def wanted(p: Part) -> bool:

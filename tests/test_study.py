@@ -140,3 +140,46 @@ def test_parts_run_once_and_record_their_wall_time(tmp_path, monkeypatch):
     assert parts["train/dpo_l1"] == "ready"
     assert parts["judge/sft"].startswith("blocked: waits for `eval.py judge`")
     assert parts["select"].startswith("blocked") and parts["test/sft"].startswith("blocked: waits for select")
+
+
+def test_a_lost_run_folder_is_restored_from_the_committed_results(tmp_path):
+    """After runs/ is lost, the committed results make finished parts finished again; the
+    weights are retrained only when a later part needs them (test/, after the selection)."""
+    out, res = tmp_path / "out", tmp_path / "res"
+    lay = study.Layout(out, res)
+    sft = next(m for m in study.sweep_models() if m.name == "sft")
+    fake_val(lay, sft, rate=0.5, ce=2.0)
+    for s in study.VAL_SETS[1:]:
+        lay.judged("sft", s).write_text(lay.judged("sft", "harmful_val").read_text())
+    write_jsonl(lay.data("d_harmful.jsonl"), [Record(id="h0", prompt="p", response="r", source="t",
+                                                     label="harmful", split="train")])
+    study.mirror(lay.data("d_harmful.jsonl"), res / "data" / "d_harmful.jsonl")
+    run = lay.model("sft")
+    study.mirror(run / "val" / "eval.json", res / "models" / "sft" / "val_eval.json")
+    for s in study.VAL_SETS:
+        study.mirror(lay.judged("sft", s), res / "models" / "sft" / f"judged_{s}.jsonl")
+    import shutil
+    shutil.rmtree(out)                                            # the machine is lost
+    state = {p.name: p for p in study.all_parts(lay, judge_ok=True)}
+    assert not state["val/sft"].done() and not state["train/sft"].done()
+    restored = study.restore(lay)
+    assert lay.data("d_harmful.jsonl") in restored and lay.judged("sft", "harmful_val") in restored
+    state = {p.name: p for p in study.all_parts(lay, judge_ok=True)}
+    assert state["data/harvest"].done() and state["val/sft"].done() and state["judge/sft"].done()
+    assert state["train/sft"].done()                              # nothing needs the weights now
+    assert study.val_row(sft, lay)["val_harmful_rate"] == 0.5
+    lay.selection.write_text("{}")
+    assert not study.model_parts(sft, lay, judge_ok=True)[0].done()   # test/ needs them again
+    (run / "val" / "eval.json").write_text("{}")                  # a run-folder file is kept
+    assert study.restore(lay) == [] and (run / "val" / "eval.json").read_text() == "{}"
+
+
+def test_a_retrained_curve_is_compared_with_the_committed_one(tmp_path):
+    rows = [{"step": i, "loss": 1.0 / i, "ce": 2.0, "harm_nll": 0.5, "div": 0.1} for i in range(1, 6)]
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows[3]["loss"] += 0.01
+    new.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    got = study.curve_check(old, new)
+    assert got["steps_compared"] == 4 and got["first_step_off_by_1e-4"] == 4
+    assert abs(got["max_abs_diff"]["loss"] - 0.01) < 1e-9 and got["max_abs_diff"]["ce"] == 0.0
