@@ -39,6 +39,7 @@ seed; its new training curve is compared with the committed one (retrain_check.j
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -508,12 +509,17 @@ def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
 
 
 def record(lay: Layout, name: str, wall_s: float) -> None:
-    """Add a finished part's wall time to OUT/parts.json (mirrored into the results)."""
+    """Add a finished part's wall time to OUT/parts.json (mirrored into the results). The
+    read-modify-write holds an OS file lock: two runners (say `--only 'train/*'` and
+    `--only 'val/*'`) finishing parts at the same moment both keep their entries."""
     path = lay.out / "parts.json"
-    times = json.loads(path.read_text()) if path.exists() else {}
-    times[name] = {"wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_text(path, json.dumps(times, indent=1) + "\n")
-    mirror(path, lay.results / "parts.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lay.out / "parts.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        times = json.loads(path.read_text()) if path.exists() else {}
+        times[name] = {"wall_s": round(wall_s, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_text(path, json.dumps(times, indent=1) + "\n")
+        mirror(path, lay.results / "parts.json")
 
 
 def state(p: Part) -> str:

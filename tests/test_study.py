@@ -183,3 +183,23 @@ def test_a_retrained_curve_is_compared_with_the_committed_one(tmp_path):
     got = study.curve_check(old, new)
     assert got["steps_compared"] == 4 and got["first_step_off_by_1e-4"] == 4
     assert abs(got["max_abs_diff"]["loss"] - 0.01) < 1e-9 and got["max_abs_diff"]["ce"] == 0.0
+
+
+def _record_many(out, res, tag, n):
+    lay = study.Layout(Path(out), Path(res))
+    for i in range(n):
+        study.record(lay, f"{tag}/{i}", 1.0)
+
+
+def test_two_runners_recording_at_once_keep_every_entry(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_record_many, args=(tmp_path / "out", tmp_path / "res", t, 60))
+             for t in ("train", "val")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    times = json.loads((tmp_path / "res" / "parts.json").read_text())
+    assert len(times) == 120
