@@ -370,21 +370,22 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
     def test_done() -> bool:
         return (run / "test" / "eval.json").exists()
 
-    def weights_done() -> bool:
-        """Trained, or no part left that needs the weights (their results are committed and
-        restored; a lost model is retrained when its test/ part comes)."""
-        needed = not (val_done() and judge_done()) or (lay.selection.exists() and not test_done())
-        return trained() or not needed
+    def train_blocked() -> str | None:
+        if val_done() and judge_done() and not lay.selection.exists():
+            return ("its results are committed and its weights are gone: only test/ needs them "
+                    "again, after select")
+        return needs_data()
 
-    parts = [] if m.overrides is None else [Part(f"train/{m.name}", weights_done, train, needs_data)]
+    parts = [] if m.overrides is None else [Part(f"train/{m.name}", trained, train, train_blocked)]
     return parts + [
         Part(f"val/{m.name}", val_done, val, blocked=lambda: None if trained() else f"needs train/{m.name}"),
         Part(f"judge/{m.name}", judge_done, judge,
              blocked=lambda: ("waits for `eval.py judge` (the judge v2 command)" if not judge_ok
                               else None if val_done() else f"needs val/{m.name}")),
         Part(f"test/{m.name}", test_done, test,
-             blocked=lambda: None if lay.selection.exists() and trained() else
-             "waits for select (test replies are generated only after every choice is made)"),
+             blocked=lambda: ("waits for select (test replies are generated only after every "
+                              "choice is made)" if not lay.selection.exists()
+                              else None if trained() else f"needs train/{m.name}")),
     ]
 
 
@@ -498,14 +499,30 @@ def all_models(lay: Layout) -> list[Model]:
 # The command
 
 
+def test_order(models: list[Model], sel: dict) -> list[Model]:
+    """The order of the test/ parts: base, SFT and each method's choice first, then the models
+    the selection adds (exact EMD, N harmful, sampled replies, seeds), then the other sweep
+    settings (the test frontier), so the comparison's models are tested first."""
+    chosen = {"base", "sft"} | {sel[f]["name"] for f in SWEEPS if isinstance(sel.get(f), dict)}
+    sweep = {m.name for m in sweep_models()}
+    return sorted(models, key=lambda m: 0 if m.name in chosen else 1 if m.name not in sweep else 2)
+
+
 def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
-    """Every part in the order it runs: data, then train/val/judge per model, select, the blind
-    label check, tests."""
+    """Every part in the order it runs: data; train/val/judge per model; select; the blind label
+    check; then per model in test_order, its training again where its weights are gone (results
+    committed, weights lost with a machine) and its test/ part."""
     models = all_models(lay)
-    per_model = [model_parts(m, lay, judge_ok) for m in models]
-    early = [p for ps in per_model for p in ps if not p.name.startswith("test/")]
-    tests = [p for ps in per_model for p in ps if p.name.startswith("test/")]
-    return data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + tests
+    sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
+    early, late = [], []
+    for m in test_order(models, sel):
+        ps = {p.name.split("/")[0]: p for p in model_parts(m, lay, judge_ok)}
+        validated = ps["val"].done() and ps["judge"].done()
+        early += [ps[k] for k in ("train", "val", "judge") if k in ps and not (k == "train" and validated)]
+        late += [ps[k] for k in ("train", "test") if k in ps and (k == "test" or validated)]
+    index = {m.name: i for i, m in enumerate(models)}
+    early.sort(key=lambda p: index[p.name.split("/", 1)[1]])
+    return data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late
 
 
 def record(lay: Layout, name: str, wall_s: float) -> None:

@@ -166,10 +166,15 @@ def test_a_lost_run_folder_is_restored_from_the_committed_results(tmp_path):
     assert lay.data("d_harmful.jsonl") in restored and lay.judged("sft", "harmful_val") in restored
     state = {p.name: p for p in study.all_parts(lay, judge_ok=True)}
     assert state["data/harvest"].done() and state["val/sft"].done() and state["judge/sft"].done()
-    assert state["train/sft"].done()                              # nothing needs the weights now
+    assert not state["train/sft"].done()                          # no weights, and none needed now
+    assert state["train/sft"].blocked().startswith("its results are committed")
+    names = [p.name for p in study.all_parts(lay, judge_ok=True)]
+    assert names.index("train/sft") == names.index("test/sft") - 1 > names.index("select")
     assert study.val_row(sft, lay)["val_harmful_rate"] == 0.5
     lay.selection.write_text("{}")
-    assert not study.model_parts(sft, lay, judge_ok=True)[0].done()   # test/ needs them again
+    state = {p.name: p for p in study.all_parts(lay, judge_ok=True)}
+    assert study.state(state["train/sft"]) == "ready"              # test/ needs them again
+    assert state["test/sft"].blocked() == "needs train/sft"
     (run / "val" / "eval.json").write_text("{}")                  # a run-folder file is kept
     assert study.restore(lay) == [] and (run / "val" / "eval.json").read_text() == "{}"
 
@@ -203,3 +208,17 @@ def test_two_runners_recording_at_once_keep_every_entry(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     times = json.loads((tmp_path / "res" / "parts.json").read_text())
     assert len(times) == 120
+
+
+def test_the_comparisons_models_are_tested_first(tmp_path):
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    for m in study.sweep_models():
+        fake_val(lay, m, rate=max(0.0, 0.5 - 0.1 * (m.setting or 0)), ce=2.0)
+    sel = json.loads(json.dumps(study.select(study.sweep_models(), lay)))
+    lay.selection.write_text(json.dumps(sel))
+    tests = [p.name[5:] for p in study.all_parts(lay, judge_ok=True) if p.name.startswith("test/")]
+    chosen = {"base", "sft"} | {sel[f]["name"] for f in study.SWEEPS}
+    assert set(tests[:len(chosen)]) == chosen
+    added = {m.name for m in study.selected_models(sel)}
+    assert set(tests[len(chosen):len(chosen) + len(added)]) == added
+    assert len(tests) == len(set(tests)) == len(study.all_models(lay))
