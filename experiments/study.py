@@ -10,7 +10,9 @@ a part whose output exists is skipped, so rerunning the command continues where 
 
     data/harvest          D_harmful: the base model's own greedy replies to 360 TRAIN harmful
                           prompts (256 new tokens; refusals and empty replies dropped, no harm
-                          filter: the TF-IDF judge is at chance on this model's replies)
+                          filter: the TF-IDF judge is at chance on this model's replies); the
+                          file of 2026-11-28 is committed (docs/study/data/), rebuilt by
+                          experiments/study_harvest_rebuild.py with that day's refusal detector
     data/harvest_sampled  4 sampled replies (T = 0.8) to each of 100 of those prompts (our addition)
     data/safe             a safe reply to every harvested prompt, for DPO (templated refusals)
     train/NAME            train.py --config configs/study.yaml + the model's overrides
@@ -285,8 +287,11 @@ def data_parts(lay: Layout) -> list[Part]:
               "--no-progress"]
     logs = lay.out / "logs"
     return [
+        # the D_harmful of 2026-11-28 (committed, restored first): today's refusal detector would
+        # drop 52 more replies, so the part rebuilds that day's file (experiments/study_harvest_rebuild.py)
         Part("data/harvest", d.exists,
-             lambda: (sh([*common, "--n", str(HARVEST["n"]), "--out", str(d)], logs / "harvest.log"),
+             lambda: (sh([PY, str(REPO / "experiments" / "study_harvest_rebuild.py"), "--out", str(d)],
+                         logs / "harvest.log"),
                       mirror(d, lay.results / "data" / d.name))),
         Part("data/harvest_sampled", ds.exists,
              lambda: (sh([*common, "--n", str(SAMPLED["n"]), "--samples", str(SAMPLED["samples"]),
