@@ -63,6 +63,9 @@ from semloss_jax.eval import label_check  # noqa: E402
 from semloss_jax.eval.selection import ranked, select_setting  # noqa: E402
 from semloss_jax.paths import atomic_write_text  # noqa: E402
 
+sys.path.insert(0, str(REPO / "experiments"))
+import study_plots  # noqa: E402
+
 BUDGET = REPO / "configs" / "study.yaml"
 PY = sys.executable
 VAL_SETS = ("harmful_val", "benign_val")
@@ -494,6 +497,24 @@ def labelcheck_parts(lay: Layout) -> list[Part]:
                  report_blocked)]
 
 
+def families(models: list[Model]) -> dict[str, tuple[str, float | None]]:
+    """Each model's (method family, swept setting), by name: what the plots group by."""
+    return {m.name: (m.family, m.setting) for m in models}
+
+
+def plots_part(lay: Layout) -> Part:
+    """Redraws docs/study/plots/ (experiments/study_plots.py) whenever a file they read changed."""
+    def names() -> list[str]:
+        return [m.name for m in all_models(lay)]
+
+    def done() -> bool:
+        f = lay.results / "plots" / "plots.json"
+        return f.exists() and json.loads(f.read_text()).get("digest") == study_plots.inputs_digest(
+            lay.results, names())
+
+    return Part("plots", done, lambda: study_plots.draw(lay.results, families(all_models(lay)), N_SWEEP))
+
+
 def all_models(lay: Layout) -> list[Model]:
     """The sweep models, then those the current selection.json implies."""
     sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
@@ -527,7 +548,7 @@ def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
         late += [ps[k] for k in ("train", "test") if k in ps and (k == "test" or validated)]
     index = {m.name: i for i, m in enumerate(models)}
     early.sort(key=lambda p: index[p.name.split("/", 1)[1]])
-    return data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late
+    return data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late + [plots_part(lay)]
 
 
 def record(lay: Layout, name: str, wall_s: float) -> None:

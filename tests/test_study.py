@@ -18,6 +18,7 @@ from semloss_jax.train import config as C
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 import study  # noqa: E402
+import study_plots  # noqa: E402
 
 
 def row(name, setting, rate, ce):
@@ -222,3 +223,38 @@ def test_the_comparisons_models_are_tested_first(tmp_path):
     added = {m.name for m in study.selected_models(sel)}
     assert set(tests[len(chosen):len(chosen) + len(added)]) == added
     assert len(tests) == len(set(tests)) == len(study.all_models(lay))
+
+
+def test_plots_are_drawn_from_the_committed_results_and_redrawn_when_one_changes(tmp_path):
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    models = study.sweep_models()
+    for m in models[:4]:                          # base, SFT, TA-SFT LB λ 0.25 and 0.5
+        fake_val(lay, m, rate=0.5, ce=2.0 + 0.01 * (m.setting or 0))
+        res = lay.results / "models" / m.name
+        study.mirror(lay.judged(m.name, "harmful_val"), res / "judged_harmful_val.jsonl")
+        ev = json.loads((lay.model(m.name) / "val" / "eval.json").read_text())
+        ev["sets"]["benign_val"]["reference_ce"]["ci"] = [1.9, 2.1]
+        (res / "val_eval.json").write_text(json.dumps(ev))
+        if m.overrides is not None:
+            (res / "metrics.jsonl").write_text("".join(json.dumps(
+                {"step": i, "ce": 2.0, "harm_nll": 0.5 if m.family != "sft" else 0.0}) + "\n"
+                for i in range(1, 21)))
+    part = study.plots_part(lay)
+    assert not part.done()
+    part.run()
+    got = json.loads((lay.results / "plots" / "plots.json").read_text())
+    assert got["frontier_val"] == 4 and got["curves"] == 3 and "harm_vs_n_val" not in got
+    assert all((lay.results / "plots" / f).stat().st_size > 1000 for f in ("frontier_val.png", "curves.png"))
+    assert part.done()
+    fake_val(lay, models[4], rate=0.2, ce=2.05)   # a new judged model: the plots are redrawn
+    study.mirror(lay.judged(models[4].name, "harmful_val"),
+                 lay.results / "models" / models[4].name / "judged_harmful_val.jsonl")
+    assert not part.done()
+    p = study_plots.point(lay.results, "sft")
+    assert p["k"] == 10 and p["n"] == 20 and p["wilson"][0] < 0.5 < p["wilson"][1]
+
+
+def test_moving_mean():
+    import numpy as np
+    got = study_plots.moving_mean(np.array([1.0, 3.0, 5.0, 7.0]), w=2)
+    assert np.allclose(got, [1.0, 2.0, 4.0, 6.0])

@@ -1,0 +1,217 @@
+"""The study's plots, drawn from its committed results only (docs/study/).
+
+Any clone redraws them without a run folder:
+
+    frontier_val.png   validation harmful rate (judge v2, 95% Wilson interval) against benign
+                       validation reference CE (95% bootstrap interval), one line per method
+                       across its sweep, base and SFT as single points, the selection's CE bound
+                       (1.05 x SFT) dashed, each method's choice ringed once select has run
+    harm_vs_n_val.png  TA-SFT at its chosen λ: validation harmful rate against the number of
+                       harmful training examples (once the selection's N-efficiency models exist)
+    curves.png         training curves: benign CE and harmful NLL per step (moving mean over 10
+                       steps), one line per trained model, coloured by method
+
+The study command redraws them when an input changes (the `plots` part); by hand:
+
+    python experiments/study_plots.py [--results docs/study]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from semloss_jax.eval.metrics import wilson_interval
+from semloss_jax.paths import atomic_write_bytes, atomic_write_text
+
+FILES = ("frontier_val.png", "harm_vs_n_val.png", "curves.png")
+COLORS = {"tasft_lb": "tab:blue", "tasft_exact": "tab:cyan", "nll_ascent": "tab:orange",
+          "unlikelihood": "tab:green", "dpo": "tab:red", "safeinstr": "tab:purple",
+          "sft": "black", "base": "gray"}
+
+
+def point(res: Path, name: str) -> dict | None:
+    """One model's validation figures from its committed files, or None while they are missing:
+    harmful k of n (judged harmful_val) with its Wilson interval, benign CE with its interval."""
+    d = res / "models" / name
+    judged, ev = d / "judged_harmful_val.jsonl", d / "val_eval.json"
+    if not (judged.exists() and ev.exists()):
+        return None
+    flags = [int(json.loads(line)["harmful"]) for line in judged.read_text().splitlines() if line.strip()]
+    ce = json.loads(ev.read_text())["sets"]["benign_val"]["reference_ce"]
+    k, n = sum(flags), len(flags)
+    return {"name": name, "k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95)),
+            "ce": ce["ce"], "ce_ci": ce["ci"]}
+
+
+def inputs_digest(res: Path, names: list[str]) -> str:
+    """A digest of every file the plots read (the plots part is done while it is unchanged)."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        for f in ("judged_harmful_val.jsonl", "val_eval.json", "metrics.jsonl"):
+            p = res / "models" / name / f
+            h.update(f"{name}/{f}:".encode())
+            h.update(p.read_bytes() if p.exists() else b"-")
+    sel = res / "selection.json"
+    h.update(sel.read_bytes() if sel.exists() else b"-")
+    return h.hexdigest()
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _errorbar(ax, p: dict, color: str, **kw) -> None:
+    ax.errorbar([p["ce"]], [p["rate"]], xerr=[[p["ce"] - p["ce_ci"][0]], [p["ce_ci"][1] - p["ce"]]],
+                yerr=[[p["rate"] - p["wilson"][0]], [p["wilson"][1] - p["rate"]]], color=color,
+                capsize=2, lw=0.8, **kw)
+
+
+def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float | None]],
+                  chosen: set[str], path: Path) -> int:
+    """frontier_val.png (see the module docstring); returns the number of points drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_fam: dict[str, list] = {}
+    for name, p in points.items():
+        fam, setting = families[name]
+        by_fam.setdefault(fam, []).append((setting if setting is not None else 0.0, name, p))
+    for fam, pts in sorted(by_fam.items()):
+        pts.sort(key=lambda t: t[0])
+        color = COLORS.get(fam, "tab:brown")
+        ax.plot([p["ce"] for _, _, p in pts], [p["rate"] for _, _, p in pts], "-o", color=color,
+                label=fam, ms=4)
+        for setting, name, p in pts:
+            _errorbar(ax, p, color, fmt="none", alpha=0.5)
+            label = name if fam in ("base", "sft") else f"{setting:g}"
+            ax.annotate(label, (p["ce"], p["rate"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=7, color=color)
+            if name in chosen:
+                ax.plot([p["ce"]], [p["rate"]], "o", ms=11, mfc="none", mec=color, mew=1.5)
+    if "sft" in points:
+        ax.axvline(1.05 * points["sft"]["ce"], ls="--", lw=1, color="gray")
+        ax.annotate("CE bound (1.05 x SFT)", (1.05 * points["sft"]["ce"], 0.02), fontsize=7,
+                    color="gray", rotation=90, va="bottom", ha="right")
+    ax.set_xlabel("benign validation reference CE, nats/token (lower = more fluent)")
+    ax.set_ylabel("harmful rate, validation prompts (judge v2)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"Validation frontier ({len(points)} models; best: bottom left)", fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+    return len(points)
+
+
+def plot_harm_vs_n(points: list[tuple[int, dict]], lam: float, path: Path) -> int:
+    """harm_vs_n_val.png: TA-SFT LB at λ against N harmful (needs 2 points or more)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = sorted(points, key=lambda t: t[0])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    err = [[p["rate"] - p["wilson"][0] for _, p in pts], [p["wilson"][1] - p["rate"] for _, p in pts]]
+    ax.errorbar([n for n, _ in pts], [p["rate"] for _, p in pts], yerr=err,
+                marker="o", capsize=3, color=COLORS["tasft_lb"], label=f"TA-SFT LB λ {lam:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("harmful training examples (N)")
+    ax.set_ylabel("harmful rate, validation prompts (judge v2)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return len(pts)
+
+
+def moving_mean(x: np.ndarray, w: int = 10) -> np.ndarray:
+    """Mean over the last w values at each step (fewer at the start)."""
+    c = np.cumsum(np.insert(np.asarray(x, dtype=np.float64), 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - w, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_curves(res: Path, families: dict[str, tuple[str, float | None]], path: Path) -> int:
+    """curves.png (see the module docstring); returns the number of curves drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = 0
+    styles = ("-", "--", ":", "-.", (0, (1, 1)))
+    order = sorted(families.items(), key=lambda kv: (kv[1][0], kv[1][1] or 0.0))
+    for name, (fam, _) in order:
+        f = res / "models" / name / "metrics.jsonl"
+        if not f.exists():
+            continue
+        rank = [n for n, (g, _) in order if g == fam].index(name)
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        steps = np.array([r["step"] for r in rows])
+        for ax, key in zip(axes, ("ce", "harm_nll")):
+            vals = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+            if key == "harm_nll" and not np.any(vals > 0):
+                continue  # no harmful data in this run
+            ax.plot(steps, moving_mean(vals), color=COLORS.get(fam, "tab:brown"), lw=1.2,
+                    ls=styles[rank % len(styles)], label=name)
+        drawn += 1
+    axes[0].set_ylabel("benign CE, nats/token (log scale)")
+    axes[1].set_ylabel("NLL of the harmful replies (log scale)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Training curves (moving mean over 10 steps)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def draw(res: Path, families: dict[str, tuple[str, float | None]], n_sweep: int = 100) -> dict:
+    """Every plot that has its inputs, into res/plots/; returns what was drawn (also written to
+    res/plots/plots.json with the inputs' digest). n_sweep: the N harmful of the λ sweeps."""
+    out = res / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    points = {n: p for n in families if (p := point(res, n)) is not None}
+    sweep = {n: f for n, f in families.items() if f[0] in COLORS}  # not the seeds, N and sampled runs
+    sel_path = res / "selection.json"
+    sel = json.loads(sel_path.read_text()) if sel_path.exists() else {}
+    chosen = {v["name"] for v in sel.values() if isinstance(v, dict) and "name" in v
+              and "setting" in v and v.get("overrides") is not None}
+    summary = {"digest": inputs_digest(res, list(families)),
+               "frontier_val": plot_frontier({n: p for n, p in points.items() if n in sweep}, families,
+                                             chosen, out / "frontier_val.png"),
+               "curves": plot_curves(res, sweep, out / "curves.png")}
+    lb = sel.get("tasft_lb")
+    if lb:
+        lam = lb["setting"]
+        ns = [(n_sweep, points.get(lb["name"]))]
+        ns += [(int(s), points.get(n)) for n, (fam, s) in families.items() if fam == "tasft_lb_n"]
+        ns = [(n, p) for n, p in ns if p is not None]
+        if len(ns) >= 2:
+            summary["harm_vs_n_val"] = plot_harm_vs_n(ns, lam, out / "harm_vs_n_val.png")
+    atomic_write_text(out / "plots.json", json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import study  # the model list (experiments/ is on sys.path when run as a script)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(study.REPO / "docs" / "study"))
+    args = ap.parse_args(argv)
+    res = Path(args.results)
+    sel = json.loads((res / "selection.json").read_text()) if (res / "selection.json").exists() else {}
+    models = study.sweep_models() + study.selected_models(sel)
+    print(json.dumps(draw(res, study.families(models), study.N_SWEEP), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
