@@ -2,6 +2,7 @@
 exact resume after SIGKILL, NaN stop, CLI errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import pytest
 
 from semloss_jax.data import batching, readers, registry
 from semloss_jax.data import streams as streams_lib
+from semloss_jax.data.schema import Record
 from semloss_jax.errors import DataError, NonFiniteLoss, TrainError
 from semloss_jax.loss import cost
 from semloss_jax.models import llama as M
@@ -384,6 +386,43 @@ def test_a_failed_resume_leaves_config_yaml_as_it_was(smoke_run, tmp_path):
         train_loop.train(cfg, echo=lambda s: None)
     assert (run / "config.yaml").read_text() == before
     assert not (run / "train.lock").exists()
+
+
+def test_resume_checks_the_records_by_content_not_by_path_or_count(smoke_run, tmp_path):
+    """The harmful records rewritten under the same count: the resumed run refuses, naming the
+    stream and both digests; the same records from another path (a file instead of the
+    registry) resume (the run that lost its D_harmful file and rebuilt it identically)."""
+    ref_run, _ = smoke_run
+    run = _copy_run(ref_run, tmp_path / "run")
+    cfg = C.load_config(run / "config.yaml")
+    harmful = streams_lib.load_records(cfg.data, cfg.objective, cfg.run.seed).harmful
+    same, changed = tmp_path / "same.jsonl", tmp_path / "changed.jsonl"
+    readers.write_jsonl(same, harmful)
+    readers.write_jsonl(changed, harmful[:-1] + [dataclasses.replace(harmful[-1], response="Other.")])
+    base = [f"run.output_dir={run}", "run.resume=true", "run.progress=false"]
+    with pytest.raises(TrainError, match="other records .*digest"):
+        train_loop.train(C.load_config(run / "config.yaml", base + [f"data.harmful={changed}"]),
+                         echo=lambda s: None)
+    said = []
+    res = train_loop.train(C.load_config(run / "config.yaml", base + [f"data.harmful={same}", "run.steps=7"]),
+                           echo=said.append)
+    assert res.resumed_from == 6 and res.final_step == 7
+
+
+def test_stream_positions_carry_the_records_digest():
+    recs = [Record(id=str(i), prompt=f"p{i}", response=f"r{i}", source="t") for i in range(5)]
+    a = streams_lib.TokenizedRecords(recs, None, seq_len=16, max_prompt_len=None)
+    b = streams_lib.TokenizedRecords(recs[:4] + [Record(id="4", prompt="p4", response="R4", source="t")],
+                                     None, seq_len=16, max_prompt_len=None)
+    assert a.digest == streams_lib.TokenizedRecords(list(recs), None, seq_len=16, max_prompt_len=None).digest
+    assert a.digest != b.digest
+    mk = lambda ex: streams_lib.BatchStream("harmful", ex, batch_size=2, seq_len=16, pad_id=0, seed=0)  # noqa: E731
+    pos = mk(a).position()
+    assert pos["digest"] == a.digest
+    mk(a).seek(pos)
+    with pytest.raises(TrainError, match="other records"):
+        mk(b).seek(pos)
+    mk(b).seek({k: v for k, v in pos.items() if k != "digest"})   # an older checkpoint: count only
 
 
 def _tmpfs(path: Path, size: str) -> bool:

@@ -26,6 +26,9 @@ file, whose columns map onto the schema by data.benign_columns / data.harmful_co
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +138,15 @@ class TokenizedRecords(Sequence):
     def __len__(self) -> int:
         return len(self.records)
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 (16 hex digits) of the records' prompts and responses in stream order: what a
+        resumed run checks its data by (a file rewritten under the same path changes it)."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(json.dumps([r.prompt, r.response]).encode("utf-8"))
+        return h.hexdigest()[:16]
+
     def __getitem__(self, i: int) -> batching.Example | None:
         if i not in self._done:
             mu = None if self.response_mu is None else [self.response_mu[i]]
@@ -227,14 +239,24 @@ class BatchStream:
         return {k: np.stack([b[k] for b in bs]) for k in bs[0]}
 
     def position(self) -> dict:
-        """The stream's resumable state: epoch, index and the number of examples."""
-        return {"epoch": self.epoch, "index": self.index, "examples": len(self.examples)}
+        """The stream's resumable state: epoch, index, the number of examples and (records
+        streams) the digest of their content."""
+        pos = {"epoch": self.epoch, "index": self.index, "examples": len(self.examples)}
+        digest = getattr(self.examples, "digest", None)
+        return pos if digest is None else dict(pos, digest=digest)
 
-    def seek(self, pos: Mapping[str, int]) -> None:
-        """Resume at a saved position; TrainError if the number of examples has changed."""
+    def seek(self, pos: Mapping[str, int | str]) -> None:
+        """Resume at a saved position; TrainError if the number of examples or their content
+        has changed (checkpoints written before the digest existed are checked by count only)."""
         if int(pos.get("examples", len(self.examples))) != len(self.examples):
             raise TrainError(f"stream {self.name!r}: the checkpoint was made with {pos['examples']} "
                              f"examples, the data now has {len(self.examples)}: cannot resume exactly")
+        have = getattr(self.examples, "digest", None)
+        if pos.get("digest") and have and pos["digest"] != have:
+            raise TrainError(f"stream {self.name!r}: the checkpoint was made on other records (content "
+                             f"digest {pos['digest']}, now {have}; same count): a data file was rewritten "
+                             f"or the sampling changed, so this is not the run that wrote it; start a new "
+                             f"run.output_dir, or delete its checkpoints to start over")
         self.epoch, self.index = int(pos["epoch"]), int(pos["index"])
 
 
