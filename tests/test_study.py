@@ -191,22 +191,32 @@ def test_a_retrained_curve_is_compared_with_the_committed_one(tmp_path):
     assert abs(got["max_abs_diff"]["loss"] - 0.01) < 1e-9 and got["max_abs_diff"]["ce"] == 0.0
 
 
-def _record_many(out, res, tag, n):
-    lay = study.Layout(Path(out), Path(res))
-    for i in range(n):
-        study.record(lay, f"{tag}/{i}", 1.0)
+RECORDER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import study
+out, res, tag = Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+(out.parent / f"ready_{tag}").touch()
+while not (out.parent / "go").exists():
+    time.sleep(0.002)
+lay = study.Layout(out, res)
+for i in range(60):
+    study.record(lay, f"{tag}/{i}", 1.0)
+"""
 
 
 def test_two_runners_recording_at_once_keep_every_entry(tmp_path):
-    import multiprocessing as mp
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_record_many, args=(tmp_path / "out", tmp_path / "res", t, 60))
-             for t in ("train", "val")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    assert all(p.exitcode == 0 for p in procs)
+    """Two study processes record 60 parts each at the same moment: all 120 are kept."""
+    import subprocess
+    import time
+    procs = [subprocess.Popen([sys.executable, "-c", RECORDER, str(REPO / "experiments"),
+                               str(tmp_path / "out"), str(tmp_path / "res"), t]) for t in ("train", "val")]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready_{t}").exists() for t in ("train", "val")) and time.time() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
     times = json.loads((tmp_path / "res" / "parts.json").read_text())
     assert len(times) == 120
 
