@@ -249,8 +249,8 @@ def curve_check(old: Path, new: Path, keys=("loss", "ce", "harm_nll", "div")) ->
     """How far a retrained model's training curve is from the committed one (a model retrained
     after its weights were lost should reproduce it): steps compared, largest |difference| per
     key, and the first step where any differs by more than 1e-4."""
-    a = {r["step"]: r for r in map(json.loads, old.read_text().splitlines()) if r}
-    b = {r["step"]: r for r in map(json.loads, new.read_text().splitlines()) if r}
+    a, b = ({r["step"]: r for r in map(json.loads, filter(str.strip, f.read_text().splitlines()))}
+            for f in (old, new))
     steps = sorted(set(a) & set(b))
     diff = {k: max((abs(a[s][k] - b[s][k]) for s in steps if k in a[s] and k in b[s]), default=0.0)
             for k in keys}

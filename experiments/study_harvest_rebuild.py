@@ -36,6 +36,9 @@ from semloss_jax.data.readers import write_jsonl  # noqa: E402
 from semloss_jax.data.schema import Record  # noqa: E402
 from semloss_jax.models import loading  # noqa: E402
 
+sys.path.insert(0, str(REPO / "experiments"))
+from study import GEN_BATCH, HARVEST  # noqa: E402  (the study's harvest settings, written once)
+
 DETECTOR_COMMIT = "cf7840b"
 
 
@@ -58,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     is_refusal = old_is_refusal()
     cfg, params, tok = loading.load_model(None)[:3]
-    prompts = harvest.pick_prompts(360, seed=0)
+    prompts = harvest.pick_prompts(HARVEST["n"], seed=HARVEST["seed"])
     replies = harvest.generate_responses(params, cfg, tok, [r.prompt for r in prompts],
-                                         max_new_tokens=256, batch_size=16, seed=0)
+                                         max_new_tokens=HARVEST["max_new_tokens"], batch_size=GEN_BATCH,
+                                         seed=HARVEST["seed"])
     kept = [Record(id=f"harvest:{p.id}", prompt=p.prompt, response=x.strip(), source="harvest",
                    split="train", label="harmful", score=None, category=p.source)
             for p, x in zip(prompts, replies) if x.strip() and not is_refusal(x)]
