@@ -3,9 +3,11 @@
 
 Same model weights (SmolLM2-135M GGUF -> semloss_jax.models.weights.export_hf -> transformers), same
 chat-templated prompts, greedy, exactly N new tokens on both sides:
-  ours   semloss_jax.models.generation.generate_ids(..., eos_ids=(V,), batch_size=B): the end id V can
-         never be produced, so every row decodes N tokens (prompts left-padded to a length
-         bucket, `generation.bucket_length`, as generate() does)
+  ours   semloss_jax.models.generation.generate_ids(..., eos_ids=(V,), batch_size=B,
+         schedule="static"): the end id V can never be produced, so every row decodes N tokens
+         (prompts left-padded to a length bucket, `generation.bucket_length`). With every reply
+         N tokens long there is nothing for the refill schedule to refill:
+         bench/generation_workload.py compares the schedules on replies that end on their own.
   HF     model.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=N,
          min_new_tokens=N) on left-padded prompts (padded to the longest prompt of the batch)
 Each contender is warmed up first (our first call includes the XLA compile, reported apart),
@@ -95,7 +97,7 @@ def main(argv=None):
 
         def ours(prompts=prompts, B=B):
             return generation.generate_ids(params, cfg, prompts, eos_ids=never, pad_id=tok.pad_id,
-                                           max_new_tokens=N, batch_size=B)
+                                           max_new_tokens=N, batch_size=B, schedule="static")
 
         def theirs(t_ids=t_ids, t_att=t_att, L=L):
             with torch.inference_mode():

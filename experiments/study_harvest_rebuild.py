@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = harvest.pick_prompts(HARVEST["n"], seed=HARVEST["seed"])
     replies = harvest.generate_responses(params, cfg, tok, [r.prompt for r in prompts],
                                          max_new_tokens=HARVEST["max_new_tokens"], batch_size=GEN_BATCH,
-                                         seed=HARVEST["seed"])
+                                         seed=HARVEST["seed"],
+                                         schedule="static")  # the decoder of the 2026-11-28 harvest
     kept = [Record(id=f"harvest:{p.id}", prompt=p.prompt, response=x.strip(), source="harvest",
                    split="train", label="harmful", score=None, category=p.source)
             for p, x in zip(prompts, replies) if x.strip() and not is_refusal(x)]

@@ -41,6 +41,7 @@ class CountingGenerator:
     def __call__(self, prompts, **kw):
         self.calls += 1
         self.prompts += len(prompts)
+        self.kw = kw
         return self._gen(prompts, **kw)
 
 
@@ -94,6 +95,15 @@ def test_second_run_generates_nothing(tiny, harm_judge, tmp_path):
     r4 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e4",
                      **{**kw, "settings": DecodeSettings(max_new_tokens=4), "sets": ("harmful",)})
     assert r4["counts"]["generated"] == 3
+    # so is the other generation schedule; greedy replies are the same under both
+    r5 = ev.evaluate(params, cfg, tok, out_dir=tmp_path / "e5",
+                     **{**kw, "settings": DecodeSettings(max_new_tokens=6, schedule="static"),
+                        "sets": ("harmful",)})
+    assert r5["counts"]["generated"] == 3 and gen.kw["schedule"] == "static"
+    assert r5["settings"]["schedule"] == "static" and r1["settings"]["schedule"] == "refill"
+    g5 = (tmp_path / "e5" / "generations" / "harmful.jsonl").read_text()
+    assert [json.loads(x)["response"] for x in g5.splitlines()] == \
+        [json.loads(x)["response"] for x in g1.splitlines()]
     # another model is another cache entry
     p2 = jax.tree_util.tree_map(lambda x: x * 1.01, params)
     assert ev.model_fingerprint(p2, cfg, tok) != ev.model_fingerprint(params, cfg, tok)

@@ -1,4 +1,5 @@
-"""Cached batched decoding equals uncached greedy decoding; one compile per shape bucket."""
+"""Cached batched decoding equals uncached greedy decoding under both schedules (static
+batches and refill); one compile per shape bucket."""
 from __future__ import annotations
 
 import jax
@@ -6,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semloss_jax.models.generation import bucket_length, decode, generate, generate_ids, left_pad
+from semloss_jax.errors import ModelError
+from semloss_jax.models.generation import (
+    admit,
+    advance,
+    bucket_length,
+    decode,
+    generate,
+    generate_ids,
+    left_pad,
+)
 from semloss_jax.models.llama import forward, head_logits, init_params, tiny_config
 
 jforward = jax.jit(forward, static_argnums=1)
@@ -35,14 +45,54 @@ def tiny():
     return cfg, params
 
 
-def test_cached_batched_greedy_equals_uncached(tiny):
+@pytest.mark.parametrize("schedule", ["static", "refill"])
+def test_cached_batched_greedy_equals_uncached(tiny, schedule):
     cfg, params = tiny
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, cfg.vocab_size, n).tolist() for n in (5, 11, 2, 8)]
     eos = (0,)
-    got = generate_ids(params, cfg, prompts, eos_ids=eos, pad_id=1, max_new_tokens=12, batch_size=3)
+    got = generate_ids(params, cfg, prompts, eos_ids=eos, pad_id=1, max_new_tokens=12, batch_size=3,
+                       schedule=schedule)
     for p, g in zip(prompts, got):
         assert g == greedy_without_cache(params, cfg, p, 12, eos)
+
+
+def test_refill_admits_prompts_into_freed_rows_and_equals_uncached(tiny):
+    """Many end-of-turn tokens, so replies end at different steps (0 to max_new_tokens tokens)
+    and rows are refilled mid-way; prompts in two buckets (32 and 48 slots); 13 prompts in 3
+    rows. Every reply equals the uncached greedy reply and the static schedule's."""
+    cfg, params = tiny
+    rng = np.random.RandomState(5)
+    prompts = [rng.randint(3, cfg.vocab_size, n).tolist() for n in rng.randint(1, 45, 13)]
+    eos = tuple(range(3, cfg.vocab_size, 11))
+    kw = dict(eos_ids=eos, pad_id=1, max_new_tokens=10, batch_size=3)
+    got = generate_ids(params, cfg, prompts, schedule="refill", **kw)
+    lengths = sorted(len(g) for g in got)
+    assert lengths[0] < 3 and lengths[-1] == 10 and len(set(lengths)) >= 4  # rows really free up early
+    assert max(len(p) for p in prompts) > 32  # two prompt buckets
+    for p, g in zip(prompts, got):
+        assert g == greedy_without_cache(params, cfg, p, 10, eos)
+    assert got == generate_ids(params, cfg, prompts, schedule="static", **kw)
+
+
+def test_refill_compiles_once_and_sampling_is_seeded(tiny):
+    cfg, params = tiny
+    kw = dict(eos_ids=tuple(range(3, cfg.vocab_size, 7)), pad_id=1, max_new_tokens=6, batch_size=2,
+              schedule="refill")
+    generate_ids(params, cfg, [[3, 4, 5], [6] * 9, [7, 8]], **kw)
+    a0, d0 = advance._cache_size(), admit._cache_size()
+    generate_ids(params, cfg, [[9, 9], [3] * 20, [5] * 7, [4]], **kw)    # same bucket, new lengths
+    generate_ids(params, cfg, [[3] * 20, [4] * 3], temperature=0.7, top_p=0.9, **kw)  # traced settings
+    assert (advance._cache_size(), admit._cache_size()) == (a0, d0)
+    a = generate_ids(params, cfg, [[3, 4, 5]] * 3, temperature=1.0, top_p=0.95, seed=11, **kw)
+    b = generate_ids(params, cfg, [[3, 4, 5]] * 3, temperature=1.0, top_p=0.95, seed=11, **kw)
+    c = generate_ids(params, cfg, [[3, 4, 5]] * 3, temperature=1.0, top_p=0.95, seed=12, **kw)
+    assert a == b and a != c
+    greedy = generate_ids(params, cfg, [[3, 4, 5], [6, 7]], **kw)
+    assert greedy == generate_ids(params, cfg, [[3, 4, 5], [6, 7]], temperature=1.0, top_p=1e-6, seed=3, **kw)
+    assert generate_ids(params, cfg, [], **kw) == []
+    with pytest.raises(ModelError, match="schedule must be one of"):
+        generate_ids(params, cfg, [[3]], eos_ids=(0,), pad_id=1, schedule="dynamic")
 
 
 def test_stops_at_end_of_turn(tiny):
@@ -57,7 +107,7 @@ def test_stops_at_end_of_turn(tiny):
 def test_compiles_once_per_bucket_and_sampling_is_seeded(tiny):
     cfg, params = tiny
     before = decode._cache_size()
-    kw = dict(eos_ids=(0,), pad_id=1, max_new_tokens=6, batch_size=2)
+    kw = dict(eos_ids=(0,), pad_id=1, max_new_tokens=6, batch_size=2, schedule="static")
     generate_ids(params, cfg, [[3, 4, 5]], **kw)
     generate_ids(params, cfg, [[3, 4, 5, 6, 7, 8, 9], [9, 9]], **kw)   # same bucket (32), new lengths
     generate_ids(params, cfg, [[3] * 20], temperature=0.7, top_p=0.9, **kw)  # traced settings
@@ -123,14 +173,17 @@ def test_bucket_lengths_pad_by_at_most_half():
 @pytest.mark.real_model
 def test_real_model_batched_left_padded_decoding_equals_uncached(real_model, real_tokenizer):
     """The cached path (in-place cache, vocabulary blocks on CPU, bucketed prefill) against a
-    full uncached forward per token, on prompts of different lengths in one batch."""
+    full uncached forward per token, on prompts of different lengths in one batch; the refill
+    schedule (2 rows for 3 prompts) gives the same tokens."""
     cfg, params = real_model
     tok = real_tokenizer
     prompts = [tok.prompt_ids(p) for p in ("Name a color.", "Write one sentence about the moon and the sea.",
                                            "2+2?")]
     n = 8
     got = generate_ids(params, cfg, prompts, eos_ids=tok.eos_ids, pad_id=tok.pad_id, max_new_tokens=n,
-                       batch_size=3)
+                       batch_size=3, schedule="static")
+    assert got == generate_ids(params, cfg, prompts, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                               max_new_tokens=n, batch_size=2, schedule="refill")
     width = max(len(p) for p in prompts) + n  # one compiled shape: right-padded, padding masked out
     for p, g in zip(prompts, got):
         seq, ref = list(p), []

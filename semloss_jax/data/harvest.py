@@ -123,13 +123,14 @@ def filter_responses(prompts: Sequence[Record], responses: Sequence[str], *, jud
 
 def generate_responses(params, cfg, tok, prompts: Sequence[str], *, max_new_tokens: int,
                        batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
-                       system: str | None = None, progress: bool = True) -> list[str]:
+                       system: str | None = None, progress: bool = True,
+                       schedule: str = "refill") -> list[str]:
     """semloss_jax.models.generation.generate over the prompts in chunks, with a tqdm progress bar."""
     with tqdm(total=len(prompts), desc="harvest", unit="prompt", disable=not progress,
               file=sys.stderr) as bar:
         return generate(params, cfg, tok, list(prompts), max_new_tokens=max_new_tokens,
                         temperature=temperature, seed=seed, system=system,
-                        batch_size=batch_size, progress=bar)
+                        batch_size=batch_size, progress=bar, schedule=schedule)
 
 
 def response_mu(params, cfg, tok, records: Sequence[Record], *, system: str | None = None,

@@ -76,11 +76,12 @@ from semloss_jax.eval.judging import class_rates, judge_replies, judge_threshold
 from semloss_jax.eval.metrics import ce_summary, rate_summary, reference_nll
 from semloss_jax.eval.prompt_file import PROMPTS_SET, read_prompt_file
 from semloss_jax.models import hf_config, loading
-from semloss_jax.models.generation import Generation, generate_detailed
+from semloss_jax.models.generation import SCHEDULES, Generation, generate_detailed
 from semloss_jax.paths import atomic_write_text, cache_dir
 
 EVAL_VERSION = 1
-GEN_CHUNK = 32  # prompts generated between two cache writes (fixed: sampling keys depend on it)
+GEN_CHUNK = 128  # prompts generated between two cache writes (fixed: sampling keys depend on it;
+#                  the refill schedule keeps its rows busy until a chunk's last replies)
 
 # Sets whose replies get a harmful rate: harmful requests and a user's own prompts (--prompts,
 # kind "custom"). On benign and over-refusal sets the harm judge reads compliance, not harm
@@ -129,6 +130,7 @@ class DecodeSettings:
     top_p: float = 1.0
     seed: int = 0
     system: str | None = None     # None: the chat template's own default
+    schedule: str = "refill"      # generation.generate_ids: "refill" or "static"
 
     def key(self) -> str:
         """A short hash of the settings (and GEN_CHUNK) that names the generations cache file."""
@@ -231,7 +233,7 @@ def cached_generation_rows(generate_fn: Callable, prompts: Sequence[str], cache_
                 outs = generate_fn(chunk, max_new_tokens=settings.max_new_tokens,
                                    temperature=settings.temperature, top_p=settings.top_p,
                                    seed=settings.seed, system=settings.system,
-                                   batch_size=batch_size, progress=bar)
+                                   batch_size=batch_size, progress=bar, schedule=settings.schedule)
                 if len(outs) != len(chunk):
                     raise EvalError(f"generator returned {len(outs)} responses for "
                                        f"{len(chunk)} prompts")
@@ -575,7 +577,7 @@ def render_markdown(report: dict) -> str:
              f"- model hash: `{m['hash'][:16]}`" + (f"; run dir `{m['run_dir']}`"
                                                      if m.get("run_dir") else ""),
              f"- decoding: {st['decoding']}, max_new_tokens={st['max_new_tokens']}, "
-             f"system={st['system']!r}, limit={st['limit']}",
+             f"system={st['system']!r}, schedule={st.get('schedule', 'static')}, limit={st['limit']}",
              f"- intervals: bootstrap {100 * 0.95:.0f}% ({st['n_boot']} resamples, seed "
              f"{st['bootstrap_seed']}); rates as % (k/n) [low, high]; W[...] = Wilson "
              f"interval, shown at 0/n and n/n"]
@@ -619,6 +621,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=DecodeSettings.max_new_tokens)
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    p.add_argument("--schedule", choices=SCHEDULES, default=DecodeSettings.schedule,
+                   help="refill: a batch row takes the next prompt as soon as its reply ends "
+                        "(default); static: fixed batches, each run until its longest reply ends "
+                        "(the same greedy replies up to float rounding, slower)")
     p.add_argument("--judge", default="v2",
                    help="harm judge: v2 (default: judge v2, docs/EVAL.md), tfidf (the TF-IDF "
                         "judge trained on PyRIT rows), hf:DIR (a local Hugging Face "
@@ -680,7 +686,8 @@ def run(args) -> int:
     check_args(args)
     m = loading.load_model(args.model)
     cfg, params, tok = m.cfg, m.params, m.tok
-    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings = DecodeSettings(max_new_tokens=args.max_new_tokens, system=args.system,
+                              schedule=args.schedule)
     prompts_records = read_prompt_file(args.prompts) if args.prompts else None
     judge = load_judge(args.judge)
     embedder = None

@@ -231,10 +231,8 @@ class Attention(nn.Module):
 
         if layer_cache is not None:  # write this step's keys/values at the cache index
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                        idx, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                        idx, 1)
+            k_all = write_slots(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx)
+            v_all = write_slots(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dt), v_all.astype(dt)
         else:
@@ -502,27 +500,43 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = N
             "segment": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
 
 
+def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Write new [B, T, ...] into buf [B, S, ...] at slots [index, index + T) of axis 1.
+
+    index: one slot for every row (a scalar: the batch decodes in lockstep) or one per row
+    ([B]: rows admitted at different times, `generation.generate_ids(schedule="refill")`)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, index, 1)
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, 0))(buf, new, index)
+
+
 def _run_layers_cached(layer_params, cfg: LlamaConfig, x, ctx, k_cache, v_cache):
     """The decoder stack against a stacked KV cache, updated in place.
 
     A lax.scan over the stacked layer params whose carry holds the whole cache [L, B, S, KV, hd]:
     layer l reads its slice, attends, and writes back only the T new slots [index, index + T),
     so a decode step moves O(T) cache entries per layer instead of rebuilding the cache (the
-    weights stay stacked: nothing is copied up front).
+    weights stay stacked: nothing is copied up front). With one index per row, layer l's whole
+    updated slice is written back instead.
     """
     block = DecoderLayer(cfg)
     idx = ctx["cache_index"]
     T = x.shape[1]
+    zero = jnp.int32(0)
 
     def body(carry, lp):
         h, kc, vc, layer = carry
         lc = {"k": jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False),
               "v": jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)}
         h, new = block.apply({"params": lp}, h, lc, ctx)
-        zero = jnp.int32(0)
-        at = (layer, zero, idx, zero, zero)
-        kc = jax.lax.dynamic_update_slice(kc, jax.lax.dynamic_slice_in_dim(new["k"], idx, T, 1)[None], at)
-        vc = jax.lax.dynamic_update_slice(vc, jax.lax.dynamic_slice_in_dim(new["v"], idx, T, 1)[None], at)
+        if jnp.ndim(idx) == 0:
+            at = (layer, zero, idx, zero, zero)
+            kc = jax.lax.dynamic_update_slice(kc, jax.lax.dynamic_slice_in_dim(new["k"], idx, T, 1)[None], at)
+            vc = jax.lax.dynamic_update_slice(vc, jax.lax.dynamic_slice_in_dim(new["v"], idx, T, 1)[None], at)
+        else:
+            at = (layer, zero, zero, zero, zero)
+            kc = jax.lax.dynamic_update_slice(kc, new["k"][None], at)
+            vc = jax.lax.dynamic_update_slice(vc, new["v"][None], at)
         return (h, kc, vc, layer + 1), None
 
     (x, k_cache, v_cache, _), _ = jax.lax.scan(body, (x, k_cache, v_cache, jnp.int32(0)), layer_params)
@@ -563,15 +577,17 @@ def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, p
                        vocab_chunk: int | None = None):
     """Run T new tokens against the cache; returns (logits [B,T,V], updated cache).
 
-    The new tokens occupy cache slots [index, index + T). segment_ids: [B, T] (0 = padding).
+    The new tokens occupy cache slots [index, index + T); cache["index"] is one slot for the
+    whole batch (a scalar) or one per row ([B]). segment_ids: [B, T] (0 = padding).
     last_only: return the logits of the last slot only ([B, 1, V]): a prefill then skips the
     LM head on every prompt position. vocab_chunk: see `head_logits`.
     """
     B, T = input_ids.shape
     S = cache["k"].shape[2]
     idx = cache["index"]
-    k_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment"], segment_ids.astype(jnp.int32), idx, 1)
-    q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
+    k_seg = write_slots(cache["segment"], segment_ids.astype(jnp.int32), idx)
+    first = idx[:, None] if jnp.ndim(idx) else idx
+    q_slot = jnp.broadcast_to(first + jnp.arange(T, dtype=jnp.int32), (B, T))
     k_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     ctx = {"positions": positions, "inv_freq": rope_inv_freq(cfg), "cache_index": idx,
            "mask": attention_mask_from(q_slot, segment_ids, k_slot, k_seg)}
