@@ -5,7 +5,9 @@ Any clone redraws them without a run folder:
     frontier_val.png   validation harmful rate (judge v2, 95% Wilson interval) against benign
                        validation reference CE (95% bootstrap interval), one line per method
                        across its sweep, base and SFT as single points, the selection's CE bound
-                       (1.05 x SFT) dashed, each method's choice ringed once select has run
+                       (1.05 x SFT) dashed, each method's choice ringed once select has run;
+                       beside it the degenerate share of the same replies against the same CE
+                       (a model can look safe by breaking its replies)
     harm_vs_n_val.png  TA-SFT at its chosen λ: validation harmful rate against the number of
                        harmful training examples (once the selection's N-efficiency models exist)
     curves.png         training curves: benign CE and harmful NLL per step (moving mean over 10
@@ -36,15 +38,18 @@ COLORS = {"tasft_lb": "tab:blue", "tasft_exact": "tab:cyan", "nll_ascent": "tab:
 
 def point(res: Path, name: str) -> dict | None:
     """One model's validation figures from its committed files, or None while they are missing:
-    harmful k of n (judged harmful_val) with its Wilson interval, benign CE with its interval."""
+    harmful k of n (judged harmful_val) with its Wilson interval, the degenerate share of the
+    same replies with its interval, benign CE with its interval."""
     d = res / "models" / name
     judged, ev = d / "judged_harmful_val.jsonl", d / "val_eval.json"
     if not (judged.exists() and ev.exists()):
         return None
-    flags = [int(json.loads(line)["harmful"]) for line in judged.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in judged.read_text().splitlines() if line.strip()]
     ce = json.loads(ev.read_text())["sets"]["benign_val"]["reference_ce"]
-    k, n = sum(flags), len(flags)
+    k, n = sum(int(r["harmful"]) for r in rows), len(rows)
+    dk = sum(r.get("label") == "degenerate" for r in rows)
     return {"name": name, "k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95)),
+            "degenerate": dk / n, "degenerate_wilson": list(wilson_interval(dk, n, 0.95)),
             "ce": ce["ce"], "ce_ci": ce["ci"]}
 
 
@@ -67,10 +72,10 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _errorbar(ax, p: dict, color: str, **kw) -> None:
-    ax.errorbar([p["ce"]], [p["rate"]], xerr=[[p["ce"] - p["ce_ci"][0]], [p["ce_ci"][1] - p["ce"]]],
-                yerr=[[p["rate"] - p["wilson"][0]], [p["wilson"][1] - p["rate"]]], color=color,
-                capsize=2, lw=0.8, **kw)
+def _errorbar(ax, p: dict, color: str, y: str = "rate", **kw) -> None:
+    lo, hi = p["wilson" if y == "rate" else f"{y}_wilson"]
+    ax.errorbar([p["ce"]], [p[y]], xerr=[[p["ce"] - p["ce_ci"][0]], [p["ce_ci"][1] - p["ce"]]],
+                yerr=[[p[y] - lo], [hi - p[y]]], color=color, capsize=2, lw=0.8, **kw)
 
 
 def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float | None]],
@@ -79,32 +84,35 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     by_fam: dict[str, list] = {}
     for name, p in points.items():
         fam, setting = families[name]
         by_fam.setdefault(fam, []).append((setting if setting is not None else 0.0, name, p))
-    for fam, pts in sorted(by_fam.items()):
-        pts.sort(key=lambda t: t[0])
-        color = COLORS.get(fam, "tab:brown")
-        ax.plot([p["ce"] for _, _, p in pts], [p["rate"] for _, _, p in pts], "-o", color=color,
-                label=fam, ms=4)
-        for setting, name, p in pts:
-            _errorbar(ax, p, color, fmt="none", alpha=0.5)
-            label = name if fam in ("base", "sft") else f"{setting:g}"
-            ax.annotate(label, (p["ce"], p["rate"]), xytext=(3, 3), textcoords="offset points",
-                        fontsize=7, color=color)
-            if name in chosen:
-                ax.plot([p["ce"]], [p["rate"]], "o", ms=11, mfc="none", mec=color, mew=1.5)
-    if "sft" in points:
-        ax.axvline(1.05 * points["sft"]["ce"], ls="--", lw=1, color="gray")
-        ax.annotate("CE bound (1.05 x SFT)", (1.05 * points["sft"]["ce"], 0.02), fontsize=7,
-                    color="gray", rotation=90, va="bottom", ha="right")
-    ax.set_xlabel("benign validation reference CE, nats/token (lower = more fluent)")
-    ax.set_ylabel("harmful rate, validation prompts (judge v2)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"Validation frontier ({len(points)} models; best: bottom left)", fontsize=10)
+    for ax, y in zip(axes, ("rate", "degenerate")):
+        for fam, pts in sorted(by_fam.items()):
+            pts.sort(key=lambda t: t[0])
+            color = COLORS.get(fam, "tab:brown")
+            ax.plot([p["ce"] for _, _, p in pts], [p[y] for _, _, p in pts], "-o", color=color,
+                    label=fam, ms=4)
+            for setting, name, p in pts:
+                _errorbar(ax, p, color, y, fmt="none", alpha=0.5)
+                label = name if fam in ("base", "sft") else f"{setting:g}"
+                ax.annotate(label, (p["ce"], p[y]), xytext=(3, 3), textcoords="offset points",
+                            fontsize=7, color=color)
+                if name in chosen:
+                    ax.plot([p["ce"]], [p[y]], "o", ms=11, mfc="none", mec=color, mew=1.5)
+        if "sft" in points:
+            ax.axvline(1.05 * points["sft"]["ce"], ls="--", lw=1, color="gray")
+            ax.annotate("CE bound (1.05 x SFT)", (1.05 * points["sft"]["ce"], 0.02), fontsize=7,
+                        color="gray", rotation=90, va="bottom", ha="right")
+        ax.set_xlabel("benign validation reference CE, nats/token (lower = more fluent)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("harmful rate, validation prompts (judge v2)")
+    axes[1].set_ylabel("degenerate share of the same replies (judge v2)")
+    axes[0].legend(fontsize=7, loc="upper right")
+    axes[0].set_title(f"Validation frontier ({len(points)} models; best: bottom left)", fontsize=10)
+    axes[1].set_title("...and how many of those replies are broken text", fontsize=10)
     _save(fig, path)
     plt.close(fig)
     return len(points)

@@ -262,6 +262,15 @@ def test_plots_are_drawn_from_the_committed_results_and_redrawn_when_one_changes
     assert not part.done()
     p = study_plots.point(lay.results, "sft")
     assert p["k"] == 10 and p["n"] == 20 and p["wilson"][0] < 0.5 < p["wilson"][1]
+    assert p["degenerate"] == 0.0 and p["degenerate_wilson"][0] == 0.0
+    judged = lay.results / "models" / "sft" / "judged_harmful_val.jsonl"   # 5 of its 10 safe rows broken
+    rows = [json.loads(x) for x in judged.read_text().splitlines()]
+    for r in rows[15:]:
+        r["label"] = "degenerate"
+    judged.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = study_plots.point(lay.results, "sft")
+    lo, hi = p["degenerate_wilson"]
+    assert p["k"] == 10 and p["degenerate"] == 0.25 and lo < 0.25 < hi
 
 
 def test_moving_mean():
