@@ -26,7 +26,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from common import finish, interleaved, loadavg, machine, summary, write_json
 
 from semloss_jax import paths
@@ -88,12 +87,8 @@ def main(argv=None):
     for B in (int(b) for b in args.batches.split(",")):
         prompts = [tok.prompt_ids(p) for p in (PROMPTS * ((B + len(PROMPTS) - 1) // len(PROMPTS)))[:B]]
         L = max(len(p) for p in prompts)
-        ids = np.full((B, L), tok.pad_id, np.int64)
-        att = np.zeros((B, L), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = p
-            att[i, L - len(p):] = 1
-        t_ids, t_att = torch.as_tensor(ids), torch.as_tensor(att)
+        ids, att = generation.left_pad(prompts, L, tok.pad_id)  # att: 1 on tokens, 0 on padding
+        t_ids, t_att = torch.as_tensor(ids, dtype=torch.int64), torch.as_tensor(att, dtype=torch.int64)
 
         def ours(prompts=prompts, B=B):
             return generation.generate_ids(params, cfg, prompts, eos_ids=never, pad_id=tok.pad_id,

@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from common import finish, interleaved, loadavg, machine, summary, write_json
 
 from semloss_jax import paths
@@ -43,13 +42,10 @@ def hf_generate(hf, tok, prompts: list[list[int]], *, batch: int, new_tokens: in
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
         L = max(len(p) for p in chunk)
-        ids = np.full((len(chunk), L), tok.pad_id, np.int64)
-        att = np.zeros((len(chunk), L), np.int64)
-        for i, p in enumerate(chunk):
-            ids[i, L - len(p):] = p
-            att[i, L - len(p):] = 1
+        ids, att = generation.left_pad(chunk, L, tok.pad_id)  # att: 1 on tokens, 0 on padding
         with torch.inference_mode():
-            gen = hf.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(att),
+            gen = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.int64),
+                              attention_mask=torch.as_tensor(att, dtype=torch.int64),
                               do_sample=False, max_new_tokens=new_tokens, pad_token_id=tok.pad_id,
                               eos_token_id=list(tok.eos_ids))
         for row in gen[:, L:].tolist():

@@ -36,12 +36,12 @@ def greedy_without_cache(params, cfg, prompt, n, eos_ids):
     return out
 
 
-def greedy_fixed_width(params, cfg, prompt, n, eos_ids, width):
+def greedy_fixed_width(params, cfg, prompt, n, eos_ids, width, pad_id=0):
     """The same reference at one compiled shape: the sequence right-padded to `width` slots
     (padding masked out), the next token read at its last real slot."""
     seq, out = list(prompt), []
     for _ in range(n):
-        ids = np.zeros((1, width), np.int32)
+        ids = np.full((1, width), pad_id, np.int32)
         ids[0, :len(seq)] = seq
         seg = (np.arange(width) < len(seq)).astype(np.int32)[None]
         t = int(np.argmax(np.asarray(jforward(params, cfg, jnp.asarray(ids), segment_ids=jnp.asarray(seg))
@@ -203,15 +203,4 @@ def test_real_model_batched_left_padded_decoding_equals_uncached(real_model, rea
                                max_new_tokens=n, batch_size=2, schedule="refill")
     width = max(len(p) for p in prompts) + n  # one compiled shape: right-padded, padding masked out
     for p, g in zip(prompts, got):
-        seq, ref = list(p), []
-        for _ in range(n):
-            ids = np.full((1, width), tok.pad_id, np.int32)
-            ids[0, :len(seq)] = seq
-            seg = (np.arange(width) < len(seq)).astype(np.int32)[None]
-            t = int(np.argmax(np.asarray(jforward(params, cfg, jnp.asarray(ids), segment_ids=jnp.asarray(seg))
-                                         [0, len(seq) - 1])))
-            if t in tok.eos_ids:
-                break
-            ref.append(t)
-            seq.append(t)
-        assert g == ref
+        assert g == greedy_fixed_width(params, cfg, p, n, tok.eos_ids, width, pad_id=tok.pad_id)
