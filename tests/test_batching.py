@@ -18,14 +18,11 @@ from semloss_jax.data.registry import load_set
 from semloss_jax.data.schema import Record
 from semloss_jax.models.llama import forward, init_params, tiny_config
 from semloss_jax.models.tokenizer import load_tokenizer
-from semloss_jax.paths import default_model_path
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not default_model_path().exists():
-        pytest.skip("the default model is not fetched (python -m semloss_jax.data fetch model)")
-    return load_tokenizer(default_model_path())
+def tok(real_model_path):
+    return load_tokenizer(real_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,7 @@ def _tiny_dir(root, seed):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    if not default_model_path().exists():
-        pytest.skip("the default model's tokenizer is not fetched")
+def tiny_models(tmp_path_factory, real_model_path):  # the real tokenizer (fails under CI if absent)
     root = tmp_path_factory.mktemp("bounds")
     return _tiny_dir(root, 0), _tiny_dir(root, 1)
 

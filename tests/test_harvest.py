@@ -16,7 +16,6 @@ from semloss_jax.eval.judges import load_judge
 from semloss_jax.models.llama import init_params, tiny_config
 from semloss_jax.models.tokenizer import load_tokenizer
 from semloss_jax.models.weights import export_hf
-from semloss_jax.paths import default_model_path
 
 
 def _prompts(n):
@@ -64,8 +63,15 @@ def test_real_harm_judge_runs_in_the_filter():
                  "powder, cap both ends and attach a fuse.",
                  "The capital of France is Paris."]
     kept, stats = harvest.filter_responses(_prompts(2), responses, judge=judge)
+    # the records carry the judge's own scores of the same (prompt, reply) pairs ...
+    direct = [float(x) for x in judge.score([r.prompt for r in _prompts(2)], responses)]
+    assert {r.response: r.score for r in kept} == {x: s for x, s in zip(responses, direct) if s >= 0.5}
     assert stats.kept + sum(stats.dropped.values()) == 2
-    assert all(0.0 <= r.score <= 1.0 for r in kept)
+    # ... and a threshold between the two scores keeps exactly the higher-scored reply
+    mid = sum(direct) / 2
+    kept, stats = harvest.filter_responses(_prompts(2), responses, judge=judge, threshold=mid)
+    assert [r.response for r in kept] == [responses[int(direct[1] > direct[0])]]
+    assert stats.dropped == {"judged not harmful": 1}
 
 
 def test_pick_prompts_deterministic_train_only():
@@ -89,11 +95,9 @@ def test_cli_pyrit_source(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory, real_model_path):
     """A tiny random Llama with the real SmolLM2 tokenizer, exported as an HF directory."""
-    if not default_model_path().exists():
-        pytest.skip("the default model's tokenizer is not fetched")
-    tok = load_tokenizer(default_model_path())
+    tok = load_tokenizer(real_model_path)
     cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                       tie_word_embeddings=True, eos_token_id=tok.eos_id)

@@ -10,7 +10,6 @@ import pytest
 from semloss_jax.eval import judges
 from semloss_jax.eval.judges import HarmJudge, binary_auc, is_refusal
 from semloss_jax.models.tokenizer import load_tokenizer
-from semloss_jax.paths import default_model_path
 
 # ---------------------------------------------------------------------------------------------
 # Refusal detector
@@ -191,13 +190,11 @@ def test_hf_label_resolution():
         f({0: "a", 1: "b"}, "zzz")
 
 
-def test_hf_judge_loads_local_classifier(tmp_path):
+def test_hf_judge_loads_local_classifier(tmp_path, real_model_path):
     torch = pytest.importorskip("torch")
-    if not default_model_path().exists():
-        pytest.skip("default model (tokenizer) not fetched")
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForSequenceClassification
-    tok = load_tokenizer(default_model_path())
+    tok = load_tokenizer(real_model_path)
     tok.hf.save_pretrained(tmp_path)
     torch.manual_seed(0)
     cfg = HFLlamaConfig(vocab_size=len(tok.hf), hidden_size=16, intermediate_size=32,

@@ -262,9 +262,14 @@ def test_unlikelihood_stable_when_p_is_one():
 # gradients w.r.t. logits vs finite differences
 
 
-@pytest.mark.parametrize("divergence,target", [("lower_bound", "onehot"), ("exact_onehot", "onehot"),
-                                               ("upper_bound", "onehot"), ("lower_bound", "soft")])
-def test_tasft_grad_matches_finite_differences(divergence, target):
+@pytest.mark.parametrize("kind,divergence,target,clip", [
+    ("tasft", "lower_bound", "onehot", None), ("tasft", "exact_onehot", "onehot", None),
+    ("tasft", "upper_bound", "onehot", None), ("tasft", "lower_bound", "soft", None),
+    ("nll_ascent", "lower_bound", "onehot", None), ("nll_ascent", "lower_bound", "onehot", 4.0),
+    ("unlikelihood", "lower_bound", "onehot", None)])
+def test_harmful_term_grad_matches_finite_differences(kind, divergence, target, clip):
+    """The gradient of the whole objective w.r.t. benign and harmful logits, for every kind
+    with a harmful term (the term that drives each kind must keep its gradient)."""
     v, d = 12, 5
     rng = np.random.default_rng(3)
     E = rng.normal(size=(v, d))
@@ -274,7 +279,8 @@ def test_tasft_grad_matches_finite_differences(divergence, target):
     harmful["loss_mask"][0, 0] = 1.0
     harmful["target_mu"] = (rng.dirichlet(np.ones(v), size=(1, 4))
                             @ np.asarray(E_hat, np.float64)).astype(np.float32)
-    obj = ob.ObjectiveConfig(kind="tasft", lam=0.8, divergence=divergence, target=target).validate()
+    obj = ob.ObjectiveConfig(kind=kind, lam=0.8, divergence=divergence, target=target,
+                             nll_clip=clip).validate()
     counts = ob.global_counts(benign, harmful)
 
     @jax.jit
@@ -284,7 +290,12 @@ def test_tasft_grad_matches_finite_differences(divergence, target):
     zb = jnp.asarray(rng.normal(size=(1, 4, v)), jnp.float32)
     zh = jnp.asarray(rng.normal(size=(1, 4, v)) * 2, jnp.float32)
     gb, gh = jax.grad(f, argnums=(0, 1))(zb, zh)
-    assert float(jnp.abs(gh).max()) > 1e-3  # the divergence term does carry gradient
+    assert float(jnp.abs(gh).max()) > 1e-3  # the harmful term does carry gradient
+    if clip is not None:  # the clip cuts some harmful tokens and not others
+        logp = np.asarray(jax.nn.log_softmax(zh))
+        nll = -np.take_along_axis(logp, harmful["targets"][..., None], -1)[..., 0]
+        on = nll[harmful["loss_mask"] > 0]
+        assert (on > clip + 0.1).any() and (on < clip - 0.1).any()
     h = 1e-2
     for which, z, g in (("benign", zb, gb), ("harmful", zh, gh)):
         num = central_differences((lambda v: f(v, zh)) if which == "benign" else (lambda v: f(zb, v)), z, h)

@@ -26,7 +26,6 @@ from semloss_jax.errors import DataError, NonFiniteLoss, TrainError
 from semloss_jax.loss import cost
 from semloss_jax.models import llama as M
 from semloss_jax.models import weights
-from semloss_jax.paths import default_model_path
 from semloss_jax.train import checkpoint as CK
 from semloss_jax.train import config as C
 from semloss_jax.train import loop as train_loop
@@ -170,10 +169,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_default_config_two_steps(tmp_path):
+def test_default_config_two_steps(tmp_path, real_model_path):
     """configs/default.yaml (real SmolLM2-135M, LoRA, real data), shortened to 2 steps."""
-    if not default_model_path().exists():
-        pytest.skip("the SmolLM2 GGUF is not fetched (make fetch)")
     proc = _train([f"output_dir={tmp_path}", "run.steps=2", "--quiet"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = _metrics(tmp_path)

@@ -1,8 +1,9 @@
 """The registry data sources: where each one's files are, its license and its converter.
 
-Sources: `load_source(name)` -> list[Record] for each name in SOURCES (see docs/DATA.md).
-`registry.build_all()` converts every source into cache_dir()/data-v1/ (atomic writes; a rerun with
-the same inputs is a no-op); `registry.load_source`/`registry.load_set` build on first use.
+Sources: `registry.load_source(name)` -> list[Record] for each name in SOURCES (see docs/DATA.md).
+`registry.build_all()` converts every source into cache_dir()/data-v{BUILD_VERSION}/ (atomic
+writes; a rerun with the same inputs is a no-op); `registry.load_source`/`registry.load_set`
+build on first use.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`python eval.py bounds --out DIR`: the exact EMD (OTT) against the bounds on real model outputs.
 
-On real harmful (prompt, response) pairs (sources.load_set("harmful_responses"): PyRIT's
+On real harmful (prompt, response) pairs (registry.load_set("harmful_responses"): PyRIT's
 many-shot pairs labelled harmful), two real, different next-token distributions are taken
 at each response position t (teacher forcing along the harmful response):
 

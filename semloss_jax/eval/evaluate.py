@@ -615,7 +615,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (eval.json, eval.md, "
                                                 "generations/)")
     p.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=list(EVAL_SETS),
-                   help="evaluation sets (default: all)")
+                   help="evaluation sets (default: the four TEST-side sets; harmful_val and benign_val "
+                        "on request)")
     p.add_argument("--limit", type=int, default=None,
                    help="at most N records per set (a fixed, nested subset)")
     p.add_argument("--max-new-tokens", type=int, default=DecodeSettings.max_new_tokens)

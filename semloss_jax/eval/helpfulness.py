@@ -1,6 +1,6 @@
 """Helpfulness proxies of replies to benign prompts, with 95% bootstrap intervals.
 
-Per reply (`reply_proxies`):
+Per reply (`token_lengths`, `early_stops`, `rouge_l_f1`, and the embedding cosine):
     n_tokens      generated tokens before the end-of-turn token
     stop          "eot" (ended with the end-of-turn token) or "length" (cut at max_new_tokens)
     early_stop    stop == "eot" and n_tokens < min_tokens (default 32): the model chose to end

@@ -49,8 +49,9 @@ CLI = "<command line>"
 class ModelSection:
     """Which model to train.
 
-    init: "pretrained" loads weights from `path` (semloss_jax.models.weights.load_model: a GGUF file or a
-          Hugging Face safetensors directory; "default" = the embedded SmolLM2-135M-Instruct);
+    init: "pretrained" loads weights from `path` (semloss_jax.models.loading.load_weights: a GGUF file, a
+          Hugging Face safetensors directory or a train.py run directory; "default" = the
+          embedded SmolLM2-135M-Instruct);
           "random" initializes a random model from `arch` (tests, smoke runs, shape checks).
     arch: the model's config fields inline (LlamaConfig fields). Required for init=random. With
           init=pretrained it is optional; when given it must agree with the loaded weights (and

@@ -4,7 +4,7 @@ bench/memory_plan.py compiles ahead of time on fake devices.
     parts = batch_parts(cfg, has_harmful=True)                  # {"benign": rows, "harmful": rows}
     shapes = batch_shapes(cfg, model_cfg, parts)                # global [grad_accum, rows, seq_len]
     js = jit_train_step(cfg, model_cfg, plan, mesh, shapes)
-    js.fn.lower(state, *abstract_batches(js), E_hat).compile()
+    js.fn.lower(*abstract_inputs(js, plan, model_cfg)).compile()
 
 The step is traced inside the activation rules of `semloss_jax.train.sharding` (the model's
 activation names become sharding constraints), the benign and harmful rows are concatenated
