@@ -56,7 +56,10 @@ def test_hand_made_rows(real_tokenizer, embedder):
     assert not hp.early_stops(n, stops, min_tokens=1000)[1]
     replies = [r["response"] for r in rows]
     rouge = hp.rouge_l_f1(replies, [REF] * 4)
-    assert rouge[0] == 0.0 and rouge[3] == 1.0 and 0 < rouge[1] < 1 and 0 < rouge[2] < 1
+    assert rouge[0] == 0.0 and rouge[3] == 1.0
+    # F1 of the LCS over 26 reference tokens: 3 of 3 reply tokens (P 1, R 3/26) and 2 of 3
+    # ("kickball is"; P 2/3, R 2/26)
+    assert rouge[1] == pytest.approx(6 / 29) and rouge[2] == pytest.approx(4 / 29)
     cos = pair_cosines(embedder, replies, [REF] * 4)
     assert cos[0] == 0.0                      # empty text: zero vector, cosine defined as 0
     assert cos[3] == pytest.approx(1.0, abs=1e-9)

@@ -38,7 +38,7 @@ def test_ott_matches_lp_on_tiny_supports(sinkhorn_jit, seed, temp, zeros):
     a, b, C = _tiny(seed, temp, zeros)
     lp = ot_exact.emd_lp(a, b, np.asarray(C, np.float64))
     out = sinkhorn_jit(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), C)
-    assert abs(float(out.cost) - lp) < 1e-3, (float(out.cost), lp)
+    assert abs(float(out.cost) - lp) < 2e-4, (float(out.cost), lp)  # annealed: ~1e-5 typical
     # the rounded plan is feasible, so its cost cannot be below the LP optimum (fp32 slack)
     assert float(out.cost) >= lp - 1e-5
     assert float(out.marginal_error) < 1e-2
@@ -104,7 +104,7 @@ def test_topk_emd_between_bounds_and_equal_to_lp():
     assert np.all((np.asarray(r.mass_p) > 0) & (np.asarray(r.mass_p) <= 1 + 1e-6))
     for i in range(5):
         lp = ot_exact.lp_on_support(zp[i], zq[i], E_hat, k)
-        assert abs(float(r.exact[i]) - lp) < 1e-3
+        assert abs(float(r.exact[i]) - lp) < 2e-4
     # the per-position function agrees with the batched one
     one = ot_exact.topk_emd(zp[2], zq[2], E_hat, k)
     assert float(one.exact) == pytest.approx(float(r.exact[2]), abs=1e-5)
@@ -121,7 +121,7 @@ def test_full_support_reproduces_full_vocab_bounds():
     for i in range(3):
         lp = ot_exact.emd_lp(np.asarray(jax.nn.softmax(zp[i]), np.float64),
                              np.asarray(jax.nn.softmax(zq[i]), np.float64), C)
-        assert abs(float(r.exact[i]) - lp) < 1e-3
+        assert abs(float(r.exact[i]) - lp) < 2e-4
 
 
 def test_onehot_mode_reproduces_closed_form():
