@@ -265,6 +265,7 @@ def test_unlikelihood_stable_when_p_is_one():
 @pytest.mark.parametrize("kind,divergence,target,clip", [
     ("tasft", "lower_bound", "onehot", None), ("tasft", "exact_onehot", "onehot", None),
     ("tasft", "upper_bound", "onehot", None), ("tasft", "lower_bound", "soft", None),
+    ("tasft", "gelbrich", "onehot", None),
     ("nll_ascent", "lower_bound", "onehot", None), ("nll_ascent", "lower_bound", "onehot", 4.0),
     ("unlikelihood", "lower_bound", "onehot", None)])
 def test_harmful_term_grad_matches_finite_differences(kind, divergence, target, clip):
@@ -280,7 +281,7 @@ def test_harmful_term_grad_matches_finite_differences(kind, divergence, target, 
     harmful["target_mu"] = (rng.dirichlet(np.ones(v), size=(1, 4))
                             @ np.asarray(E_hat, np.float64)).astype(np.float32)
     obj = ob.ObjectiveConfig(kind=kind, lam=0.8, divergence=divergence, target=target,
-                             nll_clip=clip).validate()
+                             nll_clip=clip, gelbrich_rank=3).validate()  # rank < d: a projection
     counts = ob.global_counts(benign, harmful)
 
     @jax.jit
