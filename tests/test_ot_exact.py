@@ -208,3 +208,29 @@ def test_diagonal_plan_is_a_coupling():
     np.testing.assert_allclose(P.sum(0), b, atol=1e-6)
     np.testing.assert_allclose(np.diag(P)[:3] >= np.minimum(a, b)[:3] - 1e-7, True)
     np.testing.assert_allclose(ot_exact.diagonal_plan(jnp.asarray(a), jnp.asarray(a)), np.diag(a), atol=1e-7)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), r=st.sampled_from([1, 3, 6, 20]))
+def test_support_basis_is_the_top_principal_subspace_and_gelbrich_stays_below_the_lp(seed, r):
+    """support_basis: orthonormal (or zero) rows spanning the top-r principal directions of the
+    pooled weighted covariance (its captured variance = the sum of the top-r eigenvalues); the
+    Gelbrich bound in it, and in a fixed global basis, stays at or below the exact LP."""
+    E_hat, zp, zq = _real_like(seed % 1000, V=60, d=8, N=2)
+    k = 10
+    prob = ot_exact.topk_problem(zp[0], zq[0], E_hat, k)
+    E_s = E_hat[prob.ids]
+    B = np.asarray(ot_exact.support_basis(E_s, prob.a, prob.b, r), np.float64)
+    assert B.shape == (r, 8)
+    gram = B @ B.T
+    nonzero = np.linalg.norm(B, axis=1) > 0.5
+    np.testing.assert_allclose(gram, np.diag(nonzero.astype(float)), atol=1e-4)
+    w = 0.5 * (np.asarray(prob.a, np.float64) + np.asarray(prob.b, np.float64))
+    X = np.asarray(E_s, np.float64)
+    S = ((X - w @ X) * w[:, None]).T @ (X - w @ X)                  # Σ_i w_i (x_i - m)(x_i - m)ᵀ
+    top = np.sort(np.linalg.eigvalsh(S))[::-1][:r]
+    assert np.trace(B @ S @ B.T) == pytest.approx(top.sum(), rel=1e-3, abs=1e-6)
+    lp = ot_exact.lp_on_support(zp[0], zq[0], E_hat, k)
+    adaptive = float(ot_exact.topk_gelbrich(zp[0], zq[0], E_hat, jnp.zeros((1, 8)), k, adaptive_r=r))
+    fixed = float(ot_exact.topk_gelbrich(zp[0], zq[0], E_hat, emd.principal_basis(E_hat, min(r, 8)), k))
+    assert -1e-6 <= adaptive <= lp + 1e-5 and -1e-6 <= fixed <= lp + 1e-5

@@ -325,12 +325,15 @@ def support_basis(E_s: jax.Array, a: jax.Array, b: jax.Array, r: int) -> jax.Arr
     """[r, d]: the top-r principal directions of the pooled covariance of (a + b) / 2 on the
     support points E_s [n, d], computed in the support's span (an n x n eigendecomposition).
     Directions with (numerically) zero variance come back as zero rows: Π then projects onto
-    fewer dimensions, still a 1-Lipschitz map, so LB_G stays a lower bound."""
+    fewer dimensions, still a 1-Lipschitz map, so LB_G stays a lower bound. "Numerically zero"
+    is below 10 n eps of the top eigenvalue: eigh's error is O(eps |λ_max|), and a direction
+    kept from that noise would give a row that is neither unit nor orthogonal to the others."""
     w = 0.5 * (a + b)
     X = (E_s - w @ E_s) * jnp.sqrt(w)[:, None]                  # [n, d]
     lam, U = jnp.linalg.eigh(X @ X.T)                           # ascending
     lam, U = lam[::-1][:r], U[:, ::-1][:, :r]
-    keep = lam > 1e-9 * jnp.maximum(lam[0], jnp.finfo(lam.dtype).tiny)
+    rel = 10 * X.shape[0] * jnp.finfo(lam.dtype).eps
+    keep = lam > rel * jnp.maximum(lam[0], jnp.finfo(lam.dtype).tiny)
     V = (X.T @ U) / jnp.sqrt(jnp.where(keep, lam, 1.0))         # [d, r], orthonormal columns
     return jnp.where(keep[None, :], V, 0.0).T
 
