@@ -67,6 +67,21 @@ def test_ce_interval_contains_estimate(vals, seed):
     assert s["n_tokens"] == int(ntok.sum()) and s["n_examples"] == len(vals)
 
 
+def test_ce_interval_is_the_bootstrap_of_the_ratio_of_sums():
+    """Short replies with high CE and long ones with low CE: the token-weighted CE (ratio of
+    sums, 1.089) and its interval match a direct numpy bootstrap of sum(nll) / sum(tokens)
+    with another generator; the mean of per-example CEs (5.5) is nowhere near."""
+    ntok = np.array([1] * 50 + [100] * 50, np.float64)
+    nll = np.array([10.0] * 50 + [100.0] * 50)
+    s = ce_summary(nll, ntok, n_boot=4000, seed=3)
+    assert s["ce"] == pytest.approx(5500 / 5050)
+    rng = np.random.default_rng(12345)
+    idx = rng.integers(0, 100, size=(4000, 100))
+    ref = np.quantile(nll[idx].sum(1) / ntok[idx].sum(1), [0.025, 0.975])
+    np.testing.assert_allclose(s["ci"], ref, atol=0.01)
+    assert 0.03 < s["ci"][1] - s["ci"][0] < 0.2
+
+
 def test_degenerate_cases():
     e = rate_summary([])
     assert e["n"] == 0 and e["rate"] is None and e["ci"] == [None, None]
