@@ -60,7 +60,8 @@ def test_tiny_logits_match_transformers(tmp_path, variant):
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, size=(2, 40))
     ours = np.asarray(jforward(params, cfg, jnp.asarray(ids)))
     ref = _torch_logits(tmp_path / "hf", ids)
-    assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+    # measured 2.4e-6 to 5.5e-6 (logits up to ~3.4) over the variants: fp32 rounding only
+    assert np.abs(ours - ref).max() <= 5e-5, np.abs(ours - ref).max()
     # and the export round-trips exactly
     cfg2, params2 = load_hf(tmp_path / "hf")
     assert hf_config.to_hf_dict(cfg2) == hf_config.to_hf_dict(cfg)
@@ -124,7 +125,8 @@ def test_real_smollm2_logits_match_transformers(tmp_path, real_model, real_token
     ids = np.array([real_tokenizer.prompt_ids("What is the capital of France?")])
     ours = np.asarray(jax.jit(lambda p, i: forward(p, cfg, i))(params, jnp.asarray(ids)))
     ref = _torch_logits(tmp_path / "hf", ids)
-    assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+    # measured 1.3e-4 with logits up to 38 (30 layers of fp32 rounding)
+    assert np.abs(ours - ref).max() <= 5e-4, np.abs(ours - ref).max()
     assert real_tokenizer.decode([int(ours[0, -1].argmax())]).strip() == "The"
 
 
