@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
+from numeric import jaxpr_shapes
 
 from semloss_jax.loss import cost, emd
 from semloss_jax.loss.ot_exact import emd_lp
@@ -227,34 +228,6 @@ def test_masks_respected():
 
 # ----------------------------------------------------------------------------- no V x V at full size
 
-def _avals(jaxpr):
-    """Every abstract value (shape) in a jaxpr, recursing into sub-jaxprs (pjit, custom_jvp, scan, ...)."""
-    out = []
-
-    def sub(p):
-        if hasattr(p, "eqns"):
-            walk(p)
-        elif hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
-            walk(p.jaxpr)
-        elif isinstance(p, (tuple, list)):
-            for x in p:
-                sub(x)
-
-    def walk(j):
-        for v in list(j.invars) + list(j.outvars) + list(getattr(j, "constvars", [])):
-            if hasattr(v, "aval") and hasattr(v.aval, "shape"):
-                out.append(tuple(v.aval.shape))
-        for eqn in j.eqns:
-            for v in list(eqn.invars) + list(eqn.outvars):
-                if hasattr(v, "aval") and hasattr(v.aval, "shape"):
-                    out.append(tuple(v.aval.shape))
-            for p in eqn.params.values():
-                sub(p)
-
-    walk(jaxpr.jaxpr)
-    return out
-
-
 def _loss_fn(name, kind):
     def loss(logits, target, E_hat, mask):
         s, c = emd.masked_sum(emd.divergence(name, logits, target, E_hat, kind=kind, mask=mask), mask)
@@ -271,7 +244,7 @@ def test_avals_walker_sees_a_v_by_v_matrix():
         return jnp.sum(jax.nn.softmax(logits) @ C)
     jaxpr = jax.make_jaxpr(jax.jit(jax.grad(bad)))(jax.ShapeDtypeStruct((4, V), jnp.float32),
                                                   jax.ShapeDtypeStruct((V, 8), jnp.float32))
-    assert any(s.count(V) >= 2 for s in _avals(jaxpr))
+    assert any(s.count(V) >= 2 for s in jaxpr_shapes(jaxpr))
 
 
 @pytest.mark.parametrize("name,kind", [("lower_bound", "onehot"), ("exact_onehot", "onehot"),
@@ -284,7 +257,7 @@ def test_no_v_by_v_at_full_size(name, kind):
               "mean": S((B, T, d), jnp.float32)}[kind]
     args = (S((B, T, V), jnp.float32), target, S((V, d), jnp.float32), S((B, T), jnp.bool_))
     f = _loss_fn(name, kind)
-    shapes = _avals(jax.make_jaxpr(f)(*args))
+    shapes = jaxpr_shapes(jax.make_jaxpr(f)(*args))
     assert shapes, "walker found nothing"
     sizes = [int(np.prod(s)) for s in shapes]
     assert (B, T, V) in shapes  # the walker does see the logits-sized arrays (and their cotangents)
