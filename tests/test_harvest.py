@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,9 +14,10 @@ from semloss_jax.data.registry import load_set
 from semloss_jax.data.schema import Record
 from semloss_jax.errors import DataError
 from semloss_jax.eval.judges import load_judge
-from semloss_jax.models.llama import init_params, tiny_config
+from semloss_jax.loss import cost, emd
+from semloss_jax.models.llama import embedding_matrix, forward, init_params, tiny_config
 from semloss_jax.models.tokenizer import load_tokenizer
-from semloss_jax.models.weights import export_hf
+from semloss_jax.models.weights import export_hf, load_hf
 
 
 def _prompts(n):
@@ -102,6 +104,12 @@ def tiny_model_dir(tmp_path_factory, real_model_path):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                       tie_word_embeddings=True, eos_token_id=tok.eos_id)
     params = init_params(cfg, jax.random.PRNGKey(0))
+    # weights with some spread: next-token distributions that differ from position to position
+    # (the initial ones are close to uniform, and their greedy replies came out empty)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                                 for x, k in zip(leaves, keys)])
     return export_hf(params, cfg, tmp_path_factory.mktemp("tiny") / "model", tokenizer=tok)
 
 
@@ -114,8 +122,7 @@ def test_harvest_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     recs, _ = read_jsonl(out)
-    assert summary["prompts"] == 3
-    assert summary["kept"] + sum(summary["dropped"].values()) == 3
+    assert summary["prompts"] == 3 and summary["kept"] == 3 and summary["dropped"] == {}
     assert len(recs) == summary["kept"]
     picked = {r.prompt for r in harvest.pick_prompts(3, seed=0)}
     assert all(r.prompt in picked and r.response.strip() for r in recs)
@@ -126,3 +133,20 @@ def test_harvest_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
     for r, m in zip(recs, mus):
         assert m.shape == (len(tok.response_ids(r.response)), 32)
         assert np.isfinite(m).all() and (np.linalg.norm(m, axis=1) <= 1 + 1e-5).all()
+    # ... equal to μ of the model's own next-token distributions along the reply, computed
+    # here one record at a time without padding: row j predicts response token j
+    cfg, params = load_hf(tiny_model_dir)
+    E_hat = cost.unit_embeddings(embedding_matrix(params))
+    basis = emd.principal_basis(E_hat, 4)
+    plain = harvest.response_mu(params, cfg, tok, recs, progress=False)
+    packed = harvest.response_mu(params, cfg, tok, recs, gelbrich_rank=4, progress=False)
+    for r, m, g in zip(recs, plain, packed):
+        prompt, resp = tok.prompt_ids(r.prompt), tok.response_ids(r.response)
+        logits = forward(params, cfg, jnp.asarray([prompt + resp]))[0]
+        z = logits[len(prompt) - 1:len(prompt) - 1 + len(resp)]
+        want = np.asarray(emd.mean_embedding(z, E_hat))
+        assert np.abs(np.diff(want, axis=0)).max() > 1e-2        # positions are told apart
+        np.testing.assert_allclose(m, want, atol=2e-5)
+        mu, cov = emd.projected_moments(emd.probs_from_logits(z), E_hat, basis)
+        want = np.concatenate([np.asarray(mu), np.asarray(emd.pack_symmetric(cov))], -1)
+        np.testing.assert_allclose(g, want, atol=2e-5)    # --gelbrich-rank 4: μ(q) then ΠΣΠᵀ
