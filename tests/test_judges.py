@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from semloss_jax.errors import EvalError, ModelError
 from semloss_jax.eval import judges
 from semloss_jax.eval.judges import HarmJudge, binary_auc, is_refusal
 from semloss_jax.models.tokenizer import load_tokenizer
@@ -172,12 +173,15 @@ def test_harm_judge_cache(tmp_path, monkeypatch, trained):
 # ---------------------------------------------------------------------------------------------
 
 def test_hf_judge_refuses_non_local(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local directory"):
+    with pytest.raises(ModelError, match="not a local directory"):
         judges.HFClassifierJudge("meta-llama/Llama-Guard-3-1B")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelError, match="config.json"):
         judges.HFClassifierJudge(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(EvalError, match="not a directory"):
         judges.load_judge("hf:/nonexistent/judge")
+    (tmp_path / "config.json").write_text("{}")             # a config but no weights: one line
+    with pytest.raises(ModelError, match="cannot load the classifier"):
+        judges.HFClassifierJudge(tmp_path)
 
 
 def test_hf_label_resolution():

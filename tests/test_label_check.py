@@ -76,6 +76,12 @@ def test_report_compares_hand_labels_with_the_judge_on_the_same_rows(tmp_path, c
     assert rep["relabel_agreement"]["pairs"] == 12  # 15% of 80
     assert rep["relabel_agreement"]["four_class"]["observed_agreement"] == 1.0
     assert "A " in capsys.readouterr().out
+    pool = (out / "pool.jsonl").read_text().splitlines()   # a pool without the judge's side
+    row = json.loads(pool[3])
+    del row["judge_harmful"]
+    (out / "pool.jsonl").write_text("\n".join(pool[:3] + [json.dumps(row)] + pool[4:]) + "\n")
+    with pytest.raises(DataError, match=r"pool\.jsonl:row 4: field 'judge_harmful'"):
+        label_check.report(out)
 
 
 def test_bad_judged_input_names_file_line_and_field(tmp_path):

@@ -436,3 +436,16 @@ def test_strict_mesh_stops_train_py(tmp_path):
     p = subprocess.run(args, cwd=REPO, env=STRICT_ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "kv_heads=2" in p.stderr and "mesh.strict=true stops here" in p.stderr
+
+
+def test_distributed_settings_from_the_environment():
+    """paths.distributed_env reads the three variables; a non-integer names its variable."""
+    from semloss_jax.errors import ConfigError
+    from semloss_jax.paths import distributed_env
+    assert distributed_env({}) == {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+    got = distributed_env({"SEMLOSS_COORDINATOR": "10.0.0.1:1234", "SEMLOSS_NUM_PROCESSES": "4",
+                           "SEMLOSS_PROCESS_ID": "2"})
+    assert got == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+    with pytest.raises(ConfigError, match=r"\$SEMLOSS_NUM_PROCESSES: key 'distributed.num_processes'"):
+        S.maybe_initialize_distributed(NS(enabled=True, coordinator_address="", num_processes=0,
+                                          process_id=-1), environ={"SEMLOSS_NUM_PROCESSES": "two"})

@@ -28,6 +28,13 @@ def test_hf_directory_round_trip(tmp_path, real_tokenizer):
     assert tok.eos_ids[0] == 2
 
 
+def test_a_malformed_generation_config_is_one_model_error(tmp_path, real_tokenizer):
+    real_tokenizer.save(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2,\n')
+    with pytest.raises(ModelError, match=r"generation_config\.json:2: invalid JSON"):
+        load_tokenizer(tmp_path)
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(ModelError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)

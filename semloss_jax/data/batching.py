@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from semloss_jax.data.schema import Record
+from semloss_jax.errors import DataError
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -105,7 +106,8 @@ def tokenize_records(records: Sequence[Record], tok, *, seq_len: int,
     response_mu: optional per-record arrays [n_response_tokens, d] (harvest's mu(q)), aligned
     with tok.response_ids(record.response); truncated with the response."""
     if response_mu is not None and len(response_mu) != len(records):
-        raise ValueError(f"response_mu has {len(response_mu)} entries for {len(records)} records")
+        raise DataError(None, None, "response_mu",
+                        f"{len(response_mu)} mu(q) entries for {len(records)} records")
     stats = TokenizeStats(records=len(records))
     out: list[Example] = []
     for i, rec in enumerate(records):
@@ -129,8 +131,9 @@ def tokenize_records(records: Sequence[Record], tok, *, seq_len: int,
         if response_mu is not None:
             m = np.asarray(response_mu[i])
             if m.ndim != 2 or m.shape[0] != len(r0):
-                raise ValueError(f"record {rec.id!r}: response_mu has shape {m.shape}, expected "
-                                 f"[{len(r0)}, d] (one row per response token)")
+                raise DataError(None, f"record {rec.id!r}", "response_mu",
+                                f"shape {m.shape}, expected [{len(r0)}, d] (one row per response "
+                                f"token of this tokenizer: was mu(q) harvested with another model?)")
             mu = m[: len(r)]
         out.append(Example(id=rec.id, prompt_ids=tuple(p), response_ids=tuple(r), response_mu=mu))
     stats.kept = len(out)

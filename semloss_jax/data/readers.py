@@ -29,7 +29,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from semloss_jax.data.schema import LABELS, ROLES, SPLITS, FieldMap, Record
-from semloss_jax.errors import DataError
+from semloss_jax.errors import ConfigError, DataError
 from semloss_jax.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 FORMATS: tuple[str, ...] = ("json", "jsonl", "csv", "parquet")
@@ -370,7 +370,6 @@ def row_to_record(row: dict, *, source: str, fields: FieldMap, file: Path | str,
         if not prompt.strip():
             raise DataError(file, loc, f"{fields.messages}.user", "empty value")
     else:
-        assert fields.prompt is not None, "FieldMap needs prompt= or messages="
         prompt = _text(row, fields.prompt, file, loc, required=True)
         if fields.input is not None and fields.input in row:
             extra = _text(row, fields.input, file, loc, required=False)
@@ -445,7 +444,7 @@ def read_records(path: str | os.PathLike, *, source: str, fields: FieldMap = DEF
     on_error: "raise" (DataError naming file, line and field) or "skip" (skip and count).
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ConfigError(f"must be 'raise' or 'skip', got {on_error!r}", key="on_error")
     p = Path(path)
     if not p.exists():
         raise DataError(p, None, None, "file not found")
@@ -590,8 +589,16 @@ def save_response_mu(out: str | Path, mus: Sequence[np.ndarray]) -> None:
 def load_response_mu(out: str | Path) -> list[np.ndarray]:
     """The per-record mu(q) arrays [n_response_tokens, d] saved beside a harvested JSONL."""
     out = Path(out)
-    flat = np.load(out.with_name(out.name + ".mu.npy"))
-    index = np.load(out.with_name(out.name + ".mu_index.npy"))
+    arrays = []
+    for suffix in (".mu.npy", ".mu_index.npy"):
+        f = out.with_name(out.name + suffix)
+        try:
+            arrays.append(np.load(f))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f, None, None, f"unreadable ({type(e).__name__}: {e}); harvest again") from e
+    flat, index = arrays
     n = len(read_jsonl(out)[0])
     if len(index) != n + 1 or index[-1] != flat.shape[0]:
         raise DataError(out, None, "mu", f"mu index has {len(index) - 1} records / {index[-1]} "

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from semloss_jax.errors import DataError
+from semloss_jax.errors import ConfigError, DataError
 
 LABELS: tuple[str, ...] = ("harmful", "not_harmful", "benign", "refusal", "not_refusal",
                            "overrefusal")
@@ -93,3 +93,8 @@ class FieldMap:
     label: str | None = None
     score: str | None = None
     category: str | None = None
+
+    def __post_init__(self):
+        if self.prompt is None and self.messages is None:
+            raise ConfigError("a FieldMap needs a prompt column (prompt=) or a chat column (messages=)",
+                              key="prompt")

@@ -96,7 +96,7 @@ def dedup(records: Iterable[Record], *, key: str = "prompt") -> tuple[list[Recor
     """Keep the first record of each normalized prompt (key="prompt") or normalized
     (prompt, response) pair (key="pair"); returns (kept, number dropped)."""
     if key not in ("prompt", "pair"):
-        raise ValueError(f"key must be 'prompt' or 'pair', got {key!r}")
+        raise DataError(None, None, "key", f"must be 'prompt' or 'pair', got {key!r}")
     seen: set = set()
     kept: list[Record] = []
     dropped = 0

@@ -38,7 +38,7 @@ import numpy as np
 
 from semloss_jax.data import registry
 from semloss_jax.data.readers import read_table
-from semloss_jax.errors import DataError, cli_main
+from semloss_jax.errors import DataError, EvalError, cli_main
 from semloss_jax.eval.embedding import TextEmbedder, cosine_rows, embed_texts, pair_cosines
 from semloss_jax.eval.helpfulness import (
     DEFAULT_MIN_TOKENS,
@@ -218,7 +218,7 @@ def own_reference_auc(replies: Sequence[str], refs: Sequence[str], *,
     score below the reply's own reference (module docstring), with its bootstrap interval."""
     n = len(replies)
     if n < 2 or len(refs) != n:
-        raise ValueError(f"need >= 2 replies with one reference each, got {n} and {len(refs)}")
+        raise EvalError(f"need >= 2 replies with one reference each, got {n} and {len(refs)}")
     grids = {"rouge_l": np.array([rouge_l_f1([r] * n, refs) for r in replies])}
     if embedder is not None:
         a, _ = embed_texts(embedder, replies)
@@ -242,6 +242,9 @@ def _own_reference_main(path: str, embedder: TextEmbedder | None, n_boot: int) -
     for row, loc in zip(rows, locs):
         replies.append(_text(row, "response", Path(path), loc))
         refs.append(_text(row, "reference", Path(path), loc))
+    if len(replies) < 2:
+        raise DataError(path, None, None, f"{len(replies)} rows: the own-vs-other comparison needs "
+                        f">= 2 rows with a response and a reference")
     res = own_reference_auc(replies, refs, embedder=embedder, n_boot=n_boot)
     print(f"Own vs other references on `{path}` ({len(replies)} replies): AUC [95%], mean "
           f"proxy with the own / other references")
@@ -275,6 +278,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
+    if args.n_boot < 1:
+        raise EvalError(f"--n-boot must be >= 1, got {args.n_boot}")
     if args.embed_model == "none":  # the tokenizer of the default model counts the tokens
         embedder, tok = None, load_tokenizer(loading.resolve_model_path(loading.DEFAULT))
     else:

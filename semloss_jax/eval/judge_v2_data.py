@@ -89,4 +89,5 @@ def check_disjoint(train: Sequence[Row], test: Sequence[Row], what: str) -> None
     """No prompt (normalized) of `test` is among the prompts of `train`."""
     leak = {r.group for r in train} & {r.group for r in test}
     if leak:
-        raise ValueError(f"{what}: {len(leak)} prompts are in both the training and test rows")
+        raise DataError(None, None, "prompt", f"{what}: {len(leak)} prompts are in both the training "
+                        f"and test rows (e.g. {sorted(leak)[0][:60]!r})")

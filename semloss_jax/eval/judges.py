@@ -25,7 +25,7 @@ import numpy as np
 
 from semloss_jax.data import registry
 from semloss_jax.data.splits import normalize
-from semloss_jax.errors import cli_main
+from semloss_jax.errors import EvalError, ModelError, cli_main
 from semloss_jax.eval.guard import GuardJudge
 from semloss_jax.paths import atomic_write_bytes, cache_dir
 
@@ -375,17 +375,21 @@ class HFClassifierJudge:
                  batch_size: int = 8, max_length: int = 512):
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise FileNotFoundError(f"HF judge {path!r}: not a local directory (judges are never "
+            raise ModelError(f"HF judge {path!r}: not a local directory (judges are never "
                                     f"downloaded; pass a directory holding config.json and "
                                     f"the weights)")
         if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"HF judge {p}: no config.json in the directory")
+            raise ModelError(f"HF judge {p}: no config.json in the directory")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.path = p
         self.name = f"hf:{p}"
-        self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(p),
-                                                                        local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(p),
+                                                                            local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"HF judge {p}: cannot load the classifier or its tokenizer: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         self.model.eval()
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
@@ -399,14 +403,14 @@ class HFClassifierJudge:
             for i, lab in id2label.items():
                 if lab.lower() == harmful_label.lower():
                     return i
-            raise ValueError(f"harmful_label {harmful_label!r} not among labels "
+            raise ModelError(f"harmful_label {harmful_label!r} not among labels "
                              f"{sorted(id2label.values())}")
         for word in _HARM_LABEL_WORDS:
             for i, lab in sorted(id2label.items()):
                 if lab.lower() == word:
                     return i
         if len(id2label) < 2:
-            raise ValueError(f"classifier has labels {id2label}: need >= 2, or harmful_label=")
+            raise ModelError(f"classifier has labels {id2label}: need >= 2, or harmful_label=")
         return 1
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -443,7 +447,7 @@ def load_judge(spec: str | None = None):
         return GuardJudge(spec[len("guard:"):])
     path = spec[3:] if spec.startswith("hf:") else spec
     if not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"judge {spec!r}: expected v2, tfidf, guard:DIR or a local HF "
+        raise EvalError(f"judge {spec!r}: expected v2, tfidf, guard:DIR or a local HF "
                                 f"classifier directory ('hf:/path/to/dir'); {path!r} is not a "
                                 f"directory")
     return HFClassifierJudge(path)

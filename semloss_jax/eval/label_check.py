@@ -123,6 +123,12 @@ def report(out: Path) -> dict:
     if left:
         raise EvalError(f"{out}/batches: {left} rows are not labelled yet")
     pool = label.read_pool(out / "pool.jsonl")
+    for i, r in enumerate(pool, 1):  # the judge's side, which `label` pools do not carry
+        for f, t in (("model", str), ("judge_harmful", (int, bool)), ("judge_harm_prob", (int, float)),
+                     ("judge_label", str)):
+            if not isinstance(r.get(f), t):
+                raise DataError(out / "pool.jsonl", f"row {i}", f, "missing or of the wrong type (not a "
+                                "`label_check pool` file?)")
     first, relabel = label.read_label_dir(out / "batches")
     merged, _ = label.merge(pool, first, relabel, where=str(out / "batches"))
     models = sorted({r["model"] for r in merged})

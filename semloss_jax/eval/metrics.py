@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semloss_jax.data.batching import Example, make_batches, truncate
+from semloss_jax.errors import EvalError
 from semloss_jax.models.llama import forward
 
 DEFAULT_N_BOOT = 2000
@@ -32,9 +33,9 @@ _CHUNK_ELEMS = 4_000_000  # resample-index elements per vectorized chunk (~32 MB
 
 def _check(n_boot: int, level: float) -> None:
     if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise EvalError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise EvalError(f"level must be in (0, 1), got {level}")
 
 
 def bootstrap_stats(stat: Callable[..., np.ndarray], *arrays: np.ndarray,
@@ -43,11 +44,11 @@ def bootstrap_stats(stat: Callable[..., np.ndarray], *arrays: np.ndarray,
     (rows of examples drawn with replacement, in vectorized chunks); stat maps arrays of shape
     [m, n] to [m]."""
     if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise EvalError(f"n_boot must be >= 1, got {n_boot}")
     arrays = tuple(np.asarray(a, np.float64) for a in arrays)
     n = arrays[0].shape[0] if arrays[0].ndim else 0
     if n == 0 or any(a.shape != (n,) for a in arrays):
-        raise ValueError(f"bootstrap needs non-empty equal-length 1-D arrays, got "
+        raise EvalError(f"bootstrap needs non-empty equal-length 1-D arrays, got "
                          f"{[a.shape for a in arrays]}")
     rng = np.random.default_rng(seed)
     rows = max(1, _CHUNK_ELEMS // n)
@@ -100,7 +101,7 @@ def wilson_interval(k: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float
     """Wilson score interval for a binomial proportion k/n (n >= 1)."""
     from scipy.stats import norm
     if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+        raise EvalError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
     z = float(norm.ppf(0.5 + level / 2.0))
     p = k / n
     den = 1.0 + z * z / n
@@ -136,9 +137,9 @@ def ce_summary(nll_sums: Sequence[float], n_tokens: Sequence[int], *,
     s = np.asarray(nll_sums, np.float64).reshape(-1)
     t = np.asarray(n_tokens, np.float64).reshape(-1)
     if s.shape != t.shape:
-        raise ValueError(f"{s.size} nll sums but {t.size} token counts")
+        raise EvalError(f"{s.size} nll sums but {t.size} token counts")
     if np.any(t < 0) or np.any(~np.isfinite(s)):
-        raise ValueError("token counts must be >= 0 and nll sums finite")
+        raise EvalError("token counts must be >= 0 and nll sums finite")
     keep = t > 0
     s, t = s[keep], t[keep]
     if s.size == 0:
@@ -176,7 +177,7 @@ def reference_nll(params, cfg, tok, prompts: Sequence[str], references: Sequence
     the left first, then the response from the right); an example with no response token left
     gets (0, 0)."""
     if len(prompts) != len(references):
-        raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
+        raise EvalError(f"{len(prompts)} prompts but {len(references)} references")
     exs = []
     for i, (p, r) in enumerate(zip(prompts, references)):
         pi, ri = truncate(tok.prompt_ids(p, system), tok.response_ids(r), seq_len)

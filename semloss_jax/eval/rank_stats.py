@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from semloss_jax.errors import EvalError
 from semloss_jax.eval.metrics import (
     DEFAULT_LEVEL,
     DEFAULT_N_BOOT,
@@ -69,7 +70,7 @@ def spearman_summary(x, y, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_
     x = np.asarray(x, np.float64).reshape(-1)
     y = np.asarray(y, np.float64).reshape(-1)
     if x.shape != y.shape:
-        raise ValueError(f"{x.size} x values but {y.size} y values")
+        raise EvalError(f"{x.size} x values but {y.size} y values")
     rho = float(_spearman_rows(x[None], y[None])[0]) if x.size else float("nan")
     if not np.isfinite(rho):
         return {"rho": None, "ci": [None, None], "n": int(x.size), "level": level,
@@ -85,7 +86,7 @@ def auc_summary(scores, positive, *, n_boot: int = DEFAULT_N_BOOT, seed: int = D
     s = np.asarray(scores, np.float64).reshape(-1)
     p = np.asarray(positive, np.float64).reshape(-1)
     if s.shape != p.shape:
-        raise ValueError(f"{s.size} scores but {p.size} flags")
+        raise EvalError(f"{s.size} scores but {p.size} flags")
     n_pos = int((p > 0.5).sum())
     auc = float(_auc_rows(s[None], p[None])[0]) if s.size else float("nan")
     base = {"n": int(s.size), "n_pos": n_pos, "level": level, "n_boot": n_boot}

@@ -130,7 +130,10 @@ def load_tokenizer(path: str | Path) -> ChatTokenizer:
         gen = path / "generation_config.json"
         if gen.exists():
 
-            e = json.loads(gen.read_text()).get("eos_token_id")
+            try:
+                e = json.loads(gen.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as err:
+                raise ModelError(f"{gen}:{err.lineno}: invalid JSON: {err.msg}") from err
             extra = e if isinstance(e, list) else ([e] if e is not None else [])
     elif path.suffix == ".gguf":
         if not path.exists():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -40,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from semloss_jax.errors import ShardingError
 from semloss_jax.models import axes
+from semloss_jax.paths import distributed_env
 
 log = logging.getLogger(__name__)
 
@@ -386,10 +386,10 @@ def maybe_initialize_distributed(dist_cfg, environ: Mapping[str, str] | None = N
     SEMLOSS_PROCESS_ID. With enabled=true and nothing given, JAX auto-detects the cluster
     (TPU pods, SLURM, Open MPI). Returns whether it initialized.
     """
-    env = os.environ if environ is None else environ
-    addr = dist_cfg.coordinator_address or env.get("SEMLOSS_COORDINATOR", "")
-    nproc = dist_cfg.num_processes or int(env.get("SEMLOSS_NUM_PROCESSES", "0") or 0)
-    pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else int(env.get("SEMLOSS_PROCESS_ID", "-1") or -1)
+    env = distributed_env(environ)  # paths.py: the one place that reads the environment
+    addr = dist_cfg.coordinator_address or env["coordinator_address"]
+    nproc = dist_cfg.num_processes or env["num_processes"]
+    pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else env["process_id"]
     if not (dist_cfg.enabled or addr):
         return False
     kw = {}
