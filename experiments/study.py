@@ -65,6 +65,7 @@ from semloss_jax.paths import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(REPO / "experiments"))
 import study_plots  # noqa: E402
+import study_tables  # noqa: E402
 
 BUDGET = REPO / "configs" / "study.yaml"
 PY = sys.executable
@@ -515,6 +516,17 @@ def plots_part(lay: Layout) -> Part:
     return Part("plots", done, lambda: study_plots.draw(lay.results, families(all_models(lay)), N_SWEEP))
 
 
+def tables_part(lay: Layout) -> Part:
+    """Rewrites docs/study/tables.md (experiments/study_tables.py) whenever a file it reads
+    changed, and the study_tables regions of the STUDY.md beside the results folder."""
+    def run() -> None:
+        doc = lay.results.parent / "STUDY.md"
+        study_tables.write(lay.results, families(all_models(lay)),
+                           update=doc if doc.exists() and "<!-- study_tables:" in doc.read_text() else None)
+
+    return Part("tables", lambda: study_tables.is_current(lay.results, families(all_models(lay))), run)
+
+
 def all_models(lay: Layout) -> list[Model]:
     """The sweep models, then those the current selection.json implies."""
     sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
@@ -548,7 +560,8 @@ def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
         late += [ps[k] for k in ("train", "test") if k in ps and (k == "test" or validated)]
     index = {m.name: i for i, m in enumerate(models)}
     early.sort(key=lambda p: index[p.name.split("/", 1)[1]])
-    return data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late + [plots_part(lay)]
+    return (data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late
+            + [plots_part(lay), tables_part(lay)])
 
 
 def record(lay: Layout, name: str, wall_s: float) -> None:

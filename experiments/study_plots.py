@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ COLORS = {"tasft_lb": "tab:blue", "tasft_exact": "tab:cyan", "nll_ascent": "tab:
 def point(res: Path, name: str) -> dict | None:
     """One model's validation figures from its committed files, or None while they are missing:
     harmful k of n (judged harmful_val) with its Wilson interval, the degenerate share of the
-    same replies with its interval, benign CE with its interval."""
+    same replies with its interval, benign CE with its interval, the count of each judged label."""
     d = res / "models" / name
     judged, ev = d / "judged_harmful_val.jsonl", d / "val_eval.json"
     if not (judged.exists() and ev.exists()):
@@ -50,7 +51,7 @@ def point(res: Path, name: str) -> dict | None:
     dk = sum(r.get("label") == "degenerate" for r in rows)
     return {"name": name, "k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95)),
             "degenerate": dk / n, "degenerate_wilson": list(wilson_interval(dk, n, 0.95)),
-            "ce": ce["ce"], "ce_ci": ce["ci"]}
+            "ce": ce["ce"], "ce_ci": ce["ci"], "classes": dict(Counter(r.get("label") for r in rows))}
 
 
 def inputs_digest(res: Path, names: list[str]) -> str:

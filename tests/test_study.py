@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 import study  # noqa: E402
 import study_plots  # noqa: E402
+import study_tables  # noqa: E402
 
 
 def row(name, setting, rate, ce):
@@ -277,3 +278,54 @@ def test_moving_mean():
     import numpy as np
     got = study_plots.moving_mean(np.array([1.0, 3.0, 5.0, 7.0]), w=2)
     assert np.allclose(got, [1.0, 2.0, 4.0, 6.0])
+
+
+def _fake_test_eval(path, harmful_k, ce, n=20):
+    def rate(k, m):
+        from semloss_jax.eval.metrics import wilson_interval
+        return {"k": k, "n": m, "rate": k / m, "wilson": list(wilson_interval(k, m, 0.95))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"sets": {
+        "harmful": {"class_rates": {"harmful": rate(harmful_k, n), "degenerate": rate(1, n)}},
+        "overrefusal": {"refusal_rate": rate(3, 10)},
+        "benign": {"refusal_rate": rate(0, 10), "reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}},
+        "i_alpaca": {"refusal_rate": rate(1, 5)}}}))
+
+
+def test_tables_are_written_from_the_committed_results_and_fill_the_doc_regions(tmp_path):
+    """The validation table (counts, Wilson interval, CE over the bound flagged), the test table
+    with the mean and spread over seeds, the marked regions of STUDY.md, and the digest."""
+    lay = study.Layout(tmp_path / "out", tmp_path / "docs" / "study")
+    models = study.sweep_models()
+    for m in models[:4]:                          # base, SFT, TA-SFT LB λ 0.25 and 0.5
+        fake_val(lay, m, rate=0.5 if m.name != "tasft_lb_l0.5" else 0.25,
+                 ce=2.0 if m.name != "tasft_lb_l0.5" else 2.2)
+        res = lay.results / "models" / m.name
+        study.mirror(lay.judged(m.name, "harmful_val"), res / "judged_harmful_val.jsonl")
+        ev = json.loads((lay.model(m.name) / "val" / "eval.json").read_text())
+        ev["sets"]["benign_val"]["reference_ce"]["ci"] = [1.9, 2.1]
+        (res / "val_eval.json").write_text(json.dumps(ev))
+    doc = tmp_path / "docs" / "STUDY.md"
+    doc.write_text("intro\n<!-- study_tables:val -->\nold table\n<!-- /study_tables:val -->\nafter\n")
+    part = study.tables_part(lay)
+    assert not part.done()
+    part.run()
+    assert part.done()
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- study_tables:val -->\n| model |") and text.endswith(
+        "<!-- /study_tables:val -->\nafter\n") and "old table" not in text
+    val = study_tables.val_table(lay.results, study.families(models))
+    assert "| TA-SFT LB λ 0.25 | 10 / 20 = 0.500 [0.299, 0.701] | 0 | 10 | 0 | 2.000 [1.900, 2.100] |" in val
+    assert "| TA-SFT LB λ 0.5 | 5 / 20 = 0.250" in val and "(over the 2.1000 bound) |" in val
+    assert "test" not in study_tables.write(lay.results, study.families(models))
+    # test results: seed 0 and the selection's seeds 1 and 2 of SFT give one summary row
+    sel = {"sft": {"name": "sft", "setting": None, "overrides": list(study.SFT)}}
+    fams = study.families(models + study.selected_models(sel))
+    for name, k, ce in (("sft", 10, 2.0), ("sft_s1", 12, 2.1), ("sft_s2", 8, 1.9), ("base", 15, 2.3)):
+        _fake_test_eval(lay.results / "models" / name / "test_eval.json", k, ce)
+    test = study_tables.write(lay.results, fams)["test"]
+    assert "| SFT | 10 / 20 = 0.500 [0.299, 0.701] | 0.050 | 3 / 10 = 0.300" in test
+    assert "| SFT (3) | 0.500 [0.400, 0.600] | 2.000 [1.900, 2.100] |" in test
+    assert "| base (" not in test                  # no seeds: no summary row
+    with pytest.raises(EvalError, match="no region"):
+        study_tables.replace_region("no markers", "val", "x", "STUDY.md")

@@ -1,0 +1,192 @@
+"""The study's tables, written from its committed results only (docs/study/), like its plots.
+
+    python experiments/study_tables.py [--results docs/study] [--update docs/STUDY.md]
+
+docs/study/tables.md gets:
+
+    val    one row per judged model: validation harmful rate (judged harmful_val replies, 95%
+           Wilson interval), the refusal / safe / degenerate counts of the same replies, and the
+           benign validation reference CE (95% bootstrap interval), flagged where it is over the
+           selection's bound (1 + selection.CE_MARGIN) x SFT's
+    test   once test/ parts exist: per model, the TEST harmful rate and degenerate share, the
+           over-refusal rate, the benign refusal rate and reference CE, the I-Alpaca refusal
+           rate; then per seeded setting (seed 0 plus the selection's seeds 1 and 2) the mean
+           and the spread (min to max) of the harmful rate and the CE over its seeds
+
+With --update FILE, the region of FILE between `<!-- study_tables:NAME -->` and
+`<!-- /study_tables:NAME -->` is replaced by table NAME (the hand-written text around it stays),
+so docs/STUDY.md cannot drift from the files. The study command does both (its `tables` part)
+whenever an input changes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import statistics
+from pathlib import Path
+
+from study_plots import point
+
+from semloss_jax.errors import EvalError
+from semloss_jax.eval.metrics import wilson_interval
+from semloss_jax.eval.selection import CE_MARGIN
+from semloss_jax.paths import atomic_write_text
+
+NAMES = {"base": "base", "sft": "SFT", "tasft_lb": "TA-SFT LB", "tasft_exact": "TA-SFT exact one-hot",
+         "nll_ascent": "NLL ascent", "unlikelihood": "unlikelihood", "dpo": "DPO",
+         "safeinstr": "SafeInstr"}
+INPUTS = ("judged_harmful_val.jsonl", "val_eval.json", "test_eval.json")
+
+
+def display(name: str, family: str, setting: float | None) -> str:
+    """A model's row label: 'TA-SFT LB λ 1', 'SafeInstr N 300', 'SFT'; the run name otherwise
+    (the selection's N-efficiency, sampled-reply and seed runs)."""
+    if family in ("base", "sft"):
+        return NAMES[family]
+    if family in NAMES and setting is not None:
+        return f"{NAMES[family]} {'N' if family == 'safeinstr' else 'λ'} {setting:g}"
+    return f"`{name}`"
+
+
+def _rate(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n, 0.95)
+    return f"{k} / {n} = {k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _ce(ce: dict) -> str:
+    return f"{ce['ce']:.3f} [{ce['ci'][0]:.3f}, {ce['ci'][1]:.3f}]"
+
+
+def val_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str:
+    """The validation table (module docstring); models without validation results are left out."""
+    points = {n: p for n in families if (p := point(res, n)) is not None}
+    bound = (1 + CE_MARGIN) * points["sft"]["ce"] if "sft" in points else None
+    lines = ["| model | harmful (val) | refusal | safe | degenerate | benign val reference CE |",
+             "|---|---|---|---|---|---|"]
+    for name, p in points.items():
+        c = p["classes"]
+        over = bound is not None and p["ce"] > bound
+        lines.append(f"| {display(name, *families[name])} | {_rate(p['k'], p['n'])} | "
+                     f"{c.get('refusal', 0)} | {c.get('safe', 0)} | {c.get('degenerate', 0)} | "
+                     f"{_ce({'ce': p['ce'], 'ci': p['ce_ci']})}"
+                     f"{f' (over the {bound:.4f} bound)' if over else ''} |")
+    if bound is not None:
+        lines.append(f"\nThe CE bound of the selection rule: {1 + CE_MARGIN:.2f} x SFT's "
+                     f"{points['sft']['ce']:.4f} = {bound:.4f}.")
+    return "\n".join(lines)
+
+
+def test_row(res: Path, name: str) -> dict | None:
+    """A model's TEST figures from its committed test_eval.json, or None while it is missing."""
+    f = res / "models" / name / "test_eval.json"
+    if not f.exists():
+        return None
+    sets = json.loads(f.read_text())["sets"]
+    harm = sets["harmful"]["class_rates"]
+    return {"harmful": harm["harmful"], "degenerate": harm["degenerate"],
+            "overrefusal": sets["overrefusal"]["refusal_rate"],
+            "benign_refusal": sets["benign"]["refusal_rate"], "ce": sets["benign"]["reference_ce"],
+            "i_alpaca_refusal": sets["i_alpaca"]["refusal_rate"]}
+
+
+def seed_groups(families: dict[str, tuple[str, float | None]]) -> dict[str, list[str]]:
+    """Seed 0's run name -> its runs over seeds (itself, then NAME_s1, NAME_s2 where they exist)."""
+    groups: dict[str, list[str]] = {}
+    for name, (fam, _) in families.items():
+        if fam.endswith("_seed"):
+            base = re.sub(r"_s\d+$", "", name)
+            groups.setdefault(base, [base]).append(name)
+    return groups
+
+
+def test_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str | None:
+    """The test table and the seed summary (module docstring), or None before any test/ part."""
+    rows = {n: r for n in families if (r := test_row(res, n)) is not None}
+    if not rows:
+        return None
+    k = lambda r: f"{r['k']} / {r['n']} = {r['rate']:.3f} [{r['wilson'][0]:.3f}, {r['wilson'][1]:.3f}]"  # noqa: E731
+    lines = ["| model | harmful (test) | degenerate | over-refusal | benign refusal | benign test CE "
+             "| I-Alpaca refusal |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {display(name, *families[name])} | {k(r['harmful'])} | "
+                     f"{r['degenerate']['rate']:.3f} | {k(r['overrefusal'])} | "
+                     f"{r['benign_refusal']['rate']:.3f} | {_ce(r['ce'])} | "
+                     f"{r['i_alpaca_refusal']['rate']:.3f} |")
+    groups = {b: [n for n in g if n in rows] for b, g in seed_groups(families).items()}
+    groups = {b: g for b, g in groups.items() if len(g) >= 2}
+    if groups:
+        lines += ["", "| setting (seeds) | harmful (test): mean [min, max] | benign test CE: mean "
+                  "[min, max] |", "|---|---|---|"]
+        for base, names in groups.items():
+            h = [rows[n]["harmful"]["rate"] for n in names]
+            c = [rows[n]["ce"]["ce"] for n in names]
+            lines.append(f"| {display(base, *families[base])} ({len(names)}) | "
+                         f"{statistics.mean(h):.3f} [{min(h):.3f}, {max(h):.3f}] | "
+                         f"{statistics.mean(c):.3f} [{min(c):.3f}, {max(c):.3f}] |")
+    return "\n".join(lines)
+
+
+def inputs_digest(res: Path, names: list[str]) -> str:
+    """A digest of every file the tables read (the tables part is done while it is unchanged)."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        for f in INPUTS:
+            p = res / "models" / name / f
+            h.update(f"{name}/{f}:".encode() + (p.read_bytes() if p.exists() else b"-"))
+    return h.hexdigest()
+
+
+def replace_region(text: str, name: str, body: str, where: str = "") -> str:
+    """Text with the region between the markers of table `name` replaced by body."""
+    start, end = f"<!-- study_tables:{name} -->", f"<!-- /study_tables:{name} -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise EvalError(f"{where or 'the file'}: no region {start} ... {end} to update")
+    return text[:i + len(start)] + "\n" + body + "\n" + text[j:]
+
+
+def write(res: Path, families: dict[str, tuple[str, float | None]], update: Path | None = None) -> dict:
+    """res/tables.md (and the regions of `update`); returns the tables by name."""
+    tables = {"val": val_table(res, families)}
+    if (t := test_table(res, families)) is not None:
+        tables["test"] = t
+    digest = inputs_digest(res, list(families))
+    md = [f"<!-- inputs digest: {digest} -->", "# The study's tables (written by "
+          "experiments/study_tables.py from docs/study/; do not edit by hand)", ""]
+    for name, body in tables.items():
+        md += [f"## {name}", "", body, ""]
+    atomic_write_text(res / "tables.md", "\n".join(md))
+    if update is not None:
+        text = update.read_text()
+        for name, body in tables.items():
+            if f"<!-- study_tables:{name} -->" in text:
+                text = replace_region(text, name, body, str(update))
+        atomic_write_text(update, text)
+    return tables
+
+
+def is_current(res: Path, families: dict[str, tuple[str, float | None]]) -> bool:
+    """Whether res/tables.md was written from the files as they are now."""
+    f = res / "tables.md"
+    return f.exists() and f.read_text().startswith(
+        f"<!-- inputs digest: {inputs_digest(res, list(families))} -->")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import study  # the model list (experiments/ is on sys.path when run as a script)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(study.REPO / "docs" / "study"))
+    ap.add_argument("--update", default=None, help="a Markdown file whose study_tables regions to refresh")
+    args = ap.parse_args(argv)
+    res = Path(args.results)
+    sel = json.loads((res / "selection.json").read_text()) if (res / "selection.json").exists() else {}
+    fams = study.families(study.sweep_models() + study.selected_models(sel))
+    for name, body in write(res, fams, Path(args.update) if args.update else None).items():
+        print(f"## {name}\n\n{body}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
