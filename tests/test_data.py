@@ -153,8 +153,11 @@ def test_read_records_each_format(tmp_path, fmt):
 def test_csv_numbers_stay_text_and_comment_header_skipped(tmp_path):
     p = tmp_path / "x.csv"
     p.write_text("# version=1, comment line\nprompt,response\n1234,NA\n\"multi\nline\",ok\n")
+    import datasets
+    datasets.enable_progress_bars()
     recs, _ = read_records(p, source="x")
     assert [(r.prompt, r.response) for r in recs] == [("1234", "NA"), ("multi\nline", "ok")]
+    assert not datasets.are_progress_bars_disabled()      # the caller's setting is left alone
 
 
 def test_messages_format(tmp_path):

@@ -112,10 +112,17 @@ def _hf_cache() -> str:
 
 
 def _load_dataset(kind: str, data_file: Path, **kw):
+    """datasets.load_dataset of one local file, its progress bars off for this call only (the
+    caller's setting is restored: no process-wide side effect)."""
     import datasets
+    was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
-    return datasets.load_dataset(kind, data_files=str(data_file), split="train",
-                                 cache_dir=_hf_cache(), **kw)
+    try:
+        return datasets.load_dataset(kind, data_files=str(data_file), split="train",
+                                     cache_dir=_hf_cache(), **kw)
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def _prevalidate_jsonl(path: Path, on_error: OnError, summary: ReadSummary
