@@ -158,6 +158,8 @@ def test_dpo_errors_name_what_is_missing(tmp_path):
     assert pair_chosen(str(path), h[:1])[0].id == "c0"
     with pytest.raises(DataError, match="no safe reply"):
         pair_chosen(str(path), h[:2])
+    with pytest.raises(ConfigError, match="key 'data.chosen': objective.kind=dpo needs data.chosen"):
+        pair_chosen("", h[:1])
 
 
 def test_dpo_keeps_the_untiled_head():

@@ -39,7 +39,7 @@ import numpy as np
 from semloss_jax.data import batching, readers, registry
 from semloss_jax.data.schema import FieldMap, Record
 from semloss_jax.data.splits import normalize
-from semloss_jax.errors import DataError, TrainError
+from semloss_jax.errors import ConfigError, DataError, TrainError
 
 # "chosen" walks the same order as "harmful" (same seed, same number of examples): row i of
 # both batches is one DPO pair.
@@ -306,9 +306,9 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
         harmful = [every[i] for i in idx]
         if objective.target == "soft":
             if d.harmful == "pyrit" or d.harmful.startswith("hf:"):
-                raise DataError(None, None, "data.harmful", "objective.target=soft needs a harvested "
-                                "JSONL with μ(q) files (python -m semloss_jax.data.harvest "
-                                "--soft-targets), not 'pyrit'")
+                raise ConfigError("objective.target=soft needs a harvested JSONL with μ(q) files "
+                                  "(python -m semloss_jax.data.harvest --soft-targets), not "
+                                  f"{d.harmful!r}", key="data.harmful")
             try:
                 all_mu = readers.load_response_mu(d.harmful)
             except FileNotFoundError as e:
@@ -323,8 +323,8 @@ def pair_chosen(path: str, harmful: Sequence[Record]) -> list[Record]:
     """For each harmful record, the record of `path` (a JSONL of safe replies) with the same
     normalized prompt; a DataError names the file and the first harmful record without one."""
     if not path:
-        raise DataError(None, None, "data.chosen", "objective.kind=dpo needs data.chosen: a JSONL of safe "
-                        "replies to the harmful prompts (python experiments/study.py writes one)")
+        raise ConfigError("objective.kind=dpo needs data.chosen: a JSONL of safe replies to the "
+                          "harmful prompts (python experiments/study.py writes one)", key="data.chosen")
     recs, _ = readers.read_jsonl(Path(path).expanduser())
     by_prompt = {normalize(r.prompt): r for r in recs if r.response.strip()}
     out = []
