@@ -28,8 +28,11 @@ CONFIG = REPO / "configs" / "paper_small.yaml"
 METHODS: dict[str, list[str] | None] = {
     "base": None,
     "sft": ["objective.kind=sft", "objective.lam=0"],
-    "safeinstr_100": ["objective.kind=safeinstr", "objective.lam=0", "data.safeinstr_n=100"],
-    "safeinstr_1000": ["objective.kind=safeinstr", "objective.lam=0", "data.safeinstr_n=1000"],
+    # SafeInstr as it ran here: the refusals mixed into the benign data (no refusal stream)
+    "safeinstr_100": ["objective.kind=safeinstr", "objective.lam=0", "data.safeinstr_n=100",
+                      "data.harmful_batch=0"],
+    "safeinstr_1000": ["objective.kind=safeinstr", "objective.lam=0", "data.safeinstr_n=1000",
+                       "data.harmful_batch=0"],
     "nll_ascent_100": ["objective.kind=nll_ascent", "data.harmful_n=100"],
     "unlikelihood_100": ["objective.kind=unlikelihood", "data.harmful_n=100"],
     "tasft_lb_10": ["objective.kind=tasft", "objective.divergence=lower_bound", "data.harmful_n=10"],

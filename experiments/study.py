@@ -87,8 +87,9 @@ SWEEPS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
     "nll_ascent": ("lam", (0.03, 0.1, 0.3, 1.0), ("objective.kind=nll_ascent",)),
     "unlikelihood": ("lam", (0.3, 1.0, 3.0, 10.0), ("objective.kind=unlikelihood",)),
     "dpo": ("lam", (0.1, 0.3, 1.0, 3.0), ("objective.kind=dpo", "objective.beta=0.1")),
-    "safeinstr": ("n", (100, 300, 1000), ("objective.kind=safeinstr", "objective.lam=0",
-                                          "data.harmful_batch=0")),
+    # the N refusals as a second stream of the budget's 4 rows per step, weight 1, beside SFT's
+    # benign stream (amendment 1 of 2026-12-06 in docs/STUDY.md; was: mixed into the benign data)
+    "safeinstr": ("n", (100, 300, 1000), ("objective.kind=safeinstr", "objective.lam=1")),
 }
 SFT = ("objective.kind=sft", "objective.lam=0", "data.harmful_batch=0")
 REFUSALS = (
@@ -362,7 +363,7 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
         mirror(run / "test" / "eval.json", res / "test_eval.json")
 
     def needs_data() -> str | None:
-        uses_harmful = "data.harmful_batch=0" not in (m.overrides or ())
+        uses_harmful = m.family not in ("base", "sft", "safeinstr")
         need = (["d_harmful.jsonl"] if uses_harmful else []) + (
             ["safe_replies.jsonl"] if m.family == "dpo" else []) + (
             ["d_harmful_sampled.jsonl"] if any("@sampled" in o for o in m.overrides or ()) else [])

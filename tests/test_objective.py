@@ -88,7 +88,7 @@ def np_reference(b_logits, benign, h_logits, harmful, E_hat64, obj, mu_q=None):
                harm_nll_clip_sum=nll_c[mh].sum(), ul_sum=ul[mh].sum())
     ce_mean = out["ce_sum"] / out["ce_count"]
     hc = out["harm_count"]
-    loss = {"sft": ce_mean, "safeinstr": ce_mean,
+    loss = {"sft": ce_mean, "safeinstr": ce_mean + obj.lam * out["harm_nll_sum"] / hc,
             "tasft": ce_mean - obj.lam * out["div_sum"] / hc,
             "nll_ascent": ce_mean - obj.lam * out["harm_nll_clip_sum"] / hc,
             "unlikelihood": ce_mean + obj.lam * out["ul_sum"] / hc}[obj.kind]
@@ -98,6 +98,7 @@ def np_reference(b_logits, benign, h_logits, harmful, E_hat64, obj, mu_q=None):
 OBJECTIVES = [
     ob.ObjectiveConfig(kind="sft", lam=0.0),
     ob.ObjectiveConfig(kind="safeinstr", lam=0.0),
+    ob.ObjectiveConfig(kind="safeinstr", lam=1.0),    # the refusal stream in the harmful slot
     ob.ObjectiveConfig(kind="tasft", lam=0.7, divergence="lower_bound"),
     ob.ObjectiveConfig(kind="tasft", lam=0.7, divergence="exact_onehot"),
     ob.ObjectiveConfig(kind="tasft", lam=0.7, divergence="upper_bound"),
@@ -267,7 +268,7 @@ def test_unlikelihood_stable_when_p_is_one():
     ("tasft", "upper_bound", "onehot", None), ("tasft", "lower_bound", "soft", None),
     ("tasft", "gelbrich", "onehot", None),
     ("nll_ascent", "lower_bound", "onehot", None), ("nll_ascent", "lower_bound", "onehot", 4.0),
-    ("unlikelihood", "lower_bound", "onehot", None)])
+    ("unlikelihood", "lower_bound", "onehot", None), ("safeinstr", "lower_bound", "onehot", None)])
 def test_harmful_term_grad_matches_finite_differences(kind, divergence, target, clip):
     """The gradient of the whole objective w.r.t. benign and harmful logits, for every kind
     with a harmful term (the term that drives each kind must keep its gradient)."""

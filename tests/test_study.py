@@ -57,6 +57,9 @@ def test_plan_covers_the_issue_and_every_config_loads(tmp_path):
         cfg = C.load_config(study.BUDGET, cmd[cmd.index("--quiet") + 1:])
         assert cfg.objective.kind == (m.overrides[0].split("=")[1])
         assert cfg.run.resume and cfg.run.output_dir == str(lay.model(m.name))
+        if m.family == "safeinstr":     # the refusals as a second stream with the same rows per step
+            assert cfg.data.harmful_batch == cfg.data.benign_batch == 4 and cfg.objective.lam == 1
+            assert cfg.data.safeinstr_n == m.setting
 
 
 def fake_val(lay, m, rate, ce):

@@ -22,7 +22,7 @@ import pytest
 from semloss_jax.data import batching, readers, registry
 from semloss_jax.data import streams as streams_lib
 from semloss_jax.data.schema import Record
-from semloss_jax.errors import DataError, NonFiniteLoss, TrainError
+from semloss_jax.errors import ConfigError, DataError, NonFiniteLoss, TrainError
 from semloss_jax.loss import cost
 from semloss_jax.models import llama as M
 from semloss_jax.models import weights
@@ -147,6 +147,20 @@ def test_cli_config_error_names_key(tmp_path):
     assert "objective.lamda" in proc.stderr and "<command line>" in proc.stderr
 
 
+def test_safeinstr_refusal_stream_trains_on_ce_plus_lambda_refusal_nll(tmp_path):
+    """kind=safeinstr with a harmful batch: the refusal rows are a second stream whose mean NLL
+    enters the loss with weight λ (logged as harm_nll)."""
+    cfg = C.load_config(SMOKE, [f"output_dir={tmp_path}", "objective.kind=safeinstr", "objective.lam=0.7",
+                                "data.safeinstr_n=16", "run.steps=2", "run.progress=false",
+                                "run.tensorboard=false", "run.async_checkpoint=false"])
+    train_loop.train(cfg, echo=lambda s: None)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["harm_tokens"] > 0 and r["harm_nll"] > 0
+        assert r["loss"] == pytest.approx(r["ce"] + 0.7 * r["harm_nll"], rel=1e-5)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = C.load_config(SMOKE, [f"output_dir={tmp_path}", "optim.lr=1e30", "optim.clip_norm=null",
                                 "run.checkpoint_every=1", "run.steps=6", "run.progress=false",
@@ -225,6 +239,16 @@ def test_data_sizes_and_safeinstr_records():
     assert len(recs.benign) == cfg.data.benign_n + 5 and recs.harmful == []
     assert [r.label for r in recs.benign[-5:]] == ["refusal"] * 5
     assert {r.label for r in recs.benign[:-5]} == {"benign"}
+    # with a harmful batch the same 5 refusals are a second stream, and the benign data is SFT's
+    stream = C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=5", "objective.lam=1"])
+    assert stream.data.harmful_batch > 0
+    recs_s = streams_lib.load_records(stream.data, stream.objective, stream.run.seed)
+    sft = C.load_config(SMOKE, ["objective.kind=sft", "data.harmful_batch=0"])
+    sft_benign = streams_lib.load_records(sft.data, sft.objective, sft.run.seed).benign
+    assert [r.id for r in recs_s.benign] == [r.id for r in sft_benign]
+    assert [r.id for r in recs_s.harmful] == [r.id for r in recs.benign[-5:]] and recs_s.harmful_mu is None
+    with pytest.raises(ConfigError, match="objective.lam.*refusal stream"):
+        C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=5", "objective.lam=0"])
     cfg2 = C.load_config(SMOKE)
     recs2 = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)
     assert len(recs2.harmful) == cfg2.data.harmful_n and {r.label for r in recs2.harmful} == {"harmful"}

@@ -58,7 +58,10 @@ class DataSection:
              schema.FieldMap: prompt, response, input, messages, id, ...), e.g. Alpaca's
              {prompt: instruction, input: input, response: output}; hub_split / hub_config: the
              split and configuration read.
-    safeinstr: the refusal set added to the benign data by the safeinstr objective.
+    safeinstr: the refusal set of the safeinstr objective (safeinstr_n of its records): with
+               harmful_batch > 0 they are a second stream in the harmful batch's place (the
+               benign stream stays the same as SFT's), with harmful_batch = 0 they are mixed
+               into the benign data.
     chosen: for the dpo objective, a JSONL of safe replies; each harmful record is paired with
             the chosen record of the same (normalized) prompt.
     *_n: how many records to take (0 = all available; a seeded shuffle picks which);
@@ -117,8 +120,9 @@ class DataSection:
 class TrainRecords(NamedTuple):
     """The records a run trains on (before tokenization)."""
 
-    benign: list[Record]        # benign data (+ SafeInstr refusals for kind=safeinstr)
-    harmful: list[Record]       # D_harmful ([] when the objective uses none)
+    benign: list[Record]        # benign data (+ SafeInstr refusals, kind=safeinstr, mixed)
+    harmful: list[Record]       # D_harmful ([] when the objective uses none; SafeInstr's
+                                # refusals for kind=safeinstr with a harmful batch)
     harmful_mu: list | None     # per harmful record, μ(q) [n_response_tokens, d] (soft targets)
     chosen: list[Record] | None = None  # dpo: the safe reply paired with each harmful record
 
@@ -296,9 +300,12 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
     `python -m semloss_jax.data.harvest --soft-targets` writes beside the harvested JSONL."""
     benign = [r for name in d.benign for r in _load_named(d, name)]
     benign = _take(benign, d.benign_n, seed, 11)
-    if objective.kind == "safeinstr":
-        benign = benign + _take(_load_named(d, d.safeinstr), d.safeinstr_n, seed, 13)
     harmful, mu = [], None
+    if objective.kind == "safeinstr":  # the refusals: a second stream, or mixed into the benign data
+        refusals = _take(_load_named(d, d.safeinstr), d.safeinstr_n, seed, 13)
+        if d.harmful_batch > 0:
+            return TrainRecords(benign, refusals, None, None)
+        return TrainRecords(benign + refusals, [], None, None)
     if d.harmful_batch > 0:
         every = (_load_hub(d, d.harmful[3:], "harmful") if d.harmful.startswith("hf:")
                  else registry.load_d_harmful(d.harmful))

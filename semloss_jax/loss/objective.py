@@ -1,7 +1,9 @@
 """Training objectives: TA-SFT and the paper's baselines, as SUMS and COUNTS.
 
     sft          L = CE_benign                                   (λ ignored)
-    safeinstr    L = CE_benign  (the refusal examples are part of the benign batch)
+    safeinstr    L = CE_benign + λ · mean_{refusal tokens} NLL_t    (the N refusal examples as a
+                 second stream, in the harmful batch's place: data.harmful_batch > 0); with
+                 data.harmful_batch = 0 they are mixed into the benign data and L = CE_benign
     tasft        L = CE_benign - λ · mean_{harmful tokens} D(p_t, q_t),  D in {LB, exact one-hot EMD, UB}
     nll_ascent   L = CE_benign - λ · mean_{harmful tokens} min(NLL_t, nll_clip)
     unlikelihood L = CE_benign + λ · mean_{harmful tokens} -log(1 - p_t(y_t))
@@ -159,7 +161,7 @@ class ObjectiveConfig:
     @property
     def uses_harmful(self) -> bool:
         """Whether the harmful batch drives the gradient (else it is only logged)."""
-        return self.kind in ("tasft", "nll_ascent", "unlikelihood", "dpo") and self.lam != 0
+        return self.kind in ("tasft", "nll_ascent", "unlikelihood", "dpo", "safeinstr") and self.lam != 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +343,7 @@ def harmful_from_stats(lp: jax.Array, mu_p: jax.Array, batch: Mapping[str, jax.A
         "lower_sum": msum(emd.lower_bound_from_means(sg_mu, mu_q)),
         "upper_sum": msum(emd.upper_bound_from_means(sg_mu, mu_q)),
         "emd_onehot_sum": msum(emd.upper_bound_from_means(sg_mu, jax.lax.stop_gradient(e_y))),
-        "harm_nll_sum": sg(msum(nll)),
+        "harm_nll_sum": msum(nll) if obj.kind == "safeinstr" else sg(msum(nll)),
         "harm_nll_clip_sum": msum(nll_clip) if obj.kind == "nll_ascent" else sg(msum(nll_clip)),
         "ul_sum": msum(ul) if obj.kind == "unlikelihood" else sg(msum(ul)),
     }
@@ -562,10 +564,12 @@ def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array],
     unlikelihood: ce_sum/ce_count + lam * ul_sum/harm_count
     nll_ascent:   ce_sum/ce_count - lam * harm_nll_clip_sum/harm_count
     dpo:          ce_sum/ce_count + lam * dpo_sum/pair_count
-    sft, safeinstr: ce_sum/ce_count
+    safeinstr:    ce_sum/ce_count + lam * harm_nll_sum/harm_count  (the refusal stream; without
+                  one, ce_sum/ce_count)
+    sft:          ce_sum/ce_count
     """
     loss = _safe_div(sums["ce_sum"], counts["ce_count"])
-    if obj.kind in ("sft", "safeinstr") or obj.lam == 0:
+    if obj.kind == "sft" or obj.lam == 0 or (obj.kind == "safeinstr" and "harm_count" not in sums):
         return loss
     if "harm_count" not in sums:
         raise LossError(f"objective kind {obj.kind!r} with lam={obj.lam} needs a harmful batch")
@@ -576,6 +580,8 @@ def combine(sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array],
         return loss + obj.lam * _safe_div(sums["ul_sum"], hc)
     if obj.kind == "nll_ascent":
         return loss - obj.lam * _safe_div(sums["harm_nll_clip_sum"], hc)
+    if obj.kind == "safeinstr":
+        return loss + obj.lam * _safe_div(sums["harm_nll_sum"], hc)
     if obj.kind == "dpo":
         if "dpo_sum" not in sums:
             raise LossError("objective kind 'dpo' needs the chosen replies in the harmful batch")

@@ -484,6 +484,11 @@ def validate_config(cfg: TrainConfig, marks: Marks | None = None) -> None:
     if kind == "safeinstr" and cfg.data.safeinstr_n <= 0:
         raise marks.error("data.safeinstr_n", "objective.kind=safeinstr needs data.safeinstr_n > 0 "
                                               "refusal examples")
+    if kind == "safeinstr" and cfg.data.harmful_batch > 0 and cfg.objective.lam <= 0:
+        raise marks.error("objective.lam", "objective.kind=safeinstr with a refusal stream "
+                                           "(data.harmful_batch > 0) needs objective.lam > 0, its "
+                                           "weight (or data.harmful_batch=0 to mix the refusals "
+                                           "into the benign data)")
     if kind == "dpo" and cfg.data.pack:
         raise marks.error("data.pack", "objective.kind=dpo pairs row i of the harmful and chosen batches: "
                                        "set data.pack=false")
