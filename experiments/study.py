@@ -19,14 +19,18 @@ a part whose output exists is skipped, so rerunning the command continues where 
     val/NAME              eval.py run on harmful_val and benign_val (greedy replies, benign
                           reference CE); generations are cached by model hash
     judge/NAME            eval.py judge on the validation replies    (waits for `eval.py judge`)
-    select                the rule of semloss_jax.eval.selection per method (waits for judge/*)
-    ...                   the models that depend on the selection (exact EMD at the 2 best λ of
-                          LB, N harmful in {10, 30, 300}, sampled replies, seeds 1 and 2)
-    labelcheck/pool       a blind sample (40 each) of the judged harmful_val replies of base, SFT
-                          and each method's choice, cut into label batches (docs/study/labelcheck/)
+    select                per method, once its sweep is judged: one refinement setting near the
+                          CE bound (selection.refine_setting), then, once that is judged, the
+                          rule of semloss_jax.eval.selection over both (rewritten as results come)
+    ...                   the models that depend on the selection (the refinements; exact EMD at
+                          the 2 best λ of LB, N harmful in {10, 30, 300}, sampled replies, seeds
+                          1 and 2)
+    labelcheck/pool       a blind sample (60 each) of the judged harmful_val replies of base, SFT
+                          and each method's choice and runner-up, cut into label batches
+                          (docs/study/labelcheck/), once every method is chosen
     labelcheck/report     hand labels against the judge on those rows (waits for the labels:
                           `python -m semloss_jax.eval.label`, blind)
-    test/NAME             eval.py run on the TEST sets, only after the selection exists
+    test/NAME             eval.py run on the TEST sets, only once every method is chosen
 
 Wall time per part: OUT/parts.json, mirrored with each model's config, training curve and
 validation summary into --results (committed: docs/study/).
@@ -60,7 +64,7 @@ if str(REPO) not in sys.path:  # run as `python experiments/study.py` from anywh
 from semloss_jax.data.readers import read_jsonl, write_jsonl  # noqa: E402
 from semloss_jax.data.schema import Record  # noqa: E402
 from semloss_jax.eval import label_check  # noqa: E402
-from semloss_jax.eval.selection import ranked, select_setting  # noqa: E402
+from semloss_jax.eval.selection import ranked, refine_setting, select_setting  # noqa: E402
 from semloss_jax.paths import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(REPO / "experiments"))
@@ -78,7 +82,7 @@ SAMPLED = dict(n=100, samples=4, temperature=0.8)
 N_SWEEP = 100             # harmful examples of every λ sweep (TA-SFT, NLL ascent, UL, DPO)
 N_EFFICIENCY = (10, 30, 100, 300)
 SEEDS = (1, 2)
-LABEL_CHECK = dict(per_model=40, seed=0, size=60)  # blind hand labels of the judged val replies
+LABEL_CHECK = dict(per_model=60, seed=0, size=60)  # blind hand labels of the judged val replies
 
 # method -> (what the sweep varies, its values, train.py overrides); fixed before any result
 SWEEPS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
@@ -132,21 +136,30 @@ def fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def sweep_model(fam: str, v: float) -> Model:
+    """The model of method `fam` at setting v (λ, or N refusals for SafeInstr), seed 0."""
+    what, _, ov = SWEEPS[fam]
+    key = "objective.lam" if what == "lam" else "data.safeinstr_n"
+    val = fmt(v) if what == "lam" else int(v)
+    extra = (f"data.harmful_n={N_SWEEP}",) if what == "lam" else ()
+    return Model(f"{fam}_{what[0]}{fmt(v)}", fam, float(v), (*ov, f"{key}={val}", *extra))
+
+
 def sweep_models() -> list[Model]:
     """The models fixed in advance: base, SFT and every sweep (seed 0)."""
-    out = [Model("base", "base", None, None), Model("sft", "sft", None, SFT)]
-    for fam, (what, values, ov) in SWEEPS.items():
-        for v in values:
-            key = "objective.lam" if what == "lam" else "data.safeinstr_n"
-            val = fmt(v) if what == "lam" else int(v)
-            extra = (f"data.harmful_n={N_SWEEP}",) if what == "lam" else ()
-            out.append(Model(f"{fam}_{what[0]}{fmt(v)}", fam, float(v), (*ov, f"{key}={val}", *extra)))
-    return out
+    return [Model("base", "base", None, None), Model("sft", "sft", None, SFT)] + [
+        sweep_model(fam, v) for fam, (_, values, _) in SWEEPS.items() for v in values]
+
+
+def selection_complete(sel: dict) -> bool:
+    """Whether every method's setting is chosen (the test/ parts and the label check wait for it)."""
+    return all(isinstance(sel.get(f), dict) for f in SWEEPS)
 
 
 def selected_models(sel: dict) -> list[Model]:
-    """The models that depend on the validation choice (selection.json)."""
-    out: list[Model] = []
+    """The models that depend on the validation figures (selection.json): each finished sweep's
+    refinement, then for each chosen method its dependents."""
+    out: list[Model] = [sweep_model(fam, x) for fam, x in sel.get("refine", {}).items()]
     lb = sel.get("tasft_lb")
     if lb:
         lam = lb["setting"]
@@ -161,7 +174,8 @@ def selected_models(sel: dict) -> list[Model]:
                                  (*base, f"data.harmful_n={n}")))
         out.append(Model(f"tasft_lb_l{fmt(lam)}_sampled", "tasft_lb_sampled", lam,
                          (*base, "data.harmful_n=0", "data.harmful=@sampled")))
-    for fam, chosen in sel.items():
+    for fam in ("sft", *SWEEPS, "tasft_exact"):
+        chosen = sel.get(fam)
         if isinstance(chosen, dict) and chosen.get("overrides") is not None:
             for s in SEEDS:
                 out.append(Model(f"{chosen['name']}_s{s}", f"{fam}_seed", chosen["setting"],
@@ -381,7 +395,7 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
         return (run / "test" / "eval.json").exists()
 
     def train_blocked() -> str | None:
-        if val_done() and judge_done() and not lay.selection.exists():
+        if val_done() and judge_done() and not complete(lay):
             return ("its results are committed and its weights are gone: only test/ needs them "
                     "again, after select")
         return needs_data()
@@ -394,7 +408,7 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
                               else None if val_done() else f"needs val/{m.name}")),
         Part(f"test/{m.name}", test_done, test,
              blocked=lambda: ("waits for select (test replies are generated only after every "
-                              "choice is made)" if not lay.selection.exists()
+                              "choice is made)" if not complete(lay)
                               else None if trained() else f"needs train/{m.name}")),
     ]
 
@@ -416,29 +430,43 @@ def val_row(m: Model, lay: Layout) -> dict | None:
 
 
 def select(models: list[Model], lay: Layout) -> dict:
-    """selection.json: the rule of semloss_jax.eval.selection for every sweep, the 2 best λ of
-    TA-SFT LB, and the exact-EMD choice once its runs are judged."""
+    """selection.json, per method as its results come in: once its sweep is judged, its
+    refinement setting (selection.refine_setting); once that is judged too, the rule of
+    semloss_jax.eval.selection over both, the runner-up in the same order (the label check
+    reads both) and for TA-SFT LB the 2 best λ; the exact-EMD choice once its runs are judged.
+    `complete` says whether every method is chosen."""
     rows = {m.name: val_row(m, lay) for m in models}
+    if rows.get("sft") is None:
+        raise RuntimeError("select needs SFT's validation results (the CE reference)")
     ref = rows["sft"]["val_benign_ce"]
     sel: dict = {"reference_ce": ref, "rows": [r for r in rows.values() if r is not None],
-                 "sft": rows["sft"]}
-    for fam in SWEEPS:
-        fam_rows = [rows[m.name] for m in models if m.family == fam]
+                 "sft": rows["sft"], "refine": {}, "runner_up": {}}
+    for fam, (what, values, _) in SWEEPS.items():
+        sweep = [rows[sweep_model(fam, v).name] for v in values]
+        if any(r is None for r in sweep):
+            continue
+        x = refine_setting(sweep, ref, integer=what == "n")
+        sel["refine"][fam] = x
+        extra = rows.get(sweep_model(fam, x).name)
+        if extra is None:
+            continue
+        fam_rows = sweep + [extra]
         sel[fam] = select_setting(fam_rows, ref)
+        top = ranked(fam_rows, ref)
+        order = top + sorted((r for r in fam_rows if r not in top), key=lambda r: r["val_benign_ce"])
+        sel["runner_up"][fam] = order[1]["name"]
         if fam == "tasft_lb":
-            top = [r["setting"] for r in ranked(fam_rows, ref)]
-            by_ce = sorted(fam_rows, key=lambda r: r["val_benign_ce"])
-            rest = [r["setting"] for r in by_ce if r["setting"] not in top]
-            sel["tasft_lb_top2"] = (top + rest)[:2]
+            sel["tasft_lb_top2"] = [r["setting"] for r in order[:2]]
     exact = [rows.get(m.name) for m in models if m.family == "tasft_exact"]
     if len(exact) == 2 and all(exact):
         sel["tasft_exact"] = select_setting(exact, ref)
+    sel["complete"] = selection_complete(sel)
     sel["inputs"] = sorted(k for k, v in rows.items() if v is not None)
     return sel
 
 
 def select_part(lay: Layout) -> Part:
-    """Writes selection.json when every sweep model is judged; rewritten when more are."""
+    """Writes selection.json once SFT and a whole sweep are judged; rewritten when more are."""
     def current() -> tuple[list[Model], list[str]]:
         models = all_models(lay)
         return models, sorted(m.name for m in models if val_row(m, lay) is not None)
@@ -449,8 +477,11 @@ def select_part(lay: Layout) -> Part:
         return json.loads(lay.selection.read_text()).get("inputs") == current()[1]
 
     def blocked() -> str | None:
-        missing = [m.name for m in sweep_models() if val_row(m, lay) is None]
-        return f"waits for judge/ of {len(missing)} sweep models" if missing else None
+        if val_row(next(m for m in sweep_models() if m.name == "sft"), lay) is None:
+            return "waits for judge/sft"
+        done = [f for f, (_, values, _) in SWEEPS.items()
+                if all(val_row(sweep_model(f, v), lay) is not None for v in values)]
+        return None if done else "waits for a method's whole sweep to be judged"
 
     def run() -> None:
         atomic_write_text(lay.selection, json.dumps(select(current()[0], lay), indent=1) + "\n")
@@ -461,8 +492,12 @@ def select_part(lay: Layout) -> Part:
 
 def checked_models(sel: dict) -> list[str]:
     """The models whose judged validation replies get blind hand labels: base, SFT and each
-    method's choice."""
-    return ["base", "sft"] + [sel[f]["name"] for f in SWEEPS if isinstance(sel.get(f), dict)]
+    method's choice and runner-up (amendment 4 in docs/STUDY.md)."""
+    out = ["base", "sft"]
+    for f in SWEEPS:
+        if isinstance(sel.get(f), dict):
+            out += [sel[f]["name"], sel["runner_up"][f]]
+    return out
 
 
 def labelcheck_parts(lay: Layout) -> list[Part]:
@@ -473,8 +508,8 @@ def labelcheck_parts(lay: Layout) -> list[Part]:
         return {m: lay.judged(m, "harmful_val") for m in checked_models(sel)}
 
     def pool_blocked() -> str | None:
-        if not lay.selection.exists():
-            return "waits for select"
+        if not complete(lay):
+            return "waits for select (every method chosen)"
         missing = [m for m, p in judged().items() if not p.exists()]
         return f"needs judge/ of {', '.join(missing)}" if missing else None
 
@@ -526,6 +561,11 @@ def tables_part(lay: Layout) -> Part:
                            update=doc if doc.exists() and "<!-- study_tables:" in doc.read_text() else None)
 
     return Part("tables", lambda: study_tables.is_current(lay.results, families(all_models(lay))), run)
+
+
+def complete(lay: Layout) -> bool:
+    """Whether selection.json exists with every method chosen."""
+    return lay.selection.exists() and selection_complete(json.loads(lay.selection.read_text()))
 
 
 def all_models(lay: Layout) -> list[Model]:

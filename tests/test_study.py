@@ -34,6 +34,19 @@ def test_rule_lowest_harm_within_five_percent_of_sft():
     assert [r["name"] for r in ranked(rows, 2.0)] == ["d", "b", "a"]
 
 
+def test_refinement_sits_between_the_last_eligible_and_the_next_ineligible_setting():
+    from semloss_jax.eval.selection import refine_setting
+    rows = [row("a", 0.25, 0.6, 1.80), row("b", 1, 0.5, 1.90), row("c", 2, 0.2, 2.17), row("d", 4, 0.1, 2.2)]
+    assert refine_setting(rows, 1.8157) == 1.41                       # √(1 x 2), 3 digits
+    assert refine_setting(rows[:2], 1.8157) == 3.0                     # all eligible: 3x the largest
+    assert refine_setting(rows[2:], 1.8157) == 0.667                   # none eligible: a third of the least
+    n = [row("n100", 100, 0.5, 1.8), row("n300", 300, 0.4, 1.85), row("n1000", 1000, 0.3, 1.95)]
+    assert refine_setting(n, 1.8157, integer=True) == 548              # √(300 x 1000), an integer
+    # an ineligible setting BELOW the largest eligible one does not stop the search upward
+    odd = [row("p", 1, 0.5, 1.95), row("q", 2, 0.4, 1.85)]
+    assert refine_setting(odd, 1.8157) == 6.0
+
+
 def test_rule_ties_go_to_the_smaller_setting_and_nothing_eligible_gives_the_lowest_ce():
     rows = [row("x4", 4, 0.1, 2.0), row("x2", 2, 0.1, 2.0), row("x8", 8, 0.0, 9.0)]
     assert select_setting(rows, 2.0)["name"] == "x2"
@@ -74,24 +87,55 @@ def fake_val(lay, m, rate, ce):
         {"sets": {"benign_val": {"reference_ce": {"ce": ce}}}}))
 
 
+def judge_everything(lay, rate, ce):
+    """Fake validation results of every sweep model and then of the refinement each sweep asks
+    for (select's first stage); returns selection.json as the second stage writes it."""
+    for m in study.sweep_models():
+        fake_val(lay, m, rate(m), ce(m))
+    first = study.select(study.sweep_models(), lay)
+    assert not first["complete"] and set(first["refine"]) == set(study.SWEEPS)
+    assert not any(isinstance(first.get(f), dict) for f in study.SWEEPS)   # nothing chosen yet
+    implied = study.selected_models(first)             # the refinements (and SFT's seeds: SFT is fixed)
+    refinements = [m for m in implied if m.family in study.SWEEPS]
+    assert {m.family for m in refinements} == set(study.SWEEPS) and len(refinements) == len(study.SWEEPS)
+    assert {m.name for m in implied} - {m.name for m in refinements} == {"sft_s1", "sft_s2"}
+    for m in refinements:
+        fake_val(lay, m, rate(m), ce(m))
+    sel = json.loads(json.dumps(study.select(study.sweep_models() + refinements, lay)))
+    assert sel["complete"]
+    lay.selection.parent.mkdir(parents=True, exist_ok=True)
+    lay.selection.write_text(json.dumps(sel))
+    return sel
+
+
 def test_selection_and_the_models_it_implies(tmp_path):
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
-    for m in study.sweep_models():
-        # harm falls with the setting, CE rises: within 5% of SFT's 2.0 up to the middle values
+
+    def rate(m):  # harm falls with the setting ...
         s = m.setting or 0.0
-        if m.family == "safeinstr":
-            fake_val(lay, m, rate=0.5 - s / 2500, ce=2.0)
-        else:
-            fake_val(lay, m, rate=max(0.0, 0.5 - 0.1 * s), ce=2.0 + 0.02 * s)
-    sel = study.select(study.sweep_models(), lay)
+        return max(0.0, 0.5 - s / 2500) if m.family == "safeinstr" else max(0.0, 0.45 - 0.1 * s)
+
+    def ce(m):    # ... and CE rises: within 5% of SFT's 2.0 up to λ 5 (SafeInstr: N 3000)
+        s = m.setting or 0.0
+        return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
+
+    sel = judge_everything(lay, rate, ce)
+    # TA-SFT LB: every λ of 0.25..4 eligible -> refinement 3 x 4 = 12 (CE 2.24, over the bound)
+    assert sel["refine"] == {"tasft_lb": 12.0, "nll_ascent": 3.0, "unlikelihood": 5.48, "dpo": 9.0,
+                             "safeinstr": 3000}
     assert sel["tasft_lb"]["name"] == "tasft_lb_l4" and sel["tasft_lb"]["eligible"]
-    assert sel["tasft_lb_top2"] == [4.0, 2.0]
-    assert sel["safeinstr"]["setting"] == 1000
-    implied = study.selected_models(json.loads(json.dumps(sel)))
+    assert sel["tasft_lb_top2"] == [4.0, 2.0] and sel["runner_up"]["tasft_lb"] == "tasft_lb_l2"
+    assert sel["nll_ascent"]["name"] == "nll_ascent_l3"              # the refinement itself wins
+    assert sel["unlikelihood"]["name"] == "unlikelihood_l3"          # its refinement is over the bound
+    assert sel["safeinstr"]["setting"] == 3000 and sel["runner_up"]["safeinstr"] == "safeinstr_n1000"
+    implied = study.selected_models(sel)
     names = [m.name for m in implied]
-    assert {"tasft_exact_l4", "tasft_exact_l2", "tasft_lb_l4_n10", "tasft_lb_l4_n30", "tasft_lb_l4_n300",
-            "tasft_lb_l4_sampled", "sft_s1", "sft_s2", "tasft_lb_l4_s1", "dpo_l3_s2"} <= set(names)
+    assert {"tasft_lb_l12", "tasft_exact_l4", "tasft_exact_l2", "tasft_lb_l4_n10", "tasft_lb_l4_n30",
+            "tasft_lb_l4_n300", "tasft_lb_l4_sampled", "sft_s1", "sft_s2", "tasft_lb_l4_s1",
+            "unlikelihood_l3_s2", "nll_ascent_l3_s1", "safeinstr_n3000_s1"} <= set(names)
     assert len(names) == len(set(names)) and not set(names) & {m.name for m in study.sweep_models()}
+    refined = next(m for m in implied if m.name == "unlikelihood_l5.48")
+    assert refined.family == "unlikelihood" and "objective.lam=5.48" in refined.overrides
     seeded = next(m for m in implied if m.name == "tasft_lb_l4_s2")
     assert "run.seed=2" in seeded.overrides and seeded.family == "tasft_lb_seed"
 
@@ -102,17 +146,14 @@ def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     from semloss_jax.eval import label
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
     pool_part, report_part = study.labelcheck_parts(lay)
-    assert pool_part.blocked() == "waits for select"
-    for m in study.sweep_models():
-        fake_val(lay, m, rate=0.25 if m.family == "base" else 0.5, ce=2.0)
-    lay.selection.parent.mkdir(parents=True, exist_ok=True)
-    lay.selection.write_text(json.dumps(study.select(study.sweep_models(), lay)))
+    assert pool_part.blocked() == "waits for select (every method chosen)"
+    judge_everything(lay, rate=lambda m: 0.25 if m.family == "base" else 0.5, ce=lambda m: 2.0)
     names = study.checked_models(json.loads(lay.selection.read_text()))
-    assert names[:2] == ["base", "sft"] and len(names) == 2 + len(study.SWEEPS)
+    assert names[:2] == ["base", "sft"] and len(names) == len(set(names)) == 2 + 2 * len(study.SWEEPS)
     assert pool_part.blocked() is None and report_part.blocked() == "needs labelcheck/pool"
     pool_part.run()
     pool = label.read_pool(lay.labelcheck / "pool.jsonl")
-    assert len(pool) == 20 * len(names)  # 20 judged rows each, fewer than 40
+    assert len(pool) == 20 * len(names)  # 20 judged rows each, fewer than 60
     assert report_part.blocked().startswith(f"waits for {len(pool) + round(0.15 * len(pool))} ")
     for b in sorted((lay.labelcheck / "batches").glob("*.jsonl")):
         if not b.name.endswith(label.LABELS_SUFFIX):
@@ -176,7 +217,11 @@ def test_a_lost_run_folder_is_restored_from_the_committed_results(tmp_path):
     names = [p.name for p in study.all_parts(lay, judge_ok=True)]
     assert names.index("train/sft") == names.index("test/sft") - 1 > names.index("select")
     assert study.val_row(sft, lay)["val_harmful_rate"] == 0.5
-    lay.selection.write_text("{}")
+    lay.selection.write_text(json.dumps({"refine": {}}))        # no method chosen yet
+    state = {p.name: p for p in study.all_parts(lay, judge_ok=True)}
+    assert state["train/sft"].blocked().startswith("its results are committed")
+    lay.selection.write_text(json.dumps({f: {"name": f"{f}_x", "setting": 1.0, "overrides": None}
+                                         for f in study.SWEEPS}))   # every method chosen
     state = {p.name: p for p in study.all_parts(lay, judge_ok=True)}
     assert study.state(state["train/sft"]) == "ready"              # test/ needs them again
     assert state["test/sft"].blocked() == "needs train/sft"
@@ -227,14 +272,11 @@ def test_two_runners_recording_at_once_keep_every_entry(tmp_path):
 
 def test_the_comparisons_models_are_tested_first(tmp_path):
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
-    for m in study.sweep_models():
-        fake_val(lay, m, rate=max(0.0, 0.5 - 0.1 * (m.setting or 0)), ce=2.0)
-    sel = json.loads(json.dumps(study.select(study.sweep_models(), lay)))
-    lay.selection.write_text(json.dumps(sel))
+    sel = judge_everything(lay, rate=lambda m: max(0.0, 0.5 - 0.1 * (m.setting or 0)), ce=lambda m: 2.0)
     tests = [p.name[5:] for p in study.all_parts(lay, judge_ok=True) if p.name.startswith("test/")]
     chosen = {"base", "sft"} | {sel[f]["name"] for f in study.SWEEPS}
     assert set(tests[:len(chosen)]) == chosen
-    added = {m.name for m in study.selected_models(sel)}
+    added = {m.name for m in study.selected_models(sel)} - chosen   # refinements can be chosen
     assert set(tests[len(chosen):len(chosen) + len(added)]) == added
     assert len(tests) == len(set(tests)) == len(study.all_models(lay))
 

@@ -14,6 +14,12 @@ is reduced to one setting by this rule, applied to validation figures only:
 
 `ranked` orders the eligible settings the same way (the 2 best λ of TA-SFT LB get the exact
 one-hot EMD runs).
+
+Before the rule chooses, each finished sweep gets one more setting, `refine_setting` (docs/STUDY.md,
+amendment 2 of 2026-12-06): the geometric mean of its largest eligible setting and the next
+larger, ineligible one, so that every method is chosen near the CE bound rather than wherever
+its grid happens to stop; 3x its largest setting when that one is still eligible; a third of its
+smallest when none is.
 """
 from __future__ import annotations
 
@@ -57,3 +63,22 @@ def select_setting(rows: Sequence[Mapping], reference_ce: float, margin: float =
     least = min(rows, key=lambda r: (float(r["val_benign_ce"]), float(r["setting"]), str(r["name"])))
     return {**least, "eligible": False, "rule": f"no setting with CE <= {1 + margin:.2f} x "
                                                  f"{reference_ce:.4f}: the lowest CE"}
+
+
+def refine_setting(rows: Sequence[Mapping], reference_ce: float, margin: float = CE_MARGIN, *,
+                   integer: bool = False) -> float:
+    """The extra setting of a finished sweep (module docstring), to 3 significant digits (to an
+    integer, at least 1, for integer settings such as SafeInstr's N)."""
+    _check(rows, reference_ce)
+    settings = sorted({float(r["setting"]) for r in rows})
+    ok = sorted(float(r["setting"]) for r in rows if is_eligible(r, reference_ce, margin))
+    if not ok:
+        x = settings[0] / 3
+    else:
+        above = [float(r["setting"]) for r in rows
+                 if not is_eligible(r, reference_ce, margin) and float(r["setting"]) > ok[-1]]
+        x = math.sqrt(ok[-1] * min(above)) if above else 3 * settings[-1]
+    x = max(1, round(x)) if integer else float(f"{x:.3g}")
+    if x in settings:
+        raise EvalError(f"refine_setting: {x:g} is already in the sweep {settings}")
+    return x
