@@ -8,6 +8,13 @@ docs/study/tables.md gets:
            Wilson interval), the refusal / safe / degenerate counts of the same replies, and the
            benign validation reference CE (95% bootstrap interval), flagged where it is over the
            selection's bound (1 + selection.CE_MARGIN) x SFT's
+    sensitivity  the rule's alternatives of docs/STUDY.md amendment 3, reported beside it and
+           never used to choose: per model the paired benign CE difference to SFT (the same 122
+           instructions resampled together), the harmful + degenerate share, the benign
+           early-stop rate and degenerate share; per method the setting each alternative would
+           pick (ranking by harmful + degenerate; a stricter eligibility that also holds the
+           benign early-stop rate and degenerate share within SFT's Wilson upper bound; a 2.5%
+           CE margin)
     test   once test/ parts exist: per model, the TEST harmful rate and degenerate share, the
            over-refusal rate, the benign refusal rate and reference CE, the I-Alpaca refusal
            rate; then per seeded setting (seed 0 plus the selection's seeds 1 and 2) the mean
@@ -30,14 +37,14 @@ from pathlib import Path
 from study_plots import point
 
 from semloss_jax.errors import EvalError
-from semloss_jax.eval.metrics import wilson_interval
-from semloss_jax.eval.selection import CE_MARGIN
+from semloss_jax.eval.metrics import paired_ce_difference, wilson_interval
+from semloss_jax.eval.selection import CE_MARGIN, ranked, select_setting
 from semloss_jax.paths import atomic_write_text
 
 NAMES = {"base": "base", "sft": "SFT", "tasft_lb": "TA-SFT LB", "tasft_exact": "TA-SFT exact one-hot",
          "nll_ascent": "NLL ascent", "unlikelihood": "unlikelihood", "dpo": "DPO",
          "safeinstr": "SafeInstr"}
-INPUTS = ("judged_harmful_val.jsonl", "val_eval.json", "test_eval.json")
+INPUTS = ("judged_harmful_val.jsonl", "judged_benign_val.jsonl", "val_eval.json", "test_eval.json")
 
 
 def display(name: str, family: str, setting: float | None) -> str:
@@ -75,6 +82,81 @@ def val_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str:
     if bound is not None:
         lines.append(f"\nThe CE bound of the selection rule: {1 + CE_MARGIN:.2f} x SFT's "
                      f"{points['sft']['ce']:.4f} = {bound:.4f}.")
+    return "\n".join(lines)
+
+
+def _benign_rows(res: Path, name: str) -> list[dict] | None:
+    f = res / "models" / name / "judged_benign_val.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else None
+
+
+def sensitivity_rows(res: Path, families: dict[str, tuple[str, float | None]]) -> dict[str, dict]:
+    """Per judged model: the figures the alternative rules read (module docstring)."""
+    sft_b = _benign_rows(res, "sft")
+    out = {}
+    for name in families:
+        p, b = point(res, name), _benign_rows(res, name)
+        if p is None or b is None or sft_b is None:
+            continue
+        if [r["id"] for r in b] != [r["id"] for r in sft_b]:
+            raise EvalError(f"{name}: its benign_val rows are not SFT's (ids differ): no paired CE")
+        d = paired_ce_difference([r["ref_nll"] for r in b], [r["ref_tokens"] for r in b],
+                                 [r["ref_nll"] for r in sft_b], [r["ref_tokens"] for r in sft_b])
+        n = len(b)
+        out[name] = {"point": p, "ce_diff": d, "n_benign": n,
+                     "harm_or_degenerate": (p["k"] + p["classes"].get("degenerate", 0)) / p["n"],
+                     "early_stop": sum(bool(r["early_stop"]) for r in b),
+                     "benign_degenerate": sum(r["label"] == "degenerate" for r in b)}
+    return out
+
+
+def _alternatives(rows: dict[str, dict], names: list[str], families, ref: float, strict: dict) -> dict:
+    """The setting each rule picks among `names` (one method's judged settings)."""
+    def sel_row(n, rate):
+        return {"name": n, "setting": families[n][1], "val_harmful_rate": rate,
+                "val_benign_ce": rows[n]["point"]["ce"]}
+
+    fixed = [sel_row(n, rows[n]["point"]["rate"]) for n in names]
+    ok_strict = [r for r in fixed if rows[r["name"]]["early_stop"] <= strict["early_stop"]
+                 and rows[r["name"]]["benign_degenerate"] <= strict["degenerate"]]
+    strict_pick = ranked(ok_strict, ref)
+    return {"rule": select_setting(fixed, ref)["name"],
+            "harm+degenerate": select_setting([sel_row(n, rows[n]["harm_or_degenerate"]) for n in names],
+                                              ref)["name"],
+            "strict": strict_pick[0]["name"] if strict_pick else "none eligible",
+            "margin 2.5%": select_setting(fixed, ref, margin=0.025)["name"]}
+
+
+def sensitivity_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str | None:
+    """The sensitivity tables (module docstring), or None before SFT's validation exists."""
+    rows = sensitivity_rows(res, families)
+    if "sft" not in rows:
+        return None
+    ref = rows["sft"]["point"]["ce"]
+    n = rows["sft"]["n_benign"]
+    strict = {"early_stop": int(wilson_interval(rows["sft"]["early_stop"], n, 0.95)[1] * n),
+              "degenerate": int(wilson_interval(rows["sft"]["benign_degenerate"], n, 0.95)[1] * n)}
+    lines = ["| model | benign CE - SFT's [paired 95%] | harmful + degenerate (val) | benign early "
+             "stops | benign degenerate | eligible: 5% / 2.5% / strict |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        d, ce = r["ce_diff"], r["point"]["ce"]
+        elig = [ce <= (1 + m) * ref for m in (CE_MARGIN, 0.025)]
+        elig.append(elig[0] and r["early_stop"] <= strict["early_stop"]
+                    and r["benign_degenerate"] <= strict["degenerate"])
+        lines.append(f"| {display(name, *families[name])} | {d['diff']:+.3f} [{d['ci'][0]:+.3f}, "
+                     f"{d['ci'][1]:+.3f}] | {r['harm_or_degenerate']:.3f} | {r['early_stop']} / {n} | "
+                     f"{r['benign_degenerate']} / {n} | {' / '.join('yes' if e else 'no' for e in elig)} |")
+    lines += ["", f"Strict eligibility: CE within 5% and at most {strict['early_stop']} early stops and "
+              f"{strict['degenerate']} degenerate replies of {n} benign ones (SFT's Wilson upper bounds).",
+              "", "| method (settings judged) | the rule | harmful + degenerate | strict | margin 2.5% |",
+              "|---|---|---|---|---|"]
+    for fam in NAMES:
+        names = [m for m, (f, _) in families.items() if f == fam and m in rows]
+        if fam in ("base", "sft") or not names:
+            continue
+        alt = _alternatives(rows, names, families, ref, strict)
+        lines.append(f"| {NAMES[fam]} ({len(names)}) | " + " | ".join(
+            v if v == "none eligible" else display(v, *families[v]) for v in alt.values()) + " |")
     return "\n".join(lines)
 
 
@@ -150,6 +232,8 @@ def replace_region(text: str, name: str, body: str, where: str = "") -> str:
 def write(res: Path, families: dict[str, tuple[str, float | None]], update: Path | None = None) -> dict:
     """res/tables.md (and the regions of `update`); returns the tables by name."""
     tables = {"val": val_table(res, families)}
+    if (t := sensitivity_table(res, families)) is not None:
+        tables["sensitivity"] = t
     if (t := test_table(res, families)) is not None:
         tables["test"] = t
     digest = inputs_digest(res, list(families))

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from semloss_jax.errors import EvalError
 from semloss_jax.eval import metrics
 from semloss_jax.eval.metrics import (
     bootstrap_mean_ci,
@@ -80,6 +81,29 @@ def test_ce_interval_is_the_bootstrap_of_the_ratio_of_sums():
     ref = np.quantile(nll[idx].sum(1) / ntok[idx].sum(1), [0.025, 0.975])
     np.testing.assert_allclose(s["ci"], ref, atol=0.01)
     assert 0.03 < s["ci"][1] - s["ci"][0] < 0.2
+
+
+def test_paired_ce_difference_cancels_what_both_models_share():
+    """A model that is worse by exactly 0.05 nats on every token: the difference is 0.05 with a
+    zero-width paired interval, while the two unpaired intervals overlap widely; a model
+    against itself gives 0; the interval is the bootstrap of the difference of ratios."""
+    from semloss_jax.eval.metrics import paired_ce_difference
+    rng = np.random.default_rng(0)
+    tok = rng.integers(5, 200, size=120).astype(float)
+    per_tok = rng.gamma(2.0, 1.0, size=120)                  # examples differ a lot in difficulty
+    a, b = (per_tok + 0.05) * tok, per_tok * tok
+    d = paired_ce_difference(a, tok, b, tok, n_boot=1000)
+    assert d["diff"] == pytest.approx(0.05) and d["ci"] == pytest.approx([0.05, 0.05], abs=1e-12)
+    ua, ub = ce_summary(a, tok, n_boot=1000)["ci"], ce_summary(b, tok, n_boot=1000)["ci"]
+    assert ua[0] < ub[1]                                      # unpaired: no difference visible
+    assert paired_ce_difference(b, tok, b, tok)["ci"] == [0.0, 0.0]
+    noisy = a + rng.normal(0, 0.3, size=120) * tok            # a difference with per-example noise
+    d = paired_ce_difference(noisy, tok, b, tok, n_boot=2000, seed=4)
+    idx = np.random.default_rng(99).integers(0, 120, size=(2000, 120))
+    ref = np.quantile(noisy[idx].sum(1) / tok[idx].sum(1) - b[idx].sum(1) / tok[idx].sum(1), [0.025, 0.975])
+    np.testing.assert_allclose(d["ci"], ref, atol=0.01)
+    with pytest.raises(EvalError, match="four equal-length"):
+        paired_ce_difference(a, tok, b[:3], tok)
 
 
 def test_degenerate_cases():

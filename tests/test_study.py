@@ -374,3 +374,44 @@ def test_tables_are_written_from_the_committed_results_and_fill_the_doc_regions(
     assert "| base (" not in test                  # no seeds: no summary row
     with pytest.raises(EvalError, match="no region"):
         study_tables.replace_region("no markers", "val", "x", "STUDY.md")
+
+
+def test_sensitivity_table_pairs_the_benign_rows_and_applies_each_alternative(tmp_path):
+    """Amendment 3: the paired CE difference to SFT, harmful + degenerate, the strict
+    eligibility (early stops and degenerate benign replies within SFT's Wilson upper bound) and
+    the setting each alternative rule picks; never the rule's own input."""
+    res = tmp_path / "res"
+    models = study.sweep_models()
+    fams = study.families(models)
+
+    def write(name, harm, degenerate, ce_shift, early):
+        d = res / "models" / name
+        d.mkdir(parents=True, exist_ok=True)
+        d.joinpath("judged_harmful_val.jsonl").write_text("".join(json.dumps(
+            {"harmful": int(i < harm), "label": "harmful" if i < harm else
+             "degenerate" if i < harm + degenerate else "safe"}) + "\n" for i in range(20)))
+        d.joinpath("judged_benign_val.jsonl").write_text("".join(json.dumps(
+            {"id": f"b{i}", "ref_nll": (1.0 + 0.1 * i + ce_shift) * 10, "ref_tokens": 10,
+             "early_stop": i < early, "label": "safe"}) + "\n" for i in range(20)))
+        ce = 1.95 + ce_shift
+        d.joinpath("val_eval.json").write_text(json.dumps(
+            {"sets": {"benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
+
+    write("sft", 10, 0, 0.0, 2)
+    write("tasft_lb_l0.25", 9, 0, 0.01, 2)
+    write("tasft_lb_l0.5", 6, 1, 0.03, 3)
+    write("tasft_lb_l1", 3, 6, 0.09, 12)    # least harmful, most degenerate, many early stops
+    rows = study_tables.sensitivity_rows(res, fams)
+    d = rows["tasft_lb_l1"]["ce_diff"]
+    assert d["diff"] == pytest.approx(0.09) and d["ci"] == pytest.approx([0.09, 0.09])  # a pure shift
+    assert rows["tasft_lb_l1"]["harm_or_degenerate"] == pytest.approx(9 / 20)
+    table = study_tables.sensitivity_table(res, fams)
+    assert "| TA-SFT LB λ 1 | +0.090 [+0.090, +0.090] | 0.450 | 12 / 20 | 0 / 20 | yes / no / no |" in table
+    # the rule takes λ 1 (bound 1.05 x 1.95 = 2.0475); harmful + degenerate: λ 0.5 (0.35 < 0.45);
+    # strict: λ 0.5 (λ 1 has 12 early stops, over SFT's upper bound); 2.5% (1.99875): λ 0.5
+    assert ("| TA-SFT LB (3) | TA-SFT LB λ 1 | TA-SFT LB λ 0.5 | TA-SFT LB λ 0.5 | TA-SFT LB λ 0.5 |"
+            in table)
+    bad = res / "models" / "tasft_lb_l0.5" / "judged_benign_val.jsonl"
+    bad.write_text(bad.read_text().replace('"b3"', '"other"'))
+    with pytest.raises(EvalError, match="ids differ"):
+        study_tables.sensitivity_rows(res, fams)

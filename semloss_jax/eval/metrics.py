@@ -97,6 +97,24 @@ def bootstrap_ratio_ci(num, den, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
     return percentile_interval(stats, float(num.sum() / den.sum()), level)
 
 
+def paired_ce_difference(nll_a, tok_a, nll_b, tok_b, *, n_boot: int = DEFAULT_N_BOOT,
+                         seed: int = DEFAULT_SEED, level: float = DEFAULT_LEVEL) -> dict:
+    """CE_a - CE_b (token-weighted, nats/token) of two models on the SAME examples, with a
+    paired bootstrap interval: each resample draws examples once and scores both models on
+    them, so the example-to-example spread that both share cancels (far narrower than two
+    unpaired intervals)."""
+    _check(n_boot, level)
+    arrs = [np.asarray(x, np.float64).reshape(-1) for x in (nll_a, tok_a, nll_b, tok_b)]
+    if len({a.size for a in arrs}) != 1:
+        raise EvalError(f"paired CE needs four equal-length arrays, got {[a.size for a in arrs]}")
+    diff = float(arrs[0].sum() / arrs[1].sum() - arrs[2].sum() / arrs[3].sum())
+    stats = bootstrap_stats(lambda na, ta, nb, tb: na.sum(1) / ta.sum(1) - nb.sum(1) / tb.sum(1),
+                            *arrs, n_boot=n_boot, seed=seed)
+    lo, hi = percentile_interval(stats, diff, level)
+    return {"diff": diff, "ci": [lo, hi], "n_examples": int(arrs[0].size), "level": level,
+            "n_boot": n_boot}
+
+
 def wilson_interval(k: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion k/n (n >= 1)."""
     from scipy.stats import norm
