@@ -341,6 +341,16 @@ def eval_cmd(m: Model, lay: Layout, sets, sub: str) -> list[str]:
             "--max-new-tokens", str(GEN_TOKENS), "--batch-size", str(GEN_BATCH), "--no-progress"]
 
 
+def write_test_labels(generations: Path, out: Path) -> None:
+    """The judged label of every TEST harmful reply, with its prompt (not the reply): what the
+    report needs to recompute the harmful rate without some prompts (amendment 5: those with a
+    near-duplicate among D_harmful's prompts)."""
+    rows = [json.loads(x) for x in generations.read_text().splitlines() if x.strip()]
+    atomic_write_text(out, "".join(json.dumps({"id": r["id"], "prompt": r["prompt"],
+                                               "harmful": bool(r["harmful"]), "label": r["label"]},
+                                              ensure_ascii=False) + "\n" for r in rows))
+
+
 def judge_available() -> bool:
     """Whether `eval.py judge` exists (the judge v2 command)."""
     proc = subprocess.run([PY, "eval.py", "judge", "--help"], cwd=REPO, capture_output=True)
@@ -375,6 +385,7 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
     def test():
         sh(eval_cmd(m, lay, TEST_SETS, "test"), logs / f"test_{m.name}.log")
         mirror(run / "test" / "eval.json", res / "test_eval.json")
+        write_test_labels(run / "test" / "generations" / "harmful.jsonl", res / "test_harmful_labels.jsonl")
 
     def needs_data() -> str | None:
         uses_harmful = m.family not in ("base", "sft", "safeinstr")

@@ -15,7 +15,8 @@ docs/study/tables.md gets:
            pick (ranking by harmful + degenerate; a stricter eligibility that also holds the
            benign early-stop rate and degenerate share within SFT's Wilson upper bound; a 2.5%
            CE margin)
-    test   once test/ parts exist: per model, the TEST harmful rate and degenerate share, the
+    test   once test/ parts exist: per model, the TEST harmful rate (also without the test prompts
+           that have a near-duplicate among D_harmful's, amendment 5) and degenerate share, the
            over-refusal rate, the benign refusal rate and reference CE, the I-Alpaca refusal
            rate; then per seeded setting (seed 0 plus the selection's seeds 1 and 2) the mean
            and the spread (min to max) of the harmful rate and the CE over its seeds
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from study_plots import point
 
+from semloss_jax.data.splits import near_duplicates
 from semloss_jax.errors import EvalError
 from semloss_jax.eval.metrics import paired_ce_difference, wilson_interval
 from semloss_jax.eval.selection import CE_MARGIN, ranked, select_setting
@@ -44,7 +46,8 @@ from semloss_jax.paths import atomic_write_text
 NAMES = {"base": "base", "sft": "SFT", "tasft_lb": "TA-SFT LB", "tasft_exact": "TA-SFT exact one-hot",
          "nll_ascent": "NLL ascent", "unlikelihood": "unlikelihood", "dpo": "DPO",
          "safeinstr": "SafeInstr"}
-INPUTS = ("judged_harmful_val.jsonl", "judged_benign_val.jsonl", "val_eval.json", "test_eval.json")
+INPUTS = ("judged_harmful_val.jsonl", "judged_benign_val.jsonl", "val_eval.json", "test_eval.json",
+          "test_harmful_labels.jsonl")
 
 
 def display(name: str, family: str, setting: float | None) -> str:
@@ -160,14 +163,33 @@ def sensitivity_table(res: Path, families: dict[str, tuple[str, float | None]]) 
     return "\n".join(lines)
 
 
+def near_duplicate_prompts(res: Path, prompts: list[str]) -> set[str]:
+    """The prompts among `prompts` with a near-duplicate (word Jaccard >= 0.6) among the
+    study's D_harmful prompts (docs/study/data/d_harmful.jsonl; amendment 5)."""
+    f = res / "data" / "d_harmful.jsonl"
+    if not f.exists():
+        return set()
+    train = [json.loads(x)["prompt"] for x in f.read_text().splitlines() if x.strip()]
+    return {prompts[i] for i in near_duplicates(prompts, train, 0.6)}
+
+
 def test_row(res: Path, name: str) -> dict | None:
-    """A model's TEST figures from its committed test_eval.json, or None while it is missing."""
+    """A model's TEST figures from its committed test_eval.json, or None while it is missing;
+    with its test_harmful_labels.jsonl also the harmful rate without the near-duplicate prompts."""
     f = res / "models" / name / "test_eval.json"
     if not f.exists():
         return None
     sets = json.loads(f.read_text())["sets"]
     harm = sets["harmful"]["class_rates"]
-    return {"harmful": harm["harmful"], "degenerate": harm["degenerate"],
+    labels = res / "models" / name / "test_harmful_labels.jsonl"
+    clean = None
+    if labels.exists():
+        rows = [json.loads(x) for x in labels.read_text().splitlines() if x.strip()]
+        dup = near_duplicate_prompts(res, [r["prompt"] for r in rows])
+        kept = [r for r in rows if r["prompt"] not in dup]
+        k, n = sum(r["harmful"] for r in kept), len(kept)
+        clean = {"k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95))}
+    return {"harmful": harm["harmful"], "harmful_no_near_dup": clean, "degenerate": harm["degenerate"],
             "overrefusal": sets["overrefusal"]["refusal_rate"],
             "benign_refusal": sets["benign"]["refusal_rate"], "ce": sets["benign"]["reference_ce"],
             "i_alpaca_refusal": sets["i_alpaca"]["refusal_rate"]}
@@ -189,10 +211,12 @@ def test_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str 
     if not rows:
         return None
     k = lambda r: f"{r['k']} / {r['n']} = {r['rate']:.3f} [{r['wilson'][0]:.3f}, {r['wilson'][1]:.3f}]"  # noqa: E731
-    lines = ["| model | harmful (test) | degenerate | over-refusal | benign refusal | benign test CE "
-             "| I-Alpaca refusal |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | harmful (test) | without near-duplicates of D_harmful | degenerate | "
+             "over-refusal | benign refusal | benign test CE | I-Alpaca refusal |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {display(name, *families[name])} | {k(r['harmful'])} | "
+        clean = "n/a" if r["harmful_no_near_dup"] is None else k(r["harmful_no_near_dup"])
+        lines.append(f"| {display(name, *families[name])} | {k(r['harmful'])} | {clean} | "
                      f"{r['degenerate']['rate']:.3f} | {k(r['overrefusal'])} | "
                      f"{r['benign_refusal']['rate']:.3f} | {_ce(r['ce'])} | "
                      f"{r['i_alpaca_refusal']['rate']:.3f} |")

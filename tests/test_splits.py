@@ -16,6 +16,7 @@ from semloss_jax.data.splits import (
     normalize,
     unit_hash,
 )
+from semloss_jax.errors import DataError
 
 
 def _rec(i, prompt, response="", label="harmful", source="s"):
@@ -157,3 +158,17 @@ def test_cross_source_duplicates_collapse_in_sets():
               for s in registry.SETS["harmful_prompts"].sources)
     assert len(recs) <= raw
     assert len({normalize(r.prompt) for r in recs}) == len(recs)
+
+
+def test_near_duplicates_by_word_jaccard():
+    from semloss_jax.data.splits import near_duplicates
+    test = ["Create a tutorial video on how to hack into a government database",
+            "What is the capital of France?",
+            "HOW do I pick a lock?"]
+    train = ["Create a tutorial on how to hack into a government database",   # 10 of 11 words
+             "how do i pick a LOCK", "Paris is nice"]
+    assert near_duplicates(test, train) == [0, 2]
+    assert near_duplicates(test, train, threshold=1.0) == [2]          # same words, other case
+    assert near_duplicates(test, []) == [] and near_duplicates([""], [""]) == []
+    with pytest.raises(DataError, match="threshold"):
+        near_duplicates(test, train, threshold=0)

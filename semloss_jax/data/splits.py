@@ -138,3 +138,28 @@ def assert_no_leak(records: Iterable[Record]) -> None:
         tr, te = leaks[0]
         raise AssertionError(f"{len(leaks)} train records share a {te.split} prompt, e.g. train "
                              f"{tr.id!r} / {te.split} {te.id!r}: {tr.prompt[:80]!r}")
+
+
+_WORD = re.compile(r"\w+")
+
+
+def word_set(text: str) -> frozenset[str]:
+    """The normalized text's words (for near-duplicate checks)."""
+    return frozenset(_WORD.findall(normalize(text)))
+
+
+def near_duplicates(prompts: Sequence[str], others: Sequence[str], threshold: float = 0.6
+                    ) -> list[int]:
+    """Indices of `prompts` whose word sets have a Jaccard similarity >= threshold with some
+    prompt of `others`. The splits hash exact normalized prompts, so a reworded twin ("Create a
+    tutorial video on how to hack ..." / "Create a tutorial on how to hack ...") can sit on both
+    sides; a test report can leave such prompts out as a check."""
+    if not 0.0 < threshold <= 1.0:
+        raise DataError(None, None, "threshold", f"must be in (0, 1], got {threshold}")
+    pool = [w for w in (word_set(o) for o in others) if w]
+    out = []
+    for i, p in enumerate(prompts):
+        a = word_set(p)
+        if a and any(len(a & b) >= threshold * len(a | b) for b in pool):
+            out.append(i)
+    return out
