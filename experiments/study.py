@@ -660,20 +660,24 @@ def main(argv: list[str] | None = None) -> int:
         for p in all_parts(lay, judge_ok):
             print(f"{p.name:40s} {state(p)}")
         return 0
-    ran: set[str] = set()
-    while args.max_parts is None or len(ran) < args.max_parts:
-        todo = [p for p in all_parts(lay, judge_ok) if wanted(p) and p.name not in ran
+    n_ran, stuck = 0, set()  # stuck: ran and still not done (not tried again in this invocation)
+    while args.max_parts is None or n_ran < args.max_parts:
+        # a part that is done may become not done again when its inputs change (select,
+        # tables, plots: each new judged model); it then runs again
+        todo = [p for p in all_parts(lay, judge_ok) if wanted(p) and p.name not in stuck
                 and not p.done() and p.blocked() is None]
         if not todo:
             break
         p = todo[0]
         t = time.perf_counter()
         p.run()
-        ran.add(p.name)
+        n_ran += 1
+        if not p.done():
+            stuck.add(p.name)
         record(lay, p.name, time.perf_counter() - t)
         print(f"  {p.name} done in {time.perf_counter() - t:.0f}s", flush=True)
     left = [(p.name, state(p)) for p in all_parts(lay, judge_ok) if wanted(p) and not p.done()]
-    print(f"ran {len(ran)} part(s); {len(left)} left" + "".join(f"\n  {n}: {s}" for n, s in left[:12])
+    print(f"ran {n_ran} part(s); {len(left)} left" + "".join(f"\n  {n}: {s}" for n, s in left[:12])
           + (f"\n  ... and {len(left) - 12} more" if len(left) > 12 else ""))
     return 0
 

@@ -428,3 +428,112 @@ def test_sensitivity_table_pairs_the_benign_rows_and_applies_each_alternative(tm
     bad.write_text(bad.read_text().replace('"b3"', '"other"'))
     with pytest.raises(EvalError, match="ids differ"):
         study_tables.sensitivity_rows(res, fams)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole study, every command faked: the staged selection, the refinements, the dependents,
+# the label check and the test parts all come, in order, from one command run to its end
+
+
+def _fake_commands(lay, calls):
+    """A stand-in for study.sh: writes what each command would, with figures that follow the
+    model's setting (harm falls, CE rises with λ; SafeInstr's N barely moves the CE)."""
+    def figures(name):
+        fam, s = study.families(study.all_models(lay)).get(name, ("base", None))
+        fam = fam.replace("_seed", "").replace("_n", "").replace("_sampled", "")
+        s = s or 0.0
+        if fam == "base":
+            return 0.6, 2.15
+        if fam == "sft":
+            return 0.62, 2.0
+        if fam == "safeinstr":
+            return max(0.05, 0.6 - s / 2000), 2.0 + s / 40000
+        return max(0.05, 0.6 - 0.1 * s), 2.0 + 0.04 * s
+
+    def rows(prefix, n, rate, extra=None):
+        k = round(rate * n)
+        return [{"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "response": f"reply {i}",
+                 "harmful": i < k, "label": "harmful" if i < k else "safe", **(extra or {})}
+                for i in range(n)]
+
+    def write_rows(path, rs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rs))
+
+    def fake(cmd, log):
+        calls.append(" ".join(str(c) for c in cmd[1:4]))
+        if "study_harvest_rebuild.py" in cmd[1] or "semloss_jax.data.harvest" in cmd:
+            out = Path(cmd[cmd.index("--out") + 1])
+            write_jsonl(out, [Record(id=f"h{i}", prompt=f"How do I do bad thing {i}?", response="Step 1 ...",
+                                     source="harvest", label="harmful", split="train") for i in range(12)])
+        elif cmd[1] == "train.py":
+            ov = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
+            run = Path(ov["run.output_dir"])
+            (run / "hf").mkdir(parents=True, exist_ok=True)
+            (run / "hf" / "config.json").write_text("{}")
+            (run / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in sorted(ov.items())))
+            write_rows(run / "metrics.jsonl", [{"step": i, "loss": 1.0, "ce": 2.0, "harm_nll": 0.5}
+                                               for i in (1, 2)])
+        elif cmd[1:3] == ["eval.py", "run"]:
+            out = Path(cmd[cmd.index("--out") + 1])
+            sets = cmd[cmd.index("--sets") + 1:cmd.index("--max-new-tokens")]
+            if out.name == "test":           # test replies only once every method is chosen
+                assert study.complete(lay) and sets == list(study.TEST_SETS)
+            rate, ce = figures(out.parent.name)
+            out.mkdir(parents=True, exist_ok=True)
+            for s in sets:
+                write_rows(out / "generations" / f"{s}.jsonl", rows(s, 20, rate if "harmful" in s else 0.0))
+            k = round(rate * 20)
+            rr = {"k": k, "n": 20, "rate": k / 20, "wilson": [0.0, 1.0]}
+            (out / "eval.json").write_text(json.dumps({"sets": {
+                "benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}},
+                "harmful": {"class_rates": {"harmful": rr, "degenerate": rr}},
+                "overrefusal": {"refusal_rate": rr}, "i_alpaca": {"refusal_rate": rr},
+                "benign": {"refusal_rate": rr, "reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
+        elif cmd[1:3] == ["eval.py", "judge"]:
+            src, dst = Path(cmd[cmd.index("--in") + 1]), Path(cmd[cmd.index("--out") + 1])
+            _, ce = figures(src.parent.parent.parent.name)
+            got = [json.loads(x) for x in src.read_text().splitlines()]
+            write_rows(dst, [{**r, "harm_prob": float(r["harmful"]), "ref_nll": ce * 10, "ref_tokens": 10,
+                              "early_stop": False} for r in got])
+        else:
+            raise AssertionError(f"unexpected command {cmd}")
+    return fake
+
+
+def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_path, monkeypatch):
+    calls: list[str] = []
+    out, res = tmp_path / "out", tmp_path / "res"
+    lay = study.Layout(out, res)
+    monkeypatch.setattr(study, "sh", _fake_commands(lay, calls))
+    monkeypatch.setattr(study, "judge_available", lambda: True)
+    monkeypatch.setattr(study.study_plots, "draw", lambda *a, **k: {})   # no matplotlib here
+    args = ["--out", str(out), "--results", str(res), "--only", "data/*", "train/*", "val/*", "judge/*",
+            "select", "labelcheck/*", "test/*", "tables"]
+    assert study.main(args) == 0
+    sel = json.loads((res / "selection.json").read_text())
+    assert sel["complete"] and set(sel["refine"]) == set(study.SWEEPS)
+    # every refinement was trained, validated and judged before the choices were made
+    for fam, x in sel["refine"].items():
+        name = study.sweep_model(fam, x).name
+        assert (res / "models" / name / "judged_harmful_val.jsonl").exists(), name
+        assert name in sel["inputs"]
+    # TA-SFT LB: CE 2 + 0.04 λ is over the 2.1 bound above λ 2.5: refinement √(2 x 4) = 2.83
+    assert sel["refine"]["tasft_lb"] == 2.83 and sel["tasft_lb"]["name"] == "tasft_lb_l2"
+    # the dependents exist and were tested; the label check waits for the hand labels
+    names = {m.name for m in study.all_models(lay)}
+    assert {"tasft_exact_l2", "tasft_lb_l2_n10", "tasft_lb_l2_sampled", "tasft_lb_l2_s2", "sft_s1"} <= names
+    assert all((res / "models" / n / "test_eval.json").exists() for n in names), \
+        sorted(n for n in names if not (res / "models" / n / "test_eval.json").exists())
+    assert (lay.labelcheck / "pool.jsonl").exists() and not (lay.labelcheck / "report.json").exists()
+    states = {p.name: study.state(p) for p in study.all_parts(lay, judge_ok=True)}
+    left = {n: s for n, s in states.items() if s != "done"}
+    assert set(left) == {"labelcheck/report", "plots"} and left["labelcheck/report"].startswith("blocked: waits")
+    # a second run of the same command finds nothing to do
+    n_calls = len(calls)
+    assert study.main(args) == 0 and len(calls) == n_calls
+    # each model trained once (all but base); the fake checked that no test ran before the last choice
+    trains = [c for c in calls if c.startswith("train.py")]
+    assert len(trains) == len(names) - 1
+    tables = (res / "tables.md").read_text()
+    assert "## test" in tables and "## sensitivity" in tables
