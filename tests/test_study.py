@@ -528,7 +528,8 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     assert (lay.labelcheck / "pool.jsonl").exists() and not (lay.labelcheck / "report.json").exists()
     states = {p.name: study.state(p) for p in study.all_parts(lay, judge_ok=True)}
     left = {n: s for n, s in states.items() if s != "done"}
-    assert set(left) == {"labelcheck/report", "plots"} and left["labelcheck/report"].startswith("blocked: waits")
+    assert set(left) == {"labelcheck/report", "plots"}
+    assert left["labelcheck/report"].startswith("blocked: waits")
     # a second run of the same command finds nothing to do
     n_calls = len(calls)
     assert study.main(args) == 0 and len(calls) == n_calls
