@@ -341,13 +341,14 @@ def eval_cmd(m: Model, lay: Layout, sets, sub: str) -> list[str]:
             "--max-new-tokens", str(GEN_TOKENS), "--batch-size", str(GEN_BATCH), "--no-progress"]
 
 
-def write_test_labels(generations: Path, out: Path) -> None:
-    """The judged label of every TEST harmful reply, with its prompt (not the reply): what the
-    report needs to recompute the harmful rate without some prompts (amendment 5: those with a
-    near-duplicate among D_harmful's prompts)."""
+def write_test_labels(generations: Path, out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Per TEST reply its id, prompt, judged label and the `keep` fields, not the reply: what
+    the report recomputes from (the harmful rate without the prompts that have a near-duplicate
+    among D_harmful's, amendment 5; paired benign CE differences from ref_nll / ref_tokens)."""
     rows = [json.loads(x) for x in generations.read_text().splitlines() if x.strip()]
     atomic_write_text(out, "".join(json.dumps({"id": r["id"], "prompt": r["prompt"],
-                                               "harmful": bool(r["harmful"]), "label": r["label"]},
+                                               "harmful": bool(r["harmful"]), "label": r["label"],
+                                               **{k: r.get(k) for k in keep}},
                                               ensure_ascii=False) + "\n" for r in rows))
 
 
@@ -385,7 +386,10 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
     def test():
         sh(eval_cmd(m, lay, TEST_SETS, "test"), logs / f"test_{m.name}.log")
         mirror(run / "test" / "eval.json", res / "test_eval.json")
-        write_test_labels(run / "test" / "generations" / "harmful.jsonl", res / "test_harmful_labels.jsonl")
+        gens = run / "test" / "generations"
+        write_test_labels(gens / "harmful.jsonl", res / "test_harmful_labels.jsonl")
+        write_test_labels(gens / "benign.jsonl", res / "test_benign_rows.jsonl",
+                          keep=("ref_nll", "ref_tokens", "early_stop", "refusal"))
 
     def needs_data() -> str | None:
         uses_harmful = m.family not in ("base", "sft", "safeinstr")

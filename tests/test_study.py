@@ -482,7 +482,8 @@ def _fake_commands(lay, calls):
             rate, ce = figures(out.parent.name)
             out.mkdir(parents=True, exist_ok=True)
             for s in sets:
-                write_rows(out / "generations" / f"{s}.jsonl", rows(s, 20, rate if "harmful" in s else 0.0))
+                write_rows(out / "generations" / f"{s}.jsonl", rows(s, 20, rate if "harmful" in s else 0.0,
+                                                                   {"ref_nll": ce * 10, "ref_tokens": 10}))
             k = round(rate * 20)
             rr = {"k": k, "n": 20, "rate": k / 20, "wilson": [0.0, 1.0]}
             (out / "eval.json").write_text(json.dumps({"sets": {
@@ -525,6 +526,9 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     assert {"tasft_exact_l2", "tasft_lb_l2_n10", "tasft_lb_l2_sampled", "tasft_lb_l2_s2", "sft_s1"} <= names
     assert all((res / "models" / n / "test_eval.json").exists() for n in names), \
         sorted(n for n in names if not (res / "models" / n / "test_eval.json").exists())
+    benign_file = res / "models" / "sft" / "test_benign_rows.jsonl"
+    benign = [json.loads(x) for x in benign_file.read_text().splitlines()]
+    assert len(benign) == 20 and benign[0]["ref_nll"] == 20.0 and "response" not in benign[0]
     assert (lay.labelcheck / "pool.jsonl").exists() and not (lay.labelcheck / "report.json").exists()
     states = {p.name: study.state(p) for p in study.all_parts(lay, judge_ok=True)}
     left = {n: s for n, s in states.items() if s != "done"}
