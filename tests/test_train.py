@@ -22,7 +22,7 @@ import pytest
 from semloss_jax.data import batching, readers, registry
 from semloss_jax.data import streams as streams_lib
 from semloss_jax.data.schema import Record
-from semloss_jax.errors import ConfigError, DataError, NonFiniteLoss, TrainError
+from semloss_jax.errors import ConfigError, NonFiniteLoss, TrainError
 from semloss_jax.loss import cost
 from semloss_jax.models import llama as M
 from semloss_jax.models import weights
@@ -229,7 +229,7 @@ def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
     assert z["emd_upper"] == pytest.approx(1.0, abs=1e-6)
     assert abs(z["emd_lower"] - runs["onehot"][0]["emd_lower"]) > 1e-3
     bad = C.load_config(SMOKE, ["objective.target=soft", f"run.output_dir={tmp_path / 'bad'}"])
-    with pytest.raises(DataError, match="harvested JSONL"):
+    with pytest.raises(ConfigError, match="key 'data.harmful': objective.target=soft needs a harvested JSONL"):
         streams_lib.load_records(bad.data, bad.objective, bad.run.seed)
 
 
