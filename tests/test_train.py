@@ -229,7 +229,7 @@ def test_soft_targets_equal_to_onehot_means_give_the_onehot_metrics(tmp_path):
     assert z["emd_upper"] == pytest.approx(1.0, abs=1e-6)
     assert abs(z["emd_lower"] - runs["onehot"][0]["emd_lower"]) > 1e-3
     bad = C.load_config(SMOKE, ["objective.target=soft", f"run.output_dir={tmp_path / 'bad'}"])
-    with pytest.raises(ConfigError, match="key 'data.harmful': objective.target=soft needs a harvested JSONL"):
+    with pytest.raises(ConfigError, match="'data.harmful': objective.target=soft needs a harvested"):
         streams_lib.load_records(bad.data, bad.objective, bad.run.seed)
 
 
