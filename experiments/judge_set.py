@@ -67,7 +67,8 @@ HARM = ["data.harmful_n=100"]
 MODELS: dict[str, list[str] | None] = {
     "base": None,
     "sft": ["objective.kind=sft", "objective.lam=0"],
-    "safeinstr_1000": ["objective.kind=safeinstr", "objective.lam=0", "data.safeinstr_n=1000"],
+    "safeinstr_1000": ["objective.kind=safeinstr", "objective.lam=0", "data.safeinstr_n=1000",
+                       "data.harmful_batch=0"],  # the refusals mixed into the benign data, as it ran
     "nll_ascent_lam1": ["objective.kind=nll_ascent", "objective.lam=1", *HARM],
     "unlikelihood_lam1": ["objective.kind=unlikelihood", "objective.lam=1", *HARM],
     "tasft_lb_lam1": ["objective.kind=tasft", "objective.divergence=lower_bound", "objective.lam=1", *HARM],

@@ -82,6 +82,7 @@ SAMPLED = dict(n=100, samples=4, temperature=0.8)
 N_SWEEP = 100             # harmful examples of every λ sweep (TA-SFT, NLL ascent, UL, DPO)
 N_EFFICIENCY = (10, 30, 100, 300)
 SEEDS = (1, 2)
+SAFEINSTR_AVAILABLE = 2483  # refusal examples of the `refusals` set (train): SafeInstr's largest N
 LABEL_CHECK = dict(per_model=60, seed=0, size=60)  # blind hand labels of the judged val replies
 
 # method -> (what the sweep varies, its values, train.py overrides); fixed before any result
@@ -460,7 +461,8 @@ def select(models: list[Model], lay: Layout) -> dict:
         sweep = [rows[sweep_model(fam, v).name] for v in values]
         if any(r is None for r in sweep):
             continue
-        x = refine_setting(sweep, ref, integer=what == "n")
+        x = refine_setting(sweep, ref, integer=what == "n",
+                           maximum=SAFEINSTR_AVAILABLE if fam == "safeinstr" else None)
         sel["refine"][fam] = x
         extra = rows.get(sweep_model(fam, x).name)
         if extra is None:

@@ -42,6 +42,7 @@ def test_refinement_sits_between_the_last_eligible_and_the_next_ineligible_setti
     assert refine_setting(rows[2:], 1.8157) == 0.667                   # none eligible: a third of the least
     n = [row("n100", 100, 0.5, 1.8), row("n300", 300, 0.4, 1.85), row("n1000", 1000, 0.3, 1.95)]
     assert refine_setting(n, 1.8157, integer=True) == 548              # √(300 x 1000), an integer
+    assert refine_setting(n[:2], 1.8157, integer=True, maximum=700) == 700  # 3 x 300, capped
     # an ineligible setting BELOW the largest eligible one does not stop the search upward
     odd = [row("p", 1, 0.5, 1.95), row("q", 2, 0.4, 1.85)]
     assert refine_setting(odd, 1.8157) == 6.0
@@ -73,6 +74,9 @@ def test_plan_covers_the_issue_and_every_config_loads(tmp_path):
         if m.family == "safeinstr":     # the refusals as a second stream with the same rows per step
             assert cfg.data.harmful_batch == cfg.data.benign_batch == 4 and cfg.objective.lam == 1
             assert cfg.data.safeinstr_n == m.setting
+    # the cap of SafeInstr's refinement is the number of refusal examples there are
+    from semloss_jax.data import registry
+    assert study.SAFEINSTR_AVAILABLE == len(registry.load_set("refusals", "train"))
 
 
 def fake_val(lay, m, rate, ce):
@@ -120,19 +124,20 @@ def test_selection_and_the_models_it_implies(tmp_path):
         return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
 
     sel = judge_everything(lay, rate, ce)
-    # TA-SFT LB: every λ of 0.25..4 eligible -> refinement 3 x 4 = 12 (CE 2.24, over the bound)
+    # TA-SFT LB: every λ of 0.25..4 eligible -> refinement 3 x 4 = 12 (CE 2.24, over the bound);
+    # SafeInstr: 3 x 1000, capped at the 2483 refusals there are
     assert sel["refine"] == {"tasft_lb": 12.0, "nll_ascent": 3.0, "unlikelihood": 5.48, "dpo": 9.0,
-                             "safeinstr": 3000}
+                             "safeinstr": 2483}
     assert sel["tasft_lb"]["name"] == "tasft_lb_l4" and sel["tasft_lb"]["eligible"]
     assert sel["tasft_lb_top2"] == [4.0, 2.0] and sel["runner_up"]["tasft_lb"] == "tasft_lb_l2"
     assert sel["nll_ascent"]["name"] == "nll_ascent_l3"              # the refinement itself wins
     assert sel["unlikelihood"]["name"] == "unlikelihood_l3"          # its refinement is over the bound
-    assert sel["safeinstr"]["setting"] == 3000 and sel["runner_up"]["safeinstr"] == "safeinstr_n1000"
+    assert sel["safeinstr"]["setting"] == 2483 and sel["runner_up"]["safeinstr"] == "safeinstr_n1000"
     implied = study.selected_models(sel)
     names = [m.name for m in implied]
     assert {"tasft_lb_l12", "tasft_exact_l4", "tasft_exact_l2", "tasft_lb_l4_n10", "tasft_lb_l4_n30",
             "tasft_lb_l4_n300", "tasft_lb_l4_sampled", "sft_s1", "sft_s2", "tasft_lb_l4_s1",
-            "unlikelihood_l3_s2", "nll_ascent_l3_s1", "safeinstr_n3000_s1"} <= set(names)
+            "unlikelihood_l3_s2", "nll_ascent_l3_s1", "safeinstr_n2483_s1"} <= set(names)
     assert len(names) == len(set(names)) and not set(names) & {m.name for m in study.sweep_models()}
     refined = next(m for m in implied if m.name == "unlikelihood_l5.48")
     assert refined.family == "unlikelihood" and "objective.lam=5.48" in refined.overrides

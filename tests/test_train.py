@@ -249,6 +249,10 @@ def test_data_sizes_and_safeinstr_records():
     assert [r.id for r in recs_s.harmful] == [r.id for r in recs.benign[-5:]] and recs_s.harmful_mu is None
     with pytest.raises(ConfigError, match="objective.lam.*refusal stream"):
         C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=5", "objective.lam=0"])
+    many = C.load_config(SMOKE, ["objective.kind=safeinstr", "data.safeinstr_n=100000",
+                                 "objective.lam=1"])
+    with pytest.raises(ConfigError, match=r"'data.safeinstr_n': asks for 100000 records but the data"):
+        streams_lib.load_records(many.data, many.objective, many.run.seed)
     cfg2 = C.load_config(SMOKE)
     recs2 = streams_lib.load_records(cfg2.data, cfg2.objective, cfg2.run.seed)
     assert len(recs2.harmful) == cfg2.data.harmful_n and {r.label for r in recs2.harmful} == {"harmful"}

@@ -264,14 +264,18 @@ class BatchStream:
         self.epoch, self.index = int(pos["epoch"]), int(pos["index"])
 
 
-def _take_idx(n_all: int, n: int, seed: int, salt: int) -> list[int]:
-    if n <= 0 or n >= n_all:
+def _take_idx(n_all: int, n: int, seed: int, salt: int, key: str) -> list[int]:
+    """A seeded choice of n of n_all indices (all for n = 0); asking for more than there are is
+    a ConfigError naming the key (a run would otherwise say N and train on fewer)."""
+    if n > n_all:
+        raise ConfigError(f"asks for {n} records but the data has {n_all} (0 takes all)", key=key)
+    if n <= 0 or n == n_all:
         return list(range(n_all))
     return sorted(int(i) for i in np.random.default_rng([seed, salt]).permutation(n_all)[:n])
 
 
-def _take(records: list, n: int, seed: int, salt: int) -> list:
-    return [records[i] for i in _take_idx(len(records), n, seed, salt)]
+def _take(records: list, n: int, seed: int, salt: int, key: str) -> list:
+    return [records[i] for i in _take_idx(len(records), n, seed, salt, key)]
 
 
 def _load_hub(d: DataSection, name: str, part: str) -> list[Record]:
@@ -299,17 +303,17 @@ def load_records(d: DataSection, objective, seed: int) -> TrainRecords:
     data and whether targets are soft. Soft targets read the μ(q) files that
     `python -m semloss_jax.data.harvest --soft-targets` writes beside the harvested JSONL."""
     benign = [r for name in d.benign for r in _load_named(d, name)]
-    benign = _take(benign, d.benign_n, seed, 11)
+    benign = _take(benign, d.benign_n, seed, 11, "data.benign_n")
     harmful, mu = [], None
     if objective.kind == "safeinstr":  # the refusals: a second stream, or mixed into the benign data
-        refusals = _take(_load_named(d, d.safeinstr), d.safeinstr_n, seed, 13)
+        refusals = _take(_load_named(d, d.safeinstr), d.safeinstr_n, seed, 13, "data.safeinstr_n")
         if d.harmful_batch > 0:
             return TrainRecords(benign, refusals, None, None)
         return TrainRecords(benign + refusals, [], None, None)
     if d.harmful_batch > 0:
         every = (_load_hub(d, d.harmful[3:], "harmful") if d.harmful.startswith("hf:")
                  else registry.load_d_harmful(d.harmful))
-        idx = _take_idx(len(every), d.harmful_n, seed, 17)
+        idx = _take_idx(len(every), d.harmful_n, seed, 17, "data.harmful_n")
         harmful = [every[i] for i in idx]
         if objective.target == "soft":
             if d.harmful == "pyrit" or d.harmful.startswith("hf:"):

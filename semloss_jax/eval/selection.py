@@ -66,9 +66,10 @@ def select_setting(rows: Sequence[Mapping], reference_ce: float, margin: float =
 
 
 def refine_setting(rows: Sequence[Mapping], reference_ce: float, margin: float = CE_MARGIN, *,
-                   integer: bool = False) -> float:
+                   integer: bool = False, maximum: float | None = None) -> float:
     """The extra setting of a finished sweep (module docstring), to 3 significant digits (to an
-    integer, at least 1, for integer settings such as SafeInstr's N)."""
+    integer, at least 1, for integer settings such as SafeInstr's N), and at most `maximum`
+    (SafeInstr cannot take more refusals than there are)."""
     _check(rows, reference_ce)
     settings = sorted({float(r["setting"]) for r in rows})
     ok = sorted(float(r["setting"]) for r in rows if is_eligible(r, reference_ce, margin))
@@ -79,6 +80,8 @@ def refine_setting(rows: Sequence[Mapping], reference_ce: float, margin: float =
                  if not is_eligible(r, reference_ce, margin) and float(r["setting"]) > ok[-1]]
         x = math.sqrt(ok[-1] * min(above)) if above else 3 * settings[-1]
     x = max(1, round(x)) if integer else float(f"{x:.3g}")
+    if maximum is not None:
+        x = min(x, maximum)
     if x in settings:
         raise EvalError(f"refine_setting: {x:g} is already in the sweep {settings}")
     return x
