@@ -63,6 +63,7 @@ if str(REPO) not in sys.path:  # run as `python experiments/study.py` from anywh
 
 from semloss_jax.data.readers import read_jsonl, write_jsonl  # noqa: E402
 from semloss_jax.data.schema import Record  # noqa: E402
+from semloss_jax.errors import EvalError  # noqa: E402
 from semloss_jax.eval import label_check  # noqa: E402
 from semloss_jax.eval.selection import ranked, refine_setting, select_setting  # noqa: E402
 from semloss_jax.paths import atomic_write_text  # noqa: E402
@@ -453,7 +454,8 @@ def select(models: list[Model], lay: Layout) -> dict:
     `complete` says whether every method is chosen."""
     rows = {m.name: val_row(m, lay) for m in models}
     if rows.get("sft") is None:
-        raise RuntimeError("select needs SFT's validation results (the CE reference)")
+        raise EvalError(f"{lay.results}: select needs SFT's validation results (the CE reference), "
+                        "and models/sft has none yet")
     ref = rows["sft"]["val_benign_ce"]
     sel: dict = {"reference_ce": ref, "rows": [r for r in rows.values() if r is not None],
                  "sft": rows["sft"], "refine": {}, "runner_up": {}}

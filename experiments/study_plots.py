@@ -54,17 +54,26 @@ def point(res: Path, name: str) -> dict | None:
             "ce": ce["ce"], "ce_ci": ce["ci"], "classes": dict(Counter(r.get("label") for r in rows))}
 
 
-def inputs_digest(res: Path, names: list[str]) -> str:
-    """A digest of every file the plots read (the plots part is done while it is unchanged)."""
+def files_digest(res: Path, names: list[str], files: tuple[str, ...],
+                 extra: tuple[str, ...] = ()) -> str:
+    """A sha256 over each model's `files` (by name, "-" for a missing one), then over the study
+    files `extra`: a part that draws from them is done while this is unchanged."""
     h = hashlib.sha256()
     for name in sorted(names):
-        for f in ("judged_harmful_val.jsonl", "val_eval.json", "metrics.jsonl"):
+        for f in files:
             p = res / "models" / name / f
             h.update(f"{name}/{f}:".encode())
             h.update(p.read_bytes() if p.exists() else b"-")
-    sel = res / "selection.json"
-    h.update(sel.read_bytes() if sel.exists() else b"-")
+    for f in extra:
+        p = res / f
+        h.update(p.read_bytes() if p.exists() else b"-")
     return h.hexdigest()
+
+
+def inputs_digest(res: Path, names: list[str]) -> str:
+    """A digest of every file the plots read (the plots part is done while it is unchanged)."""
+    return files_digest(res, names, ("judged_harmful_val.jsonl", "val_eval.json", "metrics.jsonl"),
+                        extra=("selection.json",))
 
 
 def _save(fig, path: Path) -> None:

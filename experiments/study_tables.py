@@ -29,13 +29,12 @@ whenever an input changes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import statistics
 from pathlib import Path
 
-from study_plots import point
+from study_plots import files_digest, point
 
 from semloss_jax.data.splits import near_duplicates
 from semloss_jax.errors import EvalError
@@ -236,12 +235,7 @@ def test_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str 
 
 def inputs_digest(res: Path, names: list[str]) -> str:
     """A digest of every file the tables read (the tables part is done while it is unchanged)."""
-    h = hashlib.sha256()
-    for name in sorted(names):
-        for f in INPUTS:
-            p = res / "models" / name / f
-            h.update(f"{name}/{f}:".encode() + (p.read_bytes() if p.exists() else b"-"))
-    return h.hexdigest()
+    return files_digest(res, names, INPUTS)
 
 
 def replace_region(text: str, name: str, body: str, where: str = "") -> str:

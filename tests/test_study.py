@@ -145,6 +145,12 @@ def test_selection_and_the_models_it_implies(tmp_path):
     assert "run.seed=2" in seeded.overrides and seeded.family == "tasft_lb_seed"
 
 
+def test_select_without_sfts_validation_names_the_study_folder(tmp_path):
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    with pytest.raises(EvalError, match=r"res: select needs SFT's validation results"):
+        study.select(study.sweep_models(), lay)
+
+
 def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     """The blind label check samples the checked models' judged replies once selection.json
     exists, and reports only when every batch is labelled."""

@@ -107,7 +107,7 @@ def collect(p_model, q_model, tok, pairs, n_positions: int, max_tokens: int, sys
         lp, y = response_logits(*p_model, tok, rec.prompt, rec.response, None, n)
         lq, y2 = response_logits(*q_model, tok, rec.prompt, rec.response, system_q, n)
         if not np.array_equal(y, y2):
-            raise RuntimeError(f"{rec.id}: response tokens differ between the two prompts")
+            raise EvalError(f"{rec.id}: response tokens differ between the two prompts")
         P.append(lp)
         Q.append(lq)
         Y.append(y)
@@ -116,7 +116,7 @@ def collect(p_model, q_model, tok, pairs, n_positions: int, max_tokens: int, sys
         bar.update(len(y))
     bar.close()
     if got == 0:
-        raise RuntimeError("no response positions gathered (no pairs?)")
+        raise EvalError("no response positions gathered: the pair set is empty")
     return np.concatenate(P), np.concatenate(Q), np.concatenate(Y), rows
 
 
