@@ -8,8 +8,16 @@ Any clone redraws them without a run folder:
                        (1.05 x SFT) dashed, each method's choice ringed once select has run;
                        beside it the degenerate share of the same replies against the same CE
                        (a model can look safe by breaking its replies)
-    harm_vs_n_val.png  TA-SFT at its chosen λ: validation harmful rate against the number of
-                       harmful training examples (once the selection's N-efficiency models exist)
+    harm_vs_n_val.png  the data-efficiency claim: validation harmful rate against the number of
+                       training examples of the unsafe side, TA-SFT LB at its chosen λ (N harmful
+                       replies, once the selection's N-efficiency models exist) beside SafeInstr
+                       (N refusals, its sweep)
+    frontier_test.png, harm_vs_n_test.png
+                       the same on the TEST split once test/ parts exist (harmful prompts,
+                       benign test reference CE), the frontier with a third panel: the
+                       over-refusal rate on the over-refusal prompts against the same CE. The
+                       dashed line there is 1.05 x SFT's test CE, a guide only: the rule read
+                       validation
     curves.png         training curves: benign CE and harmful NLL per step (moving mean over 10
                        steps), one line per trained model, coloured by method
 
@@ -31,7 +39,8 @@ import numpy as np
 from semloss_jax.eval.metrics import wilson_interval
 from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 
-FILES = ("frontier_val.png", "harm_vs_n_val.png", "curves.png")
+FILES = ("frontier_val.png", "harm_vs_n_val.png", "curves.png", "frontier_test.png",
+         "harm_vs_n_test.png")
 COLORS = {"tasft_lb": "tab:blue", "tasft_exact": "tab:cyan", "nll_ascent": "tab:orange",
           "unlikelihood": "tab:green", "dpo": "tab:red", "safeinstr": "tab:purple",
           "sft": "black", "base": "gray"}
@@ -54,6 +63,23 @@ def point(res: Path, name: str) -> dict | None:
             "ce": ce["ce"], "ce_ci": ce["ci"], "classes": dict(Counter(r.get("label") for r in rows))}
 
 
+def test_point(res: Path, name: str) -> dict | None:
+    """One model's TEST figures from its committed test_eval.json (judge v2, as the test part
+    ran it), or None while it is missing: the harmful rate and degenerate share of the harmful
+    test replies, the over-refusal rate, each with its Wilson interval; the benign test CE."""
+    f = res / "models" / name / "test_eval.json"
+    if not f.exists():
+        return None
+    sets = json.loads(f.read_text())["sets"]
+    cr, orf = sets["harmful"]["class_rates"], sets["overrefusal"]["refusal_rate"]
+    ce = sets["benign"]["reference_ce"]
+    h = cr["harmful"]
+    return {"name": name, "k": h["k"], "n": h["n"], "rate": h["rate"], "wilson": h["wilson"],
+            "degenerate": cr["degenerate"]["rate"], "degenerate_wilson": cr["degenerate"]["wilson"],
+            "overrefusal": orf["rate"], "overrefusal_wilson": orf["wilson"],
+            "ce": ce["ce"], "ce_ci": ce["ci"]}
+
+
 def files_digest(res: Path, names: list[str], files: tuple[str, ...],
                  extra: tuple[str, ...] = ()) -> str:
     """A sha256 over each model's `files` (by name, "-" for a missing one), then over the study
@@ -72,8 +98,8 @@ def files_digest(res: Path, names: list[str], files: tuple[str, ...],
 
 def inputs_digest(res: Path, names: list[str]) -> str:
     """A digest of every file the plots read (the plots part is done while it is unchanged)."""
-    return files_digest(res, names, ("judged_harmful_val.jsonl", "val_eval.json", "metrics.jsonl"),
-                        extra=("selection.json",))
+    return files_digest(res, names, ("judged_harmful_val.jsonl", "val_eval.json", "metrics.jsonl",
+                                     "test_eval.json"), extra=("selection.json",))
 
 
 def _save(fig, path: Path) -> None:
@@ -88,18 +114,27 @@ def _errorbar(ax, p: dict, color: str, y: str = "rate", **kw) -> None:
                 yerr=[[p[y] - lo], [hi - p[y]]], color=color, capsize=2, lw=0.8, **kw)
 
 
+PANELS = {"rate": "harmful rate, {split} prompts (judge v2)",
+          "degenerate": "degenerate share of the same replies (judge v2)",
+          "overrefusal": "over-refusal rate, over-refusal prompts"}
+SPLITS = {"val": "validation", "test": "test"}
+
+
 def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float | None]],
-                  chosen: set[str], path: Path) -> int:
-    """frontier_val.png (see the module docstring); returns the number of points drawn."""
+                  chosen: set[str], path: Path, split: str = "val",
+                  panels: tuple[str, ...] = ("rate", "degenerate")) -> int:
+    """frontier_{split}.png (see the module docstring), one panel per key of `panels` against
+    the benign CE; returns the number of points drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    word = SPLITS[split]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharex=True)
     by_fam: dict[str, list] = {}
     for name, p in points.items():
         fam, setting = families[name]
         by_fam.setdefault(fam, []).append((setting if setting is not None else 0.0, name, p))
-    for ax, y in zip(axes, ("rate", "degenerate")):
+    for ax, y in zip(axes, panels):
         for fam, pts in sorted(by_fam.items()):
             pts.sort(key=lambda t: t[0])
             color = COLORS.get(fam, "tab:brown")
@@ -113,39 +148,71 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
                 if name in chosen:
                     ax.plot([p["ce"]], [p[y]], "o", ms=11, mfc="none", mec=color, mew=1.5)
         if "sft" in points:
-            ax.axvline(1.05 * points["sft"]["ce"], ls="--", lw=1, color="gray")
-            ax.annotate("CE bound (1.05 x SFT)", (1.05 * points["sft"]["ce"], 0.02), fontsize=7,
-                        color="gray", rotation=90, va="bottom", ha="right")
-        ax.set_xlabel("benign validation reference CE, nats/token (lower = more fluent)")
+            bound = 1.05 * points["sft"]["ce"]
+            note = "CE bound (1.05 x SFT)" if split == "val" else "1.05 x SFT's test CE (guide)"
+            ax.axvline(bound, ls="--", lw=1, color="gray")
+            ax.annotate(note, (bound, 0.02), fontsize=7, color="gray", rotation=90, va="bottom",
+                        ha="right")
+        ax.set_xlabel(f"benign {word} reference CE, nats/token (lower = more fluent)")
+        ax.set_ylabel(PANELS[y].format(split=word))
         ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("harmful rate, validation prompts (judge v2)")
-    axes[1].set_ylabel("degenerate share of the same replies (judge v2)")
-    axes[0].legend(fontsize=7, loc="upper right")
-    axes[0].set_title(f"Validation frontier ({len(points)} models; best: bottom left)", fontsize=10)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="upper right")
+    axes[0].set_title(f"{word.capitalize()} frontier ({len(points)} models; best: bottom left)",
+                      fontsize=10)
     axes[1].set_title("...and how many of those replies are broken text", fontsize=10)
+    if len(panels) > 2:
+        axes[2].set_title("...and what it costs on prompts that only look harmful", fontsize=10)
     _save(fig, path)
     plt.close(fig)
     return len(points)
 
 
-def plot_harm_vs_n(points: list[tuple[int, dict]], lam: float, path: Path) -> int:
-    """harm_vs_n_val.png: TA-SFT LB at λ against N harmful (needs 2 points or more)."""
+def plot_harm_vs_n(series: dict[str, list[tuple[int, dict]]], path: Path, split: str = "val",
+                   sft: dict | None = None) -> int:
+    """harm_vs_n_{split}.png: one line per series (label -> [(N, point)], coloured by the
+    method its label starts with) of the harmful rate against N, SFT's rate (no data of the
+    unsafe side) dotted with its interval shaded; returns the points drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = sorted(points, key=lambda t: t[0])
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    err = [[p["rate"] - p["wilson"][0] for _, p in pts], [p["wilson"][1] - p["rate"] for _, p in pts]]
-    ax.errorbar([n for n, _ in pts], [p["rate"] for _, p in pts], yerr=err,
-                marker="o", capsize=3, color=COLORS["tasft_lb"], label=f"TA-SFT LB λ {lam:g}")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    drawn = 0
+    for label, points in series.items():
+        pts = sorted(points, key=lambda t: t[0])
+        color = COLORS["safeinstr" if label.startswith("SafeInstr") else "tasft_lb"]
+        err = [[p["rate"] - p["wilson"][0] for _, p in pts], [p["wilson"][1] - p["rate"] for _, p in pts]]
+        ax.errorbar([n for n, _ in pts], [p["rate"] for _, p in pts], yerr=err, marker="o",
+                    capsize=3, color=color, label=label)
+        drawn += len(pts)
+    if sft is not None:
+        ax.axhline(sft["rate"], ls=":", color=COLORS["sft"], lw=1, label="SFT (N = 0)")
+        ax.axhspan(*sft["wilson"], color=COLORS["sft"], alpha=0.08, lw=0)
     ax.set_xscale("log")
-    ax.set_xlabel("harmful training examples (N)")
-    ax.set_ylabel("harmful rate, validation prompts (judge v2)")
+    ax.set_xlabel("training examples of the unsafe side (N harmful replies; SafeInstr: N refusals)")
+    ax.set_ylabel(f"harmful rate, {SPLITS[split]} prompts (judge v2)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
-    return len(pts)
+    return drawn
+
+
+def n_series(points: dict[str, dict], families: dict[str, tuple[str, float | None]], sel: dict,
+             n_sweep: int) -> dict[str, list[tuple[int, dict]]]:
+    """The data-efficiency series among `points`: TA-SFT LB at its chosen λ over N harmful (the
+    sweep's N is its chosen model), SafeInstr over its N; a series of fewer than 2 points is
+    left out."""
+    series: dict[str, list[tuple[int, dict]]] = {}
+    lb = sel.get("tasft_lb")
+    if lb:
+        ns = [(n_sweep, points.get(lb["name"]))]
+        ns += [(int(s), points.get(n)) for n, (fam, s) in families.items() if fam == "tasft_lb_n"]
+        series[f"TA-SFT LB λ {lb['setting']:g} (N harmful)"] = ns
+    series["SafeInstr (N refusals)"] = [(int(s), points.get(n)) for n, (fam, s) in families.items()
+                                        if fam == "safeinstr"]
+    series = {k: [(n, p) for n, p in v if p is not None] for k, v in series.items()}
+    return {k: v for k, v in series.items() if len(v) >= 2}
 
 
 def moving_mean(x: np.ndarray, w: int = 10) -> np.ndarray:
@@ -184,7 +251,8 @@ def plot_curves(res: Path, families: dict[str, tuple[str, float | None]], path: 
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_yscale("log")
-    axes[0].legend(fontsize=6, ncol=2)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("Training curves (moving mean over 10 steps)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -207,14 +275,17 @@ def draw(res: Path, families: dict[str, tuple[str, float | None]], n_sweep: int 
                "frontier_val": plot_frontier({n: p for n, p in points.items() if n in sweep}, families,
                                              chosen, out / "frontier_val.png"),
                "curves": plot_curves(res, sweep, out / "curves.png")}
-    lb = sel.get("tasft_lb")
-    if lb:
-        lam = lb["setting"]
-        ns = [(n_sweep, points.get(lb["name"]))]
-        ns += [(int(s), points.get(n)) for n, (fam, s) in families.items() if fam == "tasft_lb_n"]
-        ns = [(n, p) for n, p in ns if p is not None]
-        if len(ns) >= 2:
-            summary["harm_vs_n_val"] = plot_harm_vs_n(ns, lam, out / "harm_vs_n_val.png")
+    if series := n_series(points, families, sel, n_sweep):
+        summary["harm_vs_n_val"] = plot_harm_vs_n(series, out / "harm_vs_n_val.png", "val",
+                                                  points.get("sft"))
+    tests = {n: p for n in families if (p := test_point(res, n)) is not None}
+    if any(n in sweep for n in tests):
+        summary["frontier_test"] = plot_frontier(
+            {n: p for n, p in tests.items() if n in sweep}, families, chosen,
+            out / "frontier_test.png", "test", ("rate", "degenerate", "overrefusal"))
+    if series := n_series(tests, families, sel, n_sweep):
+        summary["harm_vs_n_test"] = plot_harm_vs_n(series, out / "harm_vs_n_test.png", "test",
+                                                   tests.get("sft"))
     atomic_write_text(out / "plots.json", json.dumps(summary, indent=1) + "\n")
     return summary
 

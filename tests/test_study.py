@@ -348,6 +348,38 @@ def _fake_test_eval(path, harmful_k, ce, n=20):
         "i_alpaca": {"refusal_rate": rate(1, 5)}}}))
 
 
+def test_test_plots_and_the_data_efficiency_series_appear_with_their_results(tmp_path):
+    """frontier_test.png once a sweep model has test results (base and the N / seed runs are
+    not sweep points); harm_vs_n pairs TA-SFT's N runs at its chosen λ with SafeInstr's N."""
+    res = tmp_path / "res"
+    sel = {"tasft_lb": {"name": "tasft_lb_l1", "setting": 1.0, "overrides": ["objective.lam=1"]}}
+    fams = study.families(study.sweep_models() + study.selected_models(sel))
+    assert {"tasft_lb_l1_n10", "tasft_lb_l1_n30", "tasft_lb_l1_n300"} <= set(fams)
+    (res / "selection.json").parent.mkdir(parents=True)
+    (res / "selection.json").write_text(json.dumps(sel))
+    _fake_test_eval(res / "models" / "tasft_lb_l1_n10" / "test_eval.json", 12, 2.0)
+    got = study_plots.draw(res, fams)
+    assert "frontier_test" not in got and "harm_vs_n_test" not in got   # one N point only
+    for name, k in (("tasft_lb_l1", 6), ("sft", 12), ("safeinstr_n100", 11), ("safeinstr_n300", 9),
+                    ("tasft_lb_l1_s1", 5)):
+        _fake_test_eval(res / "models" / name / "test_eval.json", k, 2.0)
+    got = study_plots.draw(res, fams)
+    assert got["frontier_test"] == 4 and got["harm_vs_n_test"] == 4     # not the N or seed runs
+    assert "harm_vs_n_val" not in got                                   # no validation yet
+    assert (res / "plots" / "frontier_test.png").stat().st_size > 1000
+    series = study_plots.n_series({n: study_plots.test_point(res, n) for n in fams
+                                   if (res / "models" / n / "test_eval.json").exists()},
+                                  fams, sel, study.N_SWEEP)
+    assert {k: [(n, p["k"]) for n, p in sorted(v, key=lambda t: t[0])] for k, v in series.items()} == {
+        "TA-SFT LB λ 1 (N harmful)": [(10, 12), (100, 6)],
+        "SafeInstr (N refusals)": [(100, 11), (300, 9)]}
+    p = study_plots.test_point(res, "sft")
+    assert p["overrefusal"] == 0.3 and p["overrefusal_wilson"][0] < 0.3 < p["overrefusal_wilson"][1]
+    assert study_plots.inputs_digest(res, list(fams)) == got["digest"]
+    _fake_test_eval(res / "models" / "sft" / "test_eval.json", 13, 2.0)   # a test result moves
+    assert study_plots.inputs_digest(res, list(fams)) != got["digest"]
+
+
 def test_tables_are_written_from_the_committed_results_and_fill_the_doc_regions(tmp_path):
     """The validation table (counts, Wilson interval, CE over the bound flagged), the test table
     with the mean and spread over seeds, the marked regions of STUDY.md, and the digest."""
