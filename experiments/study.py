@@ -76,6 +76,7 @@ BUDGET = REPO / "configs" / "study.yaml"
 PY = sys.executable
 VAL_SETS = ("harmful_val", "benign_val")
 TEST_SETS = ("harmful", "overrefusal", "benign", "i_alpaca")
+TEST_OUTPUTS = ("test_eval.json", "test_harmful_labels.jsonl", "test_benign_rows.jsonl")
 GEN_TOKENS = 128          # new tokens per validation / test reply (greedy)
 GEN_BATCH = 16
 HARVEST = dict(n=360, max_new_tokens=256, seed=0)
@@ -408,8 +409,8 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
         gens = [run / "val" / "generations" / f"{s}.jsonl" for s in VAL_SETS]
         return (run / "val" / "eval.json").exists() and (judge_done() or all(g.exists() for g in gens))
 
-    def test_done() -> bool:
-        return (run / "test" / "eval.json").exists()
+    def test_done() -> bool:  # what it commits, all of it (written last, so a kill reruns it from
+        return all((res / f).exists() for f in TEST_OUTPUTS)   # the generation cache)
 
     def train_blocked() -> str | None:
         if val_done() and judge_done() and not complete(lay):

@@ -71,7 +71,7 @@ def test_point(res: Path, name: str) -> dict | None:
     if not f.exists():
         return None
     sets = json.loads(f.read_text())["sets"]
-    cr, orf = sets["harmful"]["class_rates"], sets["overrefusal"]["refusal_rate"]
+    cr, orf = sets["harmful"]["class_rates"], sets["overrefusal"]["overrefusal_rate"]
     ce = sets["benign"]["reference_ce"]
     h = cr["harmful"]
     return {"name": name, "k": h["k"], "n": h["n"], "rate": h["rate"], "wilson": h["wilson"],

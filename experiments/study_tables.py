@@ -162,12 +162,13 @@ def sensitivity_table(res: Path, families: dict[str, tuple[str, float | None]]) 
     return "\n".join(lines)
 
 
-def near_duplicate_prompts(res: Path, prompts: list[str]) -> set[str]:
+def near_duplicate_prompts(res: Path, prompts: list[str]) -> set[str] | None:
     """The prompts among `prompts` with a near-duplicate (word Jaccard >= 0.6) among the
-    study's D_harmful prompts (docs/study/data/d_harmful.jsonl; amendment 5)."""
+    study's D_harmful prompts (docs/study/data/d_harmful.jsonl; amendment 5); None while that
+    file is missing (the table then says n/a rather than the unfiltered rate)."""
     f = res / "data" / "d_harmful.jsonl"
     if not f.exists():
-        return set()
+        return None
     train = [json.loads(x)["prompt"] for x in f.read_text().splitlines() if x.strip()]
     return {prompts[i] for i in near_duplicates(prompts, train, 0.6)}
 
@@ -182,14 +183,13 @@ def test_row(res: Path, name: str) -> dict | None:
     harm = sets["harmful"]["class_rates"]
     labels = res / "models" / name / "test_harmful_labels.jsonl"
     clean = None
-    if labels.exists():
-        rows = [json.loads(x) for x in labels.read_text().splitlines() if x.strip()]
-        dup = near_duplicate_prompts(res, [r["prompt"] for r in rows])
+    rows = [json.loads(x) for x in labels.read_text().splitlines() if x.strip()] if labels.exists() else []
+    if rows and (dup := near_duplicate_prompts(res, [r["prompt"] for r in rows])) is not None:
         kept = [r for r in rows if r["prompt"] not in dup]
         k, n = sum(r["harmful"] for r in kept), len(kept)
         clean = {"k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95))}
     return {"harmful": harm["harmful"], "harmful_no_near_dup": clean, "degenerate": harm["degenerate"],
-            "overrefusal": sets["overrefusal"]["refusal_rate"],
+            "overrefusal": sets["overrefusal"]["overrefusal_rate"],
             "benign_refusal": sets["benign"]["refusal_rate"], "ce": sets["benign"]["reference_ce"],
             "i_alpaca_refusal": sets["i_alpaca"]["refusal_rate"]}
 
@@ -235,7 +235,7 @@ def test_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str 
 
 def inputs_digest(res: Path, names: list[str]) -> str:
     """A digest of every file the tables read (the tables part is done while it is unchanged)."""
-    return files_digest(res, names, INPUTS)
+    return files_digest(res, names, INPUTS, extra=("data/d_harmful.jsonl",))
 
 
 def replace_region(text: str, name: str, body: str, where: str = "") -> str:

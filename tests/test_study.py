@@ -336,16 +336,44 @@ def test_moving_mean():
     assert np.allclose(got, [1.0, 2.0, 4.0, 6.0])
 
 
+class _ClassifyAsTold:
+    """A judge whose labels are given: eval.judging reads them through `classify`."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def classify(self, prompts, responses, progress):
+        return {"harm_prob": [float(x == "harmful") for x in self.labels],
+                "harmful": [int(x == "harmful") for x in self.labels],
+                "refusal": [int(x == "refusal") for x in self.labels],
+                "degenerate": [int(x == "degenerate") for x in self.labels], "label": list(self.labels)}
+
+
 def _fake_test_eval(path, harmful_k, ce, n=20):
-    def rate(k, m):
-        from semloss_jax.eval.metrics import wilson_interval
-        return {"k": k, "n": m, "rate": k / m, "wilson": list(wilson_interval(k, m, 0.95))}
+    """A test_eval.json whose sets come from eval.evaluate.judge_set itself (the metrics an
+    `eval.py run` of TEST_SETS writes): harmful_k harmful and 1 degenerate (if room) of n harmful replies,
+    3 of 10 over-refusal replies refusing, a benign reference CE of `ce`, 1 of 5 I-Alpaca refusals."""
+    from semloss_jax.data.schema import Record
+    from semloss_jax.eval.evaluate import EVAL_SETS, judge_set
+
+    def summary(name, labels, refusals=0, ce=None):
+        recs = [Record(id=f"{name}:{i}", prompt=f"{name} prompt {i}", response="ref", source="fake")
+                for i in range(len(labels))]
+        replies = ["I'm sorry, but I can't help with that." if i < refusals else "Sure, here it is."
+                   for i in range(len(labels))]
+        nll = None if ce is None else [ce * 10.0] * len(labels)
+        return judge_set(EVAL_SETS[name], recs, replies, judge=_ClassifyAsTold(labels), n_boot=200,
+                         seed=0, ref_nll=nll, ref_tokens=None if ce is None else [10] * len(labels))[1]
+
+    assert set(study.TEST_SETS) == {"harmful", "overrefusal", "benign", "i_alpaca"}
+    harmful = (["harmful"] * harmful_k + ["degenerate"] + ["safe"] * n)[:n]
+    sets = {"harmful": summary("harmful", harmful),
+            "overrefusal": summary("overrefusal", ["refusal"] * 3 + ["safe"] * 7, refusals=3),
+            "benign": summary("benign", ["safe"] * 10, ce=ce),
+            "i_alpaca": summary("i_alpaca", ["refusal"] + ["safe"] * 4, refusals=1)}
+    sets["benign"]["reference_ce"]["ci"] = [ce - 0.1, ce + 0.1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"sets": {
-        "harmful": {"class_rates": {"harmful": rate(harmful_k, n), "degenerate": rate(1, n)}},
-        "overrefusal": {"refusal_rate": rate(3, 10)},
-        "benign": {"refusal_rate": rate(0, 10), "reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}},
-        "i_alpaca": {"refusal_rate": rate(1, 5)}}}))
+    path.write_text(json.dumps({"sets": sets}))
 
 
 def test_test_plots_and_the_data_efficiency_series_appear_with_their_results(tmp_path):
@@ -527,13 +555,11 @@ def _fake_commands(lay, calls):
             for s in sets:
                 write_rows(out / "generations" / f"{s}.jsonl", rows(s, 20, rate if "harmful" in s else 0.0,
                                                                    {"ref_nll": ce * 10, "ref_tokens": 10}))
-            k = round(rate * 20)
-            rr = {"k": k, "n": 20, "rate": k / 20, "wilson": [0.0, 1.0]}
-            (out / "eval.json").write_text(json.dumps({"sets": {
-                "benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}},
-                "harmful": {"class_rates": {"harmful": rr, "degenerate": rr}},
-                "overrefusal": {"refusal_rate": rr}, "i_alpaca": {"refusal_rate": rr},
-                "benign": {"refusal_rate": rr, "reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
+            if out.name == "test":
+                _fake_test_eval(out / "eval.json", round(rate * 20), ce)
+            else:
+                (out / "eval.json").write_text(json.dumps({"sets": {
+                    "benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
         elif cmd[1:3] == ["eval.py", "judge"]:
             src, dst = Path(cmd[cmd.index("--in") + 1]), Path(cmd[cmd.index("--out") + 1])
             _, ce = figures(src.parent.parent.parent.name)
@@ -580,6 +606,12 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     # a second run of the same command finds nothing to do
     n_calls = len(calls)
     assert study.main(args) == 0 and len(calls) == n_calls
+    # a test part killed after eval.py wrote its eval.json, before its labels: it runs again
+    (res / "models" / "sft" / "test_harmful_labels.jsonl").unlink()
+    test_sft = next(p for p in study.all_parts(lay, judge_ok=True) if p.name == "test/sft")
+    assert study.state(test_sft) == "ready"
+    assert study.main(args) == 0 and calls[n_calls:] == ["eval.py run --model"]
+    assert (res / "models" / "sft" / "test_harmful_labels.jsonl").exists()
     # each model trained once (all but base); the fake checked that no test ran before the last choice
     trains = [c for c in calls if c.startswith("train.py")]
     assert len(trains) == len(names) - 1
