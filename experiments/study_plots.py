@@ -120,16 +120,30 @@ PANELS = {"rate": "harmful rate, {split} prompts (judge v2)",
 SPLITS = {"val": "validation", "test": "test"}
 
 
+XMAX_OVER_SFT = 1.5
+
+
+def _on_axis(p: dict, xmax: float | None) -> dict:
+    """p, or for a CE past xmax a copy placed on xmax (its CE kept as ce_off_axis)."""
+    if xmax is None or p["ce"] <= xmax:
+        return p
+    return {**p, "ce": xmax, "ce_ci": [xmax, xmax], "ce_off_axis": p["ce"]}
+
+
 def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float | None]],
                   chosen: set[str], path: Path, split: str = "val",
                   panels: tuple[str, ...] = ("rate", "degenerate")) -> int:
     """frontier_{split}.png (see the module docstring), one panel per key of `panels` against
-    the benign CE; returns the number of points drawn."""
+    the benign CE; returns the number of points drawn. The CE axis ends at XMAX_OVER_SFT x
+    SFT's CE: a model past it (a diverged run) sits on that edge as a triangle, its CE written
+    beside it, so that it does not squeeze the models that matter into one corner."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     word = SPLITS[split]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharex=True)
+    xmax = XMAX_OVER_SFT * points["sft"]["ce"] if "sft" in points else None
+    points = {n: _on_axis(p, xmax) for n, p in points.items()}
     by_fam: dict[str, list] = {}
     for name, p in points.items():
         fam, setting = families[name]
@@ -143,8 +157,11 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
             for setting, name, p in pts:
                 _errorbar(ax, p, color, y, fmt="none", alpha=0.5)
                 label = name if fam in ("base", "sft") else f"{setting:g}"
-                ax.annotate(label, (p["ce"], p[y]), xytext=(3, 3), textcoords="offset points",
-                            fontsize=7, color=color)
+                if "ce_off_axis" in p:
+                    ax.plot([p["ce"]], [p[y]], ">", ms=8, color=color)
+                    label += f" (CE {p['ce_off_axis']:.1f})"
+                ax.annotate(label, (p["ce"], p[y]), textcoords="offset points", fontsize=7,
+                            xytext=(-60, 6) if "ce_off_axis" in p else (3, 3), color=color)
                 if name in chosen:
                     ax.plot([p["ce"]], [p[y]], "o", ms=11, mfc="none", mec=color, mew=1.5)
         if "sft" in points:
@@ -156,6 +173,8 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
         ax.set_xlabel(f"benign {word} reference CE, nats/token (lower = more fluent)")
         ax.set_ylabel(PANELS[y].format(split=word))
         ax.set_ylim(-0.02, 1.02)
+        if any("ce_off_axis" in p for p in points.values()):
+            ax.set_xlim(right=xmax * 1.03)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7, loc="upper right")
     axes[0].set_title(f"{word.capitalize()} frontier ({len(points)} models; best: bottom left)",

@@ -330,6 +330,13 @@ def test_plots_are_drawn_from_the_committed_results_and_redrawn_when_one_changes
     assert p["k"] == 10 and p["degenerate"] == 0.25 and lo < 0.25 < hi
 
 
+def test_a_diverged_model_sits_on_the_edge_of_the_ce_axis_with_its_ce_kept():
+    p = {"ce": 18.1, "ce_ci": [12.5, 24.9], "rate": 0.0}
+    edge = study_plots._on_axis(p, 2.7)
+    assert edge["ce"] == 2.7 and edge["ce_ci"] == [2.7, 2.7] and edge["ce_off_axis"] == 18.1
+    assert study_plots._on_axis({**p, "ce": 2.6}, 2.7)["ce"] == 2.6 and study_plots._on_axis(p, None) is p
+
+
 def test_moving_mean():
     import numpy as np
     got = study_plots.moving_mean(np.array([1.0, 3.0, 5.0, 7.0]), w=2)
