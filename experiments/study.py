@@ -409,8 +409,8 @@ def model_parts(m: Model, lay: Layout, judge_ok: bool) -> list[Part]:
         gens = [run / "val" / "generations" / f"{s}.jsonl" for s in VAL_SETS]
         return (run / "val" / "eval.json").exists() and (judge_done() or all(g.exists() for g in gens))
 
-    def test_done() -> bool:  # what it commits, all of it (written last, so a kill reruns it from
-        return all((res / f).exists() for f in TEST_OUTPUTS)   # the generation cache)
+    def test_done() -> bool:  # every file it commits (a kill before the last reruns it, from the cache)
+        return all((res / f).exists() for f in TEST_OUTPUTS)
 
     def train_blocked() -> str | None:
         if val_done() and judge_done() and not complete(lay):

@@ -63,21 +63,33 @@ def point(res: Path, name: str) -> dict | None:
             "ce": ce["ce"], "ce_ci": ce["ci"], "classes": dict(Counter(r.get("label") for r in rows))}
 
 
-def test_point(res: Path, name: str) -> dict | None:
-    """One model's TEST figures from its committed test_eval.json (judge v2, as the test part
-    ran it), or None while it is missing: the harmful rate and degenerate share of the harmful
-    test replies, the over-refusal rate, each with its Wilson interval; the benign test CE."""
+def test_figures(res: Path, name: str) -> dict | None:
+    """A model's TEST figures from its committed test_eval.json (judge v2, as the test part ran
+    it), or None while it is missing: the one reader of that file's field names. Each value is
+    eval.json's own summary (rates: k, n, rate, wilson; the CE: ce, ci)."""
     f = res / "models" / name / "test_eval.json"
     if not f.exists():
         return None
     sets = json.loads(f.read_text())["sets"]
-    cr, orf = sets["harmful"]["class_rates"], sets["overrefusal"]["overrefusal_rate"]
-    ce = sets["benign"]["reference_ce"]
-    h = cr["harmful"]
+    cr = sets["harmful"]["class_rates"]
+    return {"harmful": cr["harmful"], "degenerate": cr["degenerate"],
+            "overrefusal": sets["overrefusal"]["overrefusal_rate"],
+            "benign_refusal": sets["benign"]["refusal_rate"], "ce": sets["benign"]["reference_ce"],
+            "i_alpaca_refusal": sets["i_alpaca"]["refusal_rate"]}
+
+
+def test_point(res: Path, name: str) -> dict | None:
+    """One model's test_figures as a plot point, or None while they are missing: the harmful
+    rate and degenerate share of the harmful test replies, the over-refusal rate, each with its
+    Wilson interval; the benign test CE with its interval."""
+    t = test_figures(res, name)
+    if t is None:
+        return None
+    h, d, o = t["harmful"], t["degenerate"], t["overrefusal"]
     return {"name": name, "k": h["k"], "n": h["n"], "rate": h["rate"], "wilson": h["wilson"],
-            "degenerate": cr["degenerate"]["rate"], "degenerate_wilson": cr["degenerate"]["wilson"],
-            "overrefusal": orf["rate"], "overrefusal_wilson": orf["wilson"],
-            "ce": ce["ce"], "ce_ci": ce["ci"]}
+            "degenerate": d["rate"], "degenerate_wilson": d["wilson"],
+            "overrefusal": o["rate"], "overrefusal_wilson": o["wilson"],
+            "ce": t["ce"]["ce"], "ce_ci": t["ce"]["ci"]}
 
 
 def files_digest(res: Path, names: list[str], files: tuple[str, ...],

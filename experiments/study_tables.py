@@ -34,7 +34,7 @@ import re
 import statistics
 from pathlib import Path
 
-from study_plots import files_digest, point
+from study_plots import files_digest, point, test_figures
 
 from semloss_jax.data.splits import near_duplicates
 from semloss_jax.errors import EvalError
@@ -174,13 +174,11 @@ def near_duplicate_prompts(res: Path, prompts: list[str]) -> set[str] | None:
 
 
 def test_row(res: Path, name: str) -> dict | None:
-    """A model's TEST figures from its committed test_eval.json, or None while it is missing;
-    with its test_harmful_labels.jsonl also the harmful rate without the near-duplicate prompts."""
-    f = res / "models" / name / "test_eval.json"
-    if not f.exists():
+    """A model's TEST figures (study_plots.test_figures), or None while they are missing; with
+    its test_harmful_labels.jsonl also the harmful rate without the near-duplicate prompts."""
+    t = test_figures(res, name)
+    if t is None:
         return None
-    sets = json.loads(f.read_text())["sets"]
-    harm = sets["harmful"]["class_rates"]
     labels = res / "models" / name / "test_harmful_labels.jsonl"
     clean = None
     rows = [json.loads(x) for x in labels.read_text().splitlines() if x.strip()] if labels.exists() else []
@@ -188,10 +186,7 @@ def test_row(res: Path, name: str) -> dict | None:
         kept = [r for r in rows if r["prompt"] not in dup]
         k, n = sum(r["harmful"] for r in kept), len(kept)
         clean = {"k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95))}
-    return {"harmful": harm["harmful"], "harmful_no_near_dup": clean, "degenerate": harm["degenerate"],
-            "overrefusal": sets["overrefusal"]["overrefusal_rate"],
-            "benign_refusal": sets["benign"]["refusal_rate"], "ce": sets["benign"]["reference_ce"],
-            "i_alpaca_refusal": sets["i_alpaca"]["refusal_rate"]}
+    return {**t, "harmful_no_near_dup": clean}
 
 
 def seed_groups(families: dict[str, tuple[str, float | None]]) -> dict[str, list[str]]:
