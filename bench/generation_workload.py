@@ -10,16 +10,24 @@ soon as its reply ends. Contenders, timed interleaved over --reps in one process
   static  generation.generate_ids(..., schedule="static") (fixed batches of B)
   hf      transformers' generate on the same batches of B (left-padded, greedy, stops a batch
           when every row has produced an end-of-turn token), unless --no-hf
+  refill_stacked  with --stacked: the refill schedule as it was before 2026-12-07 (the layer
+          scan over the stacked params and cache, every prompt in one pass whose cache the
+          longest prompt sizes), against today's split layers and cache groups
+          (`generation.split_layers_for`, `generation.slot_groups`)
 Reported: seconds per set, prompts/s, reply tokens/s (tokens before the end-of-turn token),
 the speedups, and how many replies are identical between contenders (greedy parity).
 
     python bench/generation_workload.py --prompts 64 --omp-passive \
         --out bench/results/generation_workload.json
+    python bench/generation_workload.py --set benign --prompts 122 --no-hf --no-static --stacked \
+        --out bench/results/generation_layout_benign.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import tempfile
 import time
 
@@ -54,9 +62,26 @@ def hf_generate(hf, tok, prompts: list[list[int]], *, batch: int, new_tokens: in
     return out
 
 
+@contextlib.contextmanager
+def stacked_one_pass():
+    """Generation as it was before 2026-12-07: the layer scan over the stacked params and
+    cache, and one refill pass for every prompt (its cache sized by the longest prompt)."""
+    saved = generation.split_layers_for, generation.slot_groups
+    generation.split_layers_for = lambda backend: False
+    generation.slot_groups = lambda lengths, batch_size: [list(range(len(lengths)))]
+    try:
+        yield
+    finally:
+        generation.split_layers_for, generation.slot_groups = saved
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64, help="K validation prompts")
+    ap.add_argument("--set", default="harmful_prompts", help="the prompt set (its val split)")
+    ap.add_argument("--no-static", action="store_true", help="leave the static schedule out")
+    ap.add_argument("--stacked", action="store_true",
+                    help="add refill_stacked: the stacked layers in one pass (before 2026-12-07)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=2)
@@ -69,21 +94,29 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    info = machine({"bench": "generation_workload", "prompts": args.prompts, "batch": args.batch,
-                    "new_tokens": args.new_tokens, "reps": args.reps})
+    info = machine({"bench": "generation_workload", "set": args.set, "prompts": args.prompts,
+                    "batch": args.batch, "new_tokens": args.new_tokens, "reps": args.reps})
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_start']}")
     model_path = args.model or paths.default_model_path()
     cfg, params = weights.load_model(model_path)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     tok = load_tokenizer(model_path)
-    prompts = [tok.prompt_ids(r.prompt) for r in registry.load_set("harmful_prompts", "val")[:args.prompts]]
+    prompts = [tok.prompt_ids(r.prompt) for r in registry.load_set(args.set, "val")[:args.prompts]]
     B, N = args.batch, args.new_tokens
 
     def ours(schedule):
         return lambda: generation.generate_ids(params, cfg, prompts, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
                                                max_new_tokens=N, batch_size=B, schedule=schedule)
 
-    fns = {"refill": ours("refill"), "static": ours("static")}
+    def stacked():
+        with stacked_one_pass():
+            return ours("refill")()
+
+    fns = {"refill": ours("refill")}
+    if not args.no_static:
+        fns["static"] = ours("static")
+    if args.stacked:
+        fns["refill_stacked"] = stacked
     tmp = None
     if not args.no_hf:
         import torch
@@ -105,19 +138,22 @@ def main(argv=None):
     res = {"first_call_s": first, "reply_tokens": n_tok,
            "replies_identical": {f"refill=={k}": sum(a == b for a, b in zip(outs["refill"], outs[k]))
                                  for k in outs if k != "refill"},
-           "refill_vs_static": summary(times, "static", "refill")}
+           }
+    if "static" in fns:
+        res["refill_vs_static"] = summary(times, "static", "refill")
+    if "refill_stacked" in fns:
+        res["refill_vs_refill_stacked"] = summary(times, "refill_stacked", "refill")
     if "hf" in fns:
         res["refill_vs_hf"] = summary(times, "hf", "refill")
-        res["static_vs_hf"] = summary(times, "hf", "static")
-    med = res["refill_vs_static"]["median_s"]
+        if "static" in fns:
+            res["static_vs_hf"] = summary(times, "hf", "static")
+    med = {k: statistics.median(v) for k, v in times.items()}
     res["prompts_per_s"] = {k: len(prompts) / v for k, v in med.items()}
     res["reply_tokens_per_s"] = {k: n_tok / v for k, v in med.items()}
-    print(f"[{len(prompts)} prompts, batch {B}, <= {N} new tokens, {n_tok} reply tokens] " +
-          ", ".join(f"{k} {v:.1f} s" for k, v in med.items()) +
-          f"; refill over static {res['refill_vs_static']['ratio']:.2f}x "
-          f"(per-rep {res['refill_vs_static']['ratio_median_per_rep']:.2f}x)" +
-          (f", refill over HF {res['refill_vs_hf']['ratio']:.2f}x, static over HF "
-           f"{res['static_vs_hf']['ratio']:.2f}x" if "hf" in fns else "") +
+    ratios = [f"{key.replace('_vs_', ' over ').replace('_', ' ')} {r['ratio']:.2f}x "
+              f"(per-rep {r['ratio_median_per_rep']:.2f}x)" for key, r in res.items() if "_vs_" in key]
+    print(f"[{args.set} val, {len(prompts)} prompts, batch {B}, <= {N} new tokens, {n_tok} reply "
+          f"tokens] " + ", ".join(f"{k} {v:.1f} s" for k, v in med.items()) + "; " + ", ".join(ratios) +
           f"; identical replies {res['replies_identical']} of {len(prompts)}; load {loadavg()}")
     finish(info)
     write_json(args.out, {"machine": info, "results": res})

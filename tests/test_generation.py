@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from semloss_jax.errors import ModelError
+from semloss_jax.models import generation
 from semloss_jax.models.generation import (
     _sample,
     admit,
@@ -17,8 +18,17 @@ from semloss_jax.models.generation import (
     generate,
     generate_ids,
     left_pad,
+    slot_groups,
 )
-from semloss_jax.models.llama import forward, head_logits, init_params, tiny_config
+from semloss_jax.models.llama import (
+    forward,
+    forward_with_cache,
+    head_logits,
+    init_cache,
+    init_params,
+    split_layers,
+    tiny_config,
+)
 
 jforward = jax.jit(forward, static_argnums=1)
 
@@ -177,6 +187,70 @@ def test_decode_with_vocabulary_blocks_gives_the_same_tokens(tiny):
     blocks = decode(*args, max_new_tokens=10, eos_ids=(0,), vocab_chunk=40)
     assert np.array_equal(np.asarray(plain[0]), np.asarray(blocks[0]))
     assert np.array_equal(np.asarray(plain[1]), np.asarray(blocks[1]))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_split_layers_give_the_same_logits_and_cache_bit_for_bit(tiny, per_row):
+    """The unrolled stack over split layers and a per-layer cache computes what the scan over
+    the stacked params and cache computes, bit for bit: a prefill of 2 left-padded rows, then 3
+    decode steps (one cache index for the batch, or one per row as under the refill schedule)."""
+    cfg, params = tiny
+    split = split_layers(params)
+    assert len(split["layers"]) == cfg.num_hidden_layers and split_layers(split) is split
+    rng = np.random.RandomState(4)
+    ids, seg = left_pad([rng.randint(3, cfg.vocab_size, n).tolist() for n in (7, 3)], 8, 1)
+    ids, seg = jnp.asarray(ids), jnp.asarray(seg)
+    pos = generation.default_positions(seg)
+    fwd = jax.jit(forward_with_cache, static_argnums=1)
+    caches = {}
+    for name, p, layered in (("stacked", params, False), ("split", split, True)):
+        cache = init_cache(cfg, 2, 16, per_layer=layered)
+        logits, cache = fwd(p, cfg, ids, pos, seg, cache)
+        out = [logits]
+        if per_row:
+            cache["index"] = jnp.full((2,), cache["index"], jnp.int32)
+        tok, at = jnp.argmax(logits[:, -1], -1)[:, None], pos[:, -1:] + 1
+        for _ in range(3):
+            logits, cache = fwd(p, cfg, tok, at, jnp.ones((2, 1), jnp.int32), cache)
+            out.append(logits)
+            tok, at = jnp.argmax(logits[:, -1], -1)[:, None], at + 1
+        caches[name] = (out, cache)
+    (a, ca), (b, cb) = caches["stacked"], caches["split"]
+    for x, y in zip(a, b):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    for kv in ("k", "v"):
+        assert np.array_equal(np.asarray(ca[kv]), np.stack([np.asarray(c) for c in cb[kv]]))
+    assert np.array_equal(np.asarray(ca["index"]), np.asarray(cb["index"]))
+    with pytest.raises(ModelError, match="per-layer cache"):
+        forward_with_cache(split, cfg, ids, pos, seg, init_cache(cfg, 2, 16))
+
+
+def test_slot_groups_part_prompts_by_cache_size():
+    lengths = [10, 200, 40, 70, 5, 300, 60, 90, 100, 20, 110, 30]
+    groups = slot_groups(lengths, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # a partition
+    assert all(g == sorted(g) for g in groups)                                # prompt order kept
+    # octaves of the bucket: <= 64 (6 prompts), <= 128 (4), <= 256 (1), <= 512 (1); the last two
+    # cannot fill a batch of 3: they join each other, then the <= 128 group
+    assert groups == [[0, 2, 4, 6, 9, 11], [1, 3, 5, 7, 8, 10]]
+    assert slot_groups(lengths, 100) == [list(range(len(lengths)))]  # nothing fills a batch: one pass
+    assert slot_groups([5, 6], 16) == [[0, 1]]
+
+
+def test_refill_in_several_cache_groups_equals_uncached(tiny, monkeypatch):
+    """Prompts in two cache groups (<= 64 and 65-128 tokens): each reply equals the uncached
+    greedy reply and the static schedule's, with split layers (the CPU default) and without."""
+    cfg, params = tiny
+    rng = np.random.RandomState(6)
+    prompts = [rng.randint(3, cfg.vocab_size, n).tolist() for n in (5, 80, 12, 100, 30, 70, 9)]
+    assert len(slot_groups([len(p) for p in prompts], 2)) == 2
+    kw = dict(eos_ids=tuple(range(3, cfg.vocab_size, 13)), pad_id=1, max_new_tokens=8, batch_size=2)
+    got = generate_ids(params, cfg, prompts, schedule="refill", **kw)
+    for p, g in zip(prompts, got):
+        assert g == greedy_fixed_width(params, cfg, p, 8, kw["eos_ids"], width=128)
+    assert got == generate_ids(params, cfg, prompts, schedule="static", **kw)
+    monkeypatch.setattr(generation, "split_layers_for", lambda backend: False)
+    assert got == generate_ids(params, cfg, prompts, schedule="refill", **kw)
 
 
 def test_bucket_lengths_pad_by_at_most_half():

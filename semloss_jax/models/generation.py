@@ -3,7 +3,8 @@
 Two schedules (`generate_ids(schedule=...)`), the same greedy tokens up to float rounding:
 - "refill" (the default): each row of the batch has its own cache write index, and the next
   prompt enters a row (`admit`: a batch-1 prefill) as soon as the row's reply ends (`advance`),
-  so no row idles while the longest reply of a batch finishes.
+  so no row idles while the longest reply of a batch finishes. Prompts of similar length share
+  a pass whose cache fits them (`slot_groups`).
 - "static": fixed batches, as follows.
 
 Static schedule: prompts are rendered with the chat template, left-padded to a bucketed length
@@ -14,7 +15,9 @@ loop when every row is done or `max_new_tokens` is reached.
 
 Both: greedy when temperature == 0, else temperature + top-p (nucleus, among the top
 NUCLEUS_CANDIDATES tokens) sampling from a seeded PRNG key. temperature and top_p are traced
-values: changing them does not recompile.
+values: changing them does not recompile. On CPU, `generate_ids` splits the stacked layer params
+once per call (`split_layers_for`, `llama.split_layers`): the layers then run unrolled against a
+per-layer cache, the same tokens with faster decode steps.
 """
 from __future__ import annotations
 
@@ -27,7 +30,14 @@ import numpy as np
 
 from semloss_jax.errors import ModelError
 from semloss_jax.models.context import decode_whole_chars, fit_prompts
-from semloss_jax.models.llama import LlamaConfig, default_positions, forward_with_cache, init_cache
+from semloss_jax.models.llama import (
+    LlamaConfig,
+    default_positions,
+    forward_with_cache,
+    init_cache,
+    layers_are_split,
+    split_layers,
+)
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
@@ -57,6 +67,15 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
             ids[i, length - len(s):] = s
             seg[i, length - len(s):] = 1
     return ids, seg
+
+
+def split_layers_for(backend: str) -> bool:
+    """Whether decoding splits the stacked layer params (`llama.split_layers`, one copy of the
+    layer weights per generate call) to run the layers unrolled against a per-layer cache: on
+    CPU, where the scan over the stacked arrays copies each layer's weights and cache slice
+    every step (docs/PERFORMANCE.md); not on accelerators, where a second copy of a large
+    model's weights may not fit."""
+    return backend == "cpu"
 
 
 def vocab_chunk_for(backend: str, batch_size: int) -> int | None:
@@ -108,7 +127,7 @@ def decode(params, cfg: LlamaConfig, prompt_ids, prompt_seg, key, temperature, t
     decode steps (`llama.head_logits`; the values are the same, only the speed differs).
     """
     B, P = prompt_ids.shape
-    cache = init_cache(cfg, B, P + max_new_tokens)
+    cache = init_cache(cfg, B, P + max_new_tokens, per_layer=layers_are_split(params))
     positions = default_positions(prompt_seg)
     logits, cache = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg, cache, last_only=True,
                                        vocab_chunk=vocab_chunk)
@@ -165,9 +184,11 @@ class Slots(NamedTuple):
     n: jax.Array
 
 
-def empty_slots(cfg: LlamaConfig, batch: int, slots: int, max_new_tokens: int, fill: int) -> Slots:
-    """B idle rows of `slots` cache slots each; replies are filled with `fill` past their end."""
-    cache = init_cache(cfg, batch, slots)
+def empty_slots(cfg: LlamaConfig, batch: int, slots: int, max_new_tokens: int, fill: int,
+                per_layer: bool = False) -> Slots:
+    """B idle rows of `slots` cache slots each; replies are filled with `fill` past their end.
+    per_layer: the cache layout of params with split layers (`llama.init_cache`)."""
+    cache = init_cache(cfg, batch, slots, per_layer=per_layer)
     cache["index"] = jnp.zeros((batch,), jnp.int32)
     return Slots(cache, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, cfg.vocab_size), jnp.float32),
                  jnp.zeros((batch,), bool), jnp.full((batch, max_new_tokens), fill, jnp.int32),
@@ -181,12 +202,16 @@ def admit(params, cfg: LlamaConfig, st: Slots, row, prompt_ids, prompt_seg, fill
     P = prompt_ids.shape[1]
     positions = default_positions(prompt_seg)
     logits, c = forward_with_cache(params, cfg, prompt_ids, positions, prompt_seg,
-                                   init_cache(cfg, 1, P), last_only=True)
+                                   init_cache(cfg, 1, P, per_layer=layers_are_split(params)), last_only=True)
     zero = jnp.int32(0)
-    at = (zero, row, zero, zero, zero)
+
+    def put(buf, new):  # the prompt's [.., 1, P, KV, hd] into row `row`, slots [0, P)
+        lead = (zero,) * (buf.ndim - 4)
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (*lead, row, zero, zero, zero))
+
     seg_row = jnp.zeros((1, st.cache["segment"].shape[1]), jnp.int32).at[:, :P].set(prompt_seg)
-    cache = {"k": jax.lax.dynamic_update_slice(st.cache["k"], c["k"].astype(st.cache["k"].dtype), at),
-             "v": jax.lax.dynamic_update_slice(st.cache["v"], c["v"].astype(st.cache["v"].dtype), at),
+    cache = {"k": jax.tree_util.tree_map(put, st.cache["k"], c["k"]),
+             "v": jax.tree_util.tree_map(put, st.cache["v"], c["v"]),
              "segment": jax.lax.dynamic_update_slice(st.cache["segment"], seg_row, (row, zero)),
              "index": st.cache["index"].at[row].set(P)}
     return Slots(cache, st.pos.at[row].set(positions[0, -1] + 1), st.logits.at[row].set(logits[0, -1]),
@@ -229,19 +254,54 @@ def advance(params, cfg: LlamaConfig, st: Slots, key, temperature, top_p, until_
     return st
 
 
+def slot_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices (in order) grouped by the cache each needs: prompts whose bucket
+    (`bucket_length`) falls in the same octave (<= 64, <= 128, <= 256, ... tokens) share one
+    refill pass, whose cache holds the group's longest bucket plus the reply, so one long prompt
+    no longer sizes every row's cache (attention and cache traffic grow with the slots). A group
+    too small to fill a batch joins its neighbour (the larger cache serves both)."""
+    octaves: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        octaves.setdefault(max(64, 1 << (bucket_length(n) - 1).bit_length()), []).append(i)
+    groups = [octaves[k] for k in sorted(octaves)]
+    while len(groups) > 1 and any(len(g) < batch_size for g in groups):
+        i = next(i for i, g in enumerate(groups) if len(g) < batch_size)
+        j = i + 1 if i + 1 < len(groups) else i - 1
+        lo, hi = min(i, j), max(i, j)
+        groups[lo:hi + 1] = [sorted(groups[lo] + groups[hi])]
+    return groups
+
+
 def _generate_refill(params, cfg: LlamaConfig, prompts: list[list[int]], *, eos_ids, pad_id: int,
                      max_new_tokens: int, temperature: float, top_p: float, seed: int,
                      batch_size: int, progress) -> list[list[int]]:
-    """generate_ids under the refill schedule: prompts enter rows in order as rows free up."""
+    """generate_ids under the refill schedule: one pass per `slot_groups` group, in which
+    prompts enter rows in order as rows free up."""
     eos_ids = tuple(int(e) for e in eos_ids)
     B = min(batch_size, len(prompts))
+    results: list[list[int]] = [[] for _ in prompts]
+    key = jax.random.PRNGKey(seed)
+    for group in slot_groups([len(p) for p in prompts], B):
+        key, sub = jax.random.split(key)
+        got = _refill_pass(params, cfg, [prompts[i] for i in group], B, sub, eos_ids=eos_ids,
+                           pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, progress=progress)
+        for i, ids in zip(group, got):
+            results[i] = ids
+    return results
+
+
+def _refill_pass(params, cfg: LlamaConfig, prompts: list[list[int]], B: int, key, *, eos_ids,
+                 pad_id: int, max_new_tokens: int, temperature: float, top_p: float,
+                 progress) -> list[list[int]]:
+    """The replies to `prompts` through B rows whose caches hold the longest prompt's bucket
+    plus max_new_tokens slots."""
     st = empty_slots(cfg, B, max(bucket_length(len(p)) for p in prompts) + max_new_tokens,
-                     max_new_tokens, eos_ids[0])
+                     max_new_tokens, eos_ids[0], per_layer=layers_are_split(params))
     fill = jnp.int32(eos_ids[0])
     owner: list[int | None] = [None] * B   # the prompt each row is answering
     results: list[list[int]] = [[] for _ in prompts]
     nxt = 0                                 # the next prompt to admit
-    key = jax.random.PRNGKey(seed)
     chunk_v = vocab_chunk_for(jax.default_backend(), B)
 
     def fill_row(st, row):
@@ -288,6 +348,8 @@ def generate_ids(params, cfg: LlamaConfig, prompt_token_ids: Sequence[Sequence[i
         raise ModelError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     prompt_token_ids, _ = fit_prompts(prompt_token_ids, max_new_tokens=max_new_tokens,
                                       context=cfg.max_position_embeddings, truncate=truncate_prompt)
+    if split_layers_for(jax.default_backend()) and prompt_token_ids:
+        params = split_layers(params)  # same tokens, faster decode steps on CPU
     if schedule == "refill":
         if not prompt_token_ids:
             return []

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semloss_jax.errors import ConfigError
+from semloss_jax.errors import ConfigError, ModelError
 from semloss_jax.models import attention as attn_lib
 from semloss_jax.models.axes import constrain
 
@@ -491,13 +491,39 @@ def embedding_matrix(params: Params) -> jax.Array:
 # KV cache for decoding --------------------------------------------------------------------
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: str | None = None,
+               per_layer: bool = False) -> dict:
     """An empty KV cache for batch rows of up to max_len slots: k/v [L, batch, max_len, KV heads,
-    head_dim], per-slot segment ids and the write index 0."""
+    head_dim] (per_layer: tuples of L arrays [batch, max_len, KV heads, head_dim], the layout
+    that params with split layers decode against, see `split_layers`), per-slot segment ids and
+    the write index 0."""
     dt = _dt(dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
-            "segment": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
+        v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
+    else:
+        k, v = jnp.zeros((cfg.num_hidden_layers, *shape), dt), jnp.zeros((cfg.num_hidden_layers, *shape), dt)
+    return {"k": k, "v": v, "segment": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
+
+
+def split_layers(params: Params) -> Params:
+    """The params with "layers" as a tuple of per-layer param trees instead of stacked arrays (one
+    copy of the layer weights). `forward_with_cache` then runs the decoder stack unrolled
+    against a per-layer cache (`init_cache(per_layer=True)`): the same operations on the same
+    values, so the same logits bit for bit, without the scan body's per-step copies of each
+    layer's weights and cache slice out of the stacked arrays (on CPU a decode step at batch
+    16 x 256 slots took 84 vs 105 ms; docs/PERFORMANCE.md)."""
+    if layers_are_split(params):
+        return params
+    n = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"])
+                                      for i in range(n))}
+
+
+def layers_are_split(params: Params) -> bool:
+    """Whether params hold per-layer trees (`split_layers`) rather than stacked layer arrays."""
+    return isinstance(params["layers"], tuple)
 
 
 def write_slots(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -517,9 +543,17 @@ def _run_layers_cached(layer_params, cfg: LlamaConfig, x, ctx, k_cache, v_cache)
     layer l reads its slice, attends, and writes back only the T new slots [index, index + T),
     so a decode step moves O(T) cache entries per layer instead of rebuilding the cache (the
     weights stay stacked: nothing is copied up front). With one index per row, layer l's whole
-    updated slice is written back instead.
+    updated slice is written back instead. With split layers (a tuple of per-layer params and
+    per-layer caches) the layers run unrolled and each layer's cache is updated where it is.
     """
     block = DecoderLayer(cfg)
+    if isinstance(layer_params, tuple):  # split layers (`split_layers`): unrolled, per-layer cache
+        ks, vs = [], []
+        for lp, kc, vc in zip(layer_params, k_cache, v_cache, strict=True):
+            x, new = block.apply({"params": lp}, x, {"k": kc, "v": vc}, ctx)
+            ks.append(new["k"])
+            vs.append(new["v"])
+        return x, tuple(ks), tuple(vs)
     idx = ctx["cache_index"]
     T = x.shape[1]
     zero = jnp.int32(0)
@@ -578,12 +612,17 @@ def forward_with_cache(params: Params, cfg: LlamaConfig, input_ids: jax.Array, p
     """Run T new tokens against the cache; returns (logits [B,T,V], updated cache).
 
     The new tokens occupy cache slots [index, index + T); cache["index"] is one slot for the
-    whole batch (a scalar) or one per row ([B]). segment_ids: [B, T] (0 = padding).
+    whole batch (a scalar) or one per row ([B]). segment_ids: [B, T] (0 = padding). Params
+    with split layers (`split_layers`) take a per-layer cache (`init_cache(per_layer=True)`).
     last_only: return the logits of the last slot only ([B, 1, V]): a prefill then skips the
     LM head on every prompt position. vocab_chunk: see `head_logits`.
     """
     B, T = input_ids.shape
-    S = cache["k"].shape[2]
+    S = cache["segment"].shape[1]
+    if layers_are_split(params) != isinstance(cache["k"], tuple):
+        raise ModelError("forward_with_cache: params with split layers (`split_layers`) need a "
+                          "per-layer cache (`init_cache(per_layer=True)`) and stacked params a "
+                          "stacked cache")
     idx = cache["index"]
     k_seg = write_slots(cache["segment"], segment_ids.astype(jnp.int32), idx)
     first = idx[:, None] if jnp.ndim(idx) else idx
