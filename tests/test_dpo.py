@@ -23,6 +23,7 @@ from semloss_jax.loss import objective as ob
 from semloss_jax.models import llama as model_lib
 from semloss_jax.train import config as C
 from semloss_jax.train import loop as train_loop
+from semloss_jax.train.state import model_config_of
 
 SMOKE_PATH = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 
@@ -259,6 +260,11 @@ def test_dpo_training_run_starts_at_log2_and_moves_away(tmp_path):
                                      f"data.chosen={path}", "run.steps=4", "run.progress=false",
                                      "run.tensorboard=false", "run.export_hf=false", "run.checkpoint_every=0",
                                      f"run.output_dir={tmp_path / 'run'}"])
-    m = train_loop.train(cfg, echo=lambda s: None).metrics
+    r = train_loop.train(cfg, echo=lambda s: None)
+    m = r.metrics
+    d = cfg.data   # the model's FLOPs count the chosen rows too: benign + rejected + chosen
+    per_token = model_config_of(cfg.model).flops_per_token(d.seq_len)
+    rows = (d.benign_batch + 2 * d.harmful_batch) * cfg.optim.grad_accum
+    assert r.flops_per_step == pytest.approx(per_token * d.seq_len * rows)
     assert m[0]["dpo"] == pytest.approx(math.log(2.0), abs=1e-4)   # policy == reference
     assert m[-1]["dpo"] < m[0]["dpo"] - 0.05 and m[-1]["dpo_acc"] > 0.5

@@ -247,7 +247,8 @@ def setup_train_step(cfg: config_lib.TrainConfig, s: TrainSetup, say) -> Compile
             js.fallbacks.clear()
         return tuple(out)
 
-    slots = A * d.seq_len * sum(parts.values())  # every slot is computed, padding included
+    rows = sum(parts.values()) + (parts.get("harmful", 0) if "chosen" in s.streams else 0)  # dpo: + chosen
+    slots = A * d.seq_len * rows  # every slot is computed, padding included
     flops = s.model_cfg.flops_per_token(d.seq_len) * slots
     peak = device_peak_flops()
     say(f"model FLOPs per step: {flops:.3e} ({slots} token slots x "
