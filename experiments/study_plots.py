@@ -8,11 +8,17 @@ Any clone redraws them without a run folder:
                        (1.05 x SFT) dashed, each method's choice ringed once select has run;
                        beside it the degenerate share of the same replies against the same CE
                        (a model can look safe by breaking its replies)
+    frontier_val_paired.png
+                       the same frontier as differences from SFT on the same prompts: harmful
+                       rate minus SFT's and benign CE minus SFT's, each with its paired bootstrap
+                       interval (the prompt-to-prompt spread that both models share cancels, so
+                       a gap that the unpaired intervals hide shows); SFT at (0, 0), the CE bound
+                       at +5% of SFT's CE
     harm_vs_n_val.png  the data-efficiency claim: validation harmful rate against the number of
                        training examples of the unsafe side, TA-SFT LB at its chosen λ (N harmful
                        replies, once the selection's N-efficiency models exist) beside SafeInstr
                        (N refusals, its sweep)
-    frontier_test.png, harm_vs_n_test.png
+    frontier_test.png, frontier_test_paired.png, harm_vs_n_test.png
                        the same on the TEST split once test/ parts exist (harmful prompts,
                        benign test reference CE), the frontier with a third panel: the
                        over-refusal rate on the over-refusal prompts against the same CE. The
@@ -39,8 +45,8 @@ import numpy as np
 from semloss_jax.eval.metrics import wilson_interval
 from semloss_jax.paths import atomic_write_bytes, atomic_write_text
 
-FILES = ("frontier_val.png", "harm_vs_n_val.png", "curves.png", "frontier_test.png",
-         "harm_vs_n_test.png")
+FILES = ("frontier_val.png", "frontier_val_paired.png", "harm_vs_n_val.png", "curves.png",
+         "frontier_test.png", "frontier_test_paired.png", "harm_vs_n_test.png")
 COLORS = {"tasft_lb": "tab:blue", "tasft_exact": "tab:cyan", "nll_ascent": "tab:orange",
           "unlikelihood": "tab:green", "dpo": "tab:red", "safeinstr": "tab:purple",
           "sft": "black", "base": "gray"}
@@ -110,8 +116,10 @@ def files_digest(res: Path, names: list[str], files: tuple[str, ...],
 
 def inputs_digest(res: Path, names: list[str]) -> str:
     """A digest of every file the plots read (the plots part is done while it is unchanged)."""
-    return files_digest(res, names, ("judged_harmful_val.jsonl", "val_eval.json", "metrics.jsonl",
-                                     "test_eval.json"), extra=("selection.json",))
+    return files_digest(res, names, ("judged_harmful_val.jsonl", "judged_benign_val.jsonl",
+                                     "val_eval.json", "metrics.jsonl", "test_eval.json",
+                                     "test_harmful_labels.jsonl", "test_benign_rows.jsonl"),
+                        extra=("selection.json",))
 
 
 def _save(fig, path: Path) -> None:
@@ -142,6 +150,38 @@ def _on_axis(p: dict, xmax: float | None) -> dict:
     return {**p, "ce": xmax, "ce_ci": [xmax, xmax], "ce_off_axis": p["ce"]}
 
 
+def _by_family(points: dict[str, dict], families: dict[str, tuple[str, float | None]]
+               ) -> dict[str, list[tuple[float, str, dict]]]:
+    """The points grouped by method, each group sorted by its swept setting."""
+    by_fam: dict[str, list] = {}
+    for name, p in points.items():
+        fam, setting = families[name]
+        by_fam.setdefault(fam, []).append((setting if setting is not None else 0.0, name, p))
+    return {fam: sorted(pts, key=lambda t: t[0]) for fam, pts in sorted(by_fam.items())}
+
+
+def _draw_methods(ax, by_fam: dict[str, list[tuple[float, str, dict]]], chosen: set[str],
+                  y: str) -> None:
+    """One line per method through its sweep (x: p["ce"], y: p[y]) with both intervals, each
+    point labelled by its setting, a point past the CE axis as a triangle with its CE written,
+    each chosen model ringed."""
+    for fam, pts in by_fam.items():
+        color = COLORS.get(fam, "tab:brown")
+        ax.plot([p["ce"] for _, _, p in pts], [p[y] for _, _, p in pts], "-o", color=color,
+                label=fam, ms=4)
+        for setting, name, p in pts:
+            _errorbar(ax, p, color, y, fmt="none", alpha=0.5)
+            label = name if fam in ("base", "sft") else f"{setting:g}"
+            if "ce_off_axis" in p:
+                ax.plot([p["ce"]], [p[y]], ">", ms=8, color=color)
+                label += f" (CE {p['ce_off_axis']:+.1f})" if p.get("paired") else \
+                    f" (CE {p['ce_off_axis']:.1f})"
+            ax.annotate(label, (p["ce"], p[y]), textcoords="offset points", fontsize=7,
+                        xytext=(-60, 6) if "ce_off_axis" in p else (3, 3), color=color)
+            if name in chosen:
+                ax.plot([p["ce"]], [p[y]], "o", ms=11, mfc="none", mec=color, mew=1.5)
+
+
 def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float | None]],
                   chosen: set[str], path: Path, split: str = "val",
                   panels: tuple[str, ...] = ("rate", "degenerate")) -> int:
@@ -156,26 +196,9 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharex=True)
     xmax = XMAX_OVER_SFT * points["sft"]["ce"] if "sft" in points else None
     points = {n: _on_axis(p, xmax) for n, p in points.items()}
-    by_fam: dict[str, list] = {}
-    for name, p in points.items():
-        fam, setting = families[name]
-        by_fam.setdefault(fam, []).append((setting if setting is not None else 0.0, name, p))
+    by_fam = _by_family(points, families)
     for ax, y in zip(axes, panels):
-        for fam, pts in sorted(by_fam.items()):
-            pts.sort(key=lambda t: t[0])
-            color = COLORS.get(fam, "tab:brown")
-            ax.plot([p["ce"] for _, _, p in pts], [p[y] for _, _, p in pts], "-o", color=color,
-                    label=fam, ms=4)
-            for setting, name, p in pts:
-                _errorbar(ax, p, color, y, fmt="none", alpha=0.5)
-                label = name if fam in ("base", "sft") else f"{setting:g}"
-                if "ce_off_axis" in p:
-                    ax.plot([p["ce"]], [p[y]], ">", ms=8, color=color)
-                    label += f" (CE {p['ce_off_axis']:.1f})"
-                ax.annotate(label, (p["ce"], p[y]), textcoords="offset points", fontsize=7,
-                            xytext=(-60, 6) if "ce_off_axis" in p else (3, 3), color=color)
-                if name in chosen:
-                    ax.plot([p["ce"]], [p[y]], "o", ms=11, mfc="none", mec=color, mew=1.5)
+        _draw_methods(ax, by_fam, chosen, y)
         if "sft" in points:
             bound = 1.05 * points["sft"]["ce"]
             note = "CE bound (1.05 x SFT)" if split == "val" else "1.05 x SFT's test CE (guide)"
@@ -194,6 +217,85 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
     axes[1].set_title("...and how many of those replies are broken text", fontsize=10)
     if len(panels) > 2:
         axes[2].set_title("...and what it costs on prompts that only look harmful", fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+    return len(points)
+
+
+PAIRED_FILES = {"val": ("judged_harmful_val.jsonl", "judged_benign_val.jsonl"),
+                "test": ("test_harmful_labels.jsonl", "test_benign_rows.jsonl")}
+
+
+def _rows_by_id(path: Path) -> dict[str, dict] | None:
+    if not path.exists():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["id"]: r for r in rows}
+
+
+def paired_points(res: Path, names: list[str], split: str = "val") -> dict[str, dict]:
+    """Per model whose harmful and benign rows of `split` are committed: its harmful rate and
+    benign reference CE as differences from SFT's on the SAME prompts, each with its paired
+    bootstrap interval (metrics.paired_rate_difference, paired_ce_difference), as plot points
+    (ce, ce_ci: the CE difference; rate, wilson: the harmful-rate difference). Both
+    models' intervals share the prompt-to-prompt spread, which these cancel. Empty without
+    SFT's rows; an EvalError names the file whose prompts are not SFT's."""
+    from semloss_jax.errors import EvalError
+    from semloss_jax.eval.metrics import paired_ce_difference, paired_rate_difference
+    harm_f, ben_f = PAIRED_FILES[split]
+    sft_h, sft_b = (_rows_by_id(res / "models" / "sft" / f) for f in (harm_f, ben_f))
+    if sft_h is None or sft_b is None:
+        return {}
+    out = {}
+    for name in names:
+        d = res / "models" / name
+        h, b = _rows_by_id(d / harm_f), _rows_by_id(d / ben_f)
+        if h is None or b is None:
+            continue
+        for rows, ref, f in ((h, sft_h, harm_f), (b, sft_b, ben_f)):
+            if rows.keys() != ref.keys():
+                raise EvalError(f"{d / f}: its prompts are not SFT's ({len(rows.keys() ^ ref.keys())} "
+                                f"ids in one file only): no paired difference")
+        ids_h, ids_b = list(sft_h), list(sft_b)
+        rate = paired_rate_difference([float(h[i]["harmful"]) for i in ids_h],
+                                      [float(sft_h[i]["harmful"]) for i in ids_h])
+        ce = paired_ce_difference(*([float(rows[i][k]) for i in ids_b]
+                                    for rows in (b, sft_b) for k in ("ref_nll", "ref_tokens")))
+        out[name] = {"name": name, "paired": True, "rate": rate["diff"], "wilson": rate["ci"],
+                     "ce": ce["diff"], "ce_ci": ce["ci"], "n_harmful": rate["n_examples"],
+                     "n_benign": ce["n_examples"]}
+    return out
+
+
+def plot_paired_frontier(points: dict[str, dict], families: dict[str, tuple[str, float | None]],
+                         chosen: set[str], path: Path, sft_ce: float, split: str = "val") -> int:
+    """frontier_{split}_paired.png: the frontier as differences from SFT on the same prompts
+    (paired_points), so that a gap the unpaired intervals of frontier_{split}.png hide shows;
+    SFT sits at (0, 0). The dashed line is the selection's CE bound, 0.05 x SFT's CE over it
+    (on test a guide only). A CE difference past XMAX_OVER_SFT - 1 times SFT's CE sits on the
+    edge as a triangle. Returns the number of points drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    word = SPLITS[split]
+    xmax = (XMAX_OVER_SFT - 1.0) * sft_ce
+    points = {n: _on_axis(p, xmax) for n, p in points.items()}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    _draw_methods(ax, _by_family(points, families), chosen, "rate")
+    bound = 0.05 * sft_ce
+    ax.axvline(bound, ls="--", lw=1, color="gray")
+    ax.axhline(0.0, ls=":", lw=1, color="gray")
+    ax.annotate("CE bound (+5% of SFT's CE)" if split == "val" else "+5% of SFT's test CE (guide)",
+                (bound, ax.get_ylim()[0]), fontsize=7, color="gray", rotation=90, va="bottom",
+                ha="right")
+    if any("ce_off_axis" in p for p in points.values()):
+        ax.set_xlim(right=xmax * 1.05)
+    ax.set_xlabel(f"benign {word} reference CE minus SFT's, nats/token (paired 95%)")
+    ax.set_ylabel(f"harmful rate minus SFT's, {word} prompts (paired 95%)")
+    ax.set_title(f"{word.capitalize()} frontier against SFT on the same prompts "
+                 f"({len(points)} models; best: bottom left)", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
     _save(fig, path)
     plt.close(fig)
     return len(points)
@@ -306,6 +408,10 @@ def draw(res: Path, families: dict[str, tuple[str, float | None]], n_sweep: int 
                "frontier_val": plot_frontier({n: p for n, p in points.items() if n in sweep}, families,
                                              chosen, out / "frontier_val.png"),
                "curves": plot_curves(res, sweep, out / "curves.png")}
+    paired = paired_points(res, list(sweep))
+    if len(paired) >= 2 and "sft" in points:
+        summary["frontier_val_paired"] = plot_paired_frontier(
+            paired, families, chosen, out / "frontier_val_paired.png", points["sft"]["ce"])
     if series := n_series(points, families, sel, n_sweep):
         summary["harm_vs_n_val"] = plot_harm_vs_n(series, out / "harm_vs_n_val.png", "val",
                                                   points.get("sft"))
@@ -314,6 +420,10 @@ def draw(res: Path, families: dict[str, tuple[str, float | None]], n_sweep: int 
         summary["frontier_test"] = plot_frontier(
             {n: p for n, p in tests.items() if n in sweep}, families, chosen,
             out / "frontier_test.png", "test", ("rate", "degenerate", "overrefusal"))
+    paired = paired_points(res, [n for n in sweep if n in tests], "test")
+    if len(paired) >= 2 and "sft" in tests:
+        summary["frontier_test_paired"] = plot_paired_frontier(
+            paired, families, chosen, out / "frontier_test_paired.png", tests["sft"]["ce"], "test")
     if series := n_series(tests, families, sel, n_sweep):
         summary["harm_vs_n_test"] = plot_harm_vs_n(series, out / "harm_vs_n_test.png", "test",
                                                    tests.get("sft"))

@@ -106,6 +106,31 @@ def test_paired_ce_difference_cancels_what_both_models_share():
         paired_ce_difference(a, tok, b[:3], tok)
 
 
+def test_paired_rate_difference_counts_only_the_prompts_the_models_disagree_on():
+    """Two models that agree on 180 of 200 prompts, the first harmful on 15 of the 20 others:
+    the difference (15 - 5) / 200 = 0.05 is resolved by the paired interval (it matches the
+    normal approximation of McNemar's variance), while the two Wilson intervals overlap; a
+    model against itself gives [0, 0]; bad input is an EvalError."""
+    from semloss_jax.eval.metrics import paired_rate_difference, wilson_interval
+    rng = np.random.default_rng(1)
+    both = (rng.random(180) < 0.6).astype(float)
+    a = np.concatenate([both, np.ones(15), np.zeros(5)])
+    b = np.concatenate([both, np.zeros(15), np.ones(5)])
+    d = paired_rate_difference(a, b, n_boot=4000, seed=2)
+    assert d["diff"] == pytest.approx(0.05) and d["n_examples"] == 200
+    n, n10, n01 = 200, 15, 5
+    sd = math.sqrt(n10 + n01 - (n10 - n01) ** 2 / n) / n
+    np.testing.assert_allclose(d["ci"], [0.05 - 1.96 * sd, 0.05 + 1.96 * sd], atol=0.006)
+    assert d["ci"][0] > 0.0
+    wa, wb = wilson_interval(int(a.sum()), n), wilson_interval(int(b.sum()), n)
+    assert wa[0] < wb[1]                                      # unpaired: no difference visible
+    assert paired_rate_difference(b, b)["ci"] == [0.0, 0.0]
+    with pytest.raises(EvalError, match="equal-length"):
+        paired_rate_difference(a, b[:3])
+    with pytest.raises(EvalError, match="0/1"):
+        paired_rate_difference(a * 0.5, b)
+
+
 def test_degenerate_cases():
     e = rate_summary([])
     assert e["n"] == 0 and e["rate"] is None and e["ci"] == [None, None]

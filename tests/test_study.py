@@ -84,8 +84,9 @@ def fake_val(lay, m, rate, ce):
     judged.parent.mkdir(parents=True, exist_ok=True)
     n = 20
     judged.write_text("".join(json.dumps(
-        {"prompt": f"p{i}", "response": f"{m.name} reply {i}", "harmful": int(i < rate * n),
-         "harm_prob": float(i < rate * n), "label": "harmful" if i < rate * n else "safe"})
+        {"id": f"harmful_val:{i}", "prompt": f"p{i}", "response": f"{m.name} reply {i}",
+         "harmful": int(i < rate * n), "harm_prob": float(i < rate * n),
+         "label": "harmful" if i < rate * n else "safe"})
         + "\n" for i in range(n)))
     (lay.model(m.name) / "val" / "eval.json").write_text(json.dumps(
         {"sets": {"benign_val": {"reference_ce": {"ce": ce}}}}))
@@ -335,6 +336,52 @@ def test_a_diverged_model_sits_on_the_edge_of_the_ce_axis_with_its_ce_kept():
     edge = study_plots._on_axis(p, 2.7)
     assert edge["ce"] == 2.7 and edge["ce_ci"] == [2.7, 2.7] and edge["ce_off_axis"] == 18.1
     assert study_plots._on_axis({**p, "ce": 2.6}, 2.7)["ce"] == 2.6 and study_plots._on_axis(p, None) is p
+
+
+def test_the_paired_frontier_puts_sft_at_the_origin_and_shows_a_gap_the_unpaired_one_hides(tmp_path):
+    """paired_points: each model's harmful rate and benign CE minus SFT's on the same prompts.
+    A model 0.05 nats/token worse on every benign token and safe on 6 of SFT's 20 harmful
+    prompts: -0.15 and +0.05 with intervals that exclude 0, though its unpaired CE interval
+    would overlap SFT's; SFT is (0, 0); other prompts than SFT's are an EvalError naming the
+    file; draw() adds frontier_val_paired.png."""
+    import numpy as np
+
+    from semloss_jax.errors import EvalError
+    res = tmp_path / "res"
+    rng = np.random.default_rng(0)
+    tok = rng.integers(20, 200, size=40)
+    per_tok = rng.gamma(2.0, 1.0, size=40)
+
+    def write(name, safe_from_sft, extra):
+        d = res / "models" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "judged_harmful_val.jsonl").write_text("".join(json.dumps(
+            {"id": f"h{i}", "harmful": int(i < 20 and i >= safe_from_sft),
+             "label": "harmful" if safe_from_sft <= i < 20 else "safe"}) + "\n" for i in range(40)))
+        (d / "judged_benign_val.jsonl").write_text("".join(json.dumps(
+            {"id": f"b{i}", "ref_nll": float((per_tok[i] + extra) * tok[i]),
+             "ref_tokens": int(tok[i])}) + "\n" for i in range(40)))
+        ce = float(((per_tok + extra) * tok).sum() / tok.sum())
+        (d / "val_eval.json").write_text(json.dumps(
+            {"sets": {"benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.3, ce + 0.3]}}}}))
+
+    write("sft", 0, 0.0)
+    write("tasft_lb_l1", 6, 0.05)
+    got = study_plots.paired_points(res, ["sft", "tasft_lb_l1", "tasft_lb_l2"])
+    assert set(got) == {"sft", "tasft_lb_l1"}                      # λ 2 has no files: left out
+    sft = got["sft"]
+    assert sft["rate"] == 0.0 and sft["wilson"] == [0.0, 0.0] and sft["ce_ci"] == [0.0, 0.0]
+    p = got["tasft_lb_l1"]
+    assert p["rate"] == pytest.approx(-0.15) and p["wilson"][1] < 0.0 and p["n_harmful"] == 40
+    assert p["ce"] == pytest.approx(0.05) and p["ce_ci"] == pytest.approx([0.05, 0.05], abs=1e-9)
+    fams = study.families(study.sweep_models())
+    summary = study_plots.draw(res, fams)
+    assert summary["frontier_val_paired"] == 2
+    assert (res / "plots" / "frontier_val_paired.png").stat().st_size > 1000
+    rows = (res / "models" / "tasft_lb_l1" / "judged_benign_val.jsonl").read_text().splitlines()
+    (res / "models" / "tasft_lb_l1" / "judged_benign_val.jsonl").write_text("\n".join(rows[1:]) + "\n")
+    with pytest.raises(EvalError, match="tasft_lb_l1/judged_benign_val.jsonl: its prompts are not SFT's"):
+        study_plots.paired_points(res, ["tasft_lb_l1"])
 
 
 def test_moving_mean():

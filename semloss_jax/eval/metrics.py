@@ -115,6 +115,25 @@ def paired_ce_difference(nll_a, tok_a, nll_b, tok_b, *, n_boot: int = DEFAULT_N_
             "n_boot": n_boot}
 
 
+def paired_rate_difference(a, b, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
+                           level: float = DEFAULT_LEVEL) -> dict:
+    """mean(a) - mean(b) of two 0/1 outcomes on the SAME examples (e.g. two models' harmful
+    labels on one prompt set), with a paired bootstrap interval: prompts that both models
+    answer the same way add nothing to the spread, so the interval is narrower than two
+    unpaired ones whenever the models agree on most prompts."""
+    _check(n_boot, level)
+    a, b = (np.asarray(x, np.float64).reshape(-1) for x in (a, b))
+    if a.size != b.size or a.size == 0:
+        raise EvalError(f"a paired rate needs two non-empty equal-length arrays, got {a.size} and {b.size}")
+    if not np.all(np.isin(a, (0.0, 1.0))) or not np.all(np.isin(b, (0.0, 1.0))):
+        raise EvalError("a paired rate needs 0/1 outcomes")
+    diff = float(a.mean() - b.mean())
+    stats = bootstrap_stats(lambda x, y: x.mean(1) - y.mean(1), a, b, n_boot=n_boot, seed=seed)
+    lo, hi = percentile_interval(stats, diff, level)
+    return {"diff": diff, "ci": [lo, hi], "n_examples": int(a.size), "level": level,
+            "n_boot": n_boot}
+
+
 def wilson_interval(k: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion k/n (n >= 1)."""
     from scipy.stats import norm
