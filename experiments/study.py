@@ -31,6 +31,12 @@ a part whose output exists is skipped, so rerunning the command continues where 
     labelcheck/report     hand labels against the judge on those rows (waits for the labels:
                           `python -m semloss_jax.eval.label`, blind)
     test/NAME             eval.py run on the TEST sets, only once every method is chosen
+    plots                 docs/study/plots/ redrawn whenever a file they read changed
+                          (experiments/study_plots.py)
+    tables                docs/study/tables.md (experiments/study_tables.py) and the paper's
+                          claims read from the test results by the criteria fixed in
+                          docs/STUDY.md, docs/study/claims.md (experiments/study_claims.py),
+                          rewritten whenever a file they read changed
 
 Wall time per part: OUT/parts.json, mirrored with each model's config, training curve and
 validation summary into --results (committed: docs/study/).
@@ -69,6 +75,7 @@ from semloss_jax.eval.selection import ranked, refine_setting, select_setting  #
 from semloss_jax.paths import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(REPO / "experiments"))
+import study_claims  # noqa: E402
 import study_plots  # noqa: E402
 import study_tables  # noqa: E402
 
@@ -573,14 +580,24 @@ def plots_part(lay: Layout) -> Part:
 
 
 def tables_part(lay: Layout) -> Part:
-    """Rewrites docs/study/tables.md (experiments/study_tables.py) whenever a file it reads
-    changed, and the study_tables regions of the STUDY.md beside the results folder."""
-    def run() -> None:
-        doc = lay.results.parent / "STUDY.md"
-        study_tables.write(lay.results, families(all_models(lay)),
-                           update=doc if doc.exists() and "<!-- study_tables:" in doc.read_text() else None)
+    """Rewrites docs/study/tables.md (experiments/study_tables.py) and docs/study/claims.md
+    (experiments/study_claims.py) whenever a file they read changed, and their regions of the
+    STUDY.md and RESULTS.md beside the results folder."""
+    def doc(name: str, marker: str) -> Path | None:
+        f = lay.results.parent / name
+        return f if f.exists() and marker in f.read_text() else None
 
-    return Part("tables", lambda: study_tables.is_current(lay.results, families(all_models(lay))), run)
+    def run() -> None:
+        fams = families(all_models(lay))
+        study_tables.write(lay.results, fams, update=doc("STUDY.md", "<!-- study_tables:"))
+        sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
+        study_claims.write(lay.results, fams, sel, update=doc("RESULTS.md", "<!-- study_claims -->"))
+
+    def done() -> bool:
+        fams = families(all_models(lay))
+        return study_tables.is_current(lay.results, fams) and study_claims.is_current(lay.results, fams)
+
+    return Part("tables", done, run)
 
 
 def complete(lay: Layout) -> bool:

@@ -233,18 +233,18 @@ def _rows_by_id(path: Path) -> dict[str, dict] | None:
     return {r["id"]: r for r in rows}
 
 
-def paired_points(res: Path, names: list[str], split: str = "val") -> dict[str, dict]:
+def paired_points(res: Path, names: list[str], split: str = "val", ref: str = "sft") -> dict[str, dict]:
     """Per model whose harmful and benign rows of `split` are committed: its harmful rate and
-    benign reference CE as differences from SFT's on the SAME prompts, each with its paired
-    bootstrap interval (metrics.paired_rate_difference, paired_ce_difference), as plot points
-    (ce, ce_ci: the CE difference; rate, wilson: the harmful-rate difference). Both
-    models' intervals share the prompt-to-prompt spread, which these cancel. Empty without
-    SFT's rows; an EvalError names the file whose prompts are not SFT's."""
+    benign reference CE as differences from model `ref`'s (SFT's) on the SAME prompts, each
+    with its paired bootstrap interval (metrics.paired_rate_difference, paired_ce_difference),
+    as plot points (ce, ce_ci: the CE difference; rate, wilson: the harmful-rate difference).
+    Both models' intervals share the prompt-to-prompt spread, which these cancel. Empty
+    without ref's rows; an EvalError names the file whose prompts are not ref's."""
     from semloss_jax.errors import EvalError
     from semloss_jax.eval.metrics import paired_ce_difference, paired_rate_difference
     harm_f, ben_f = PAIRED_FILES[split]
-    sft_h, sft_b = (_rows_by_id(res / "models" / "sft" / f) for f in (harm_f, ben_f))
-    if sft_h is None or sft_b is None:
+    ref_h, ref_b = (_rows_by_id(res / "models" / ref / f) for f in (harm_f, ben_f))
+    if ref_h is None or ref_b is None:
         return {}
     out = {}
     for name in names:
@@ -252,15 +252,16 @@ def paired_points(res: Path, names: list[str], split: str = "val") -> dict[str, 
         h, b = _rows_by_id(d / harm_f), _rows_by_id(d / ben_f)
         if h is None or b is None:
             continue
-        for rows, ref, f in ((h, sft_h, harm_f), (b, sft_b, ben_f)):
-            if rows.keys() != ref.keys():
-                raise EvalError(f"{d / f}: its prompts are not SFT's ({len(rows.keys() ^ ref.keys())} "
-                                f"ids in one file only): no paired difference")
-        ids_h, ids_b = list(sft_h), list(sft_b)
+        for rows, ref_rows, f in ((h, ref_h, harm_f), (b, ref_b, ben_f)):
+            if rows.keys() != ref_rows.keys():
+                raise EvalError(f"{d / f}: its prompts are not those of {ref} "
+                                f"({len(rows.keys() ^ ref_rows.keys())} ids in one file only): no paired "
+                                "difference")
+        ids_h, ids_b = list(ref_h), list(ref_b)
         rate = paired_rate_difference([float(h[i]["harmful"]) for i in ids_h],
-                                      [float(sft_h[i]["harmful"]) for i in ids_h])
+                                      [float(ref_h[i]["harmful"]) for i in ids_h])
         ce = paired_ce_difference(*([float(rows[i][k]) for i in ids_b]
-                                    for rows in (b, sft_b) for k in ("ref_nll", "ref_tokens")))
+                                    for rows in (b, ref_b) for k in ("ref_nll", "ref_tokens")))
         out[name] = {"name": name, "paired": True, "rate": rate["diff"], "wilson": rate["ci"],
                      "ce": ce["diff"], "ce_ci": ce["ci"], "n_harmful": rate["n_examples"],
                      "n_benign": ce["n_examples"]}

@@ -18,6 +18,7 @@ from semloss_jax.train import config as C
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 import study  # noqa: E402
+import study_claims  # noqa: E402
 import study_plots  # noqa: E402
 import study_tables  # noqa: E402
 
@@ -380,7 +381,7 @@ def test_the_paired_frontier_puts_sft_at_the_origin_and_shows_a_gap_the_unpaired
     assert (res / "plots" / "frontier_val_paired.png").stat().st_size > 1000
     rows = (res / "models" / "tasft_lb_l1" / "judged_benign_val.jsonl").read_text().splitlines()
     (res / "models" / "tasft_lb_l1" / "judged_benign_val.jsonl").write_text("\n".join(rows[1:]) + "\n")
-    with pytest.raises(EvalError, match="tasft_lb_l1/judged_benign_val.jsonl: its prompts are not SFT's"):
+    with pytest.raises(EvalError, match="l1/judged_benign_val.jsonl: its prompts are not those of sft"):
         study_plots.paired_points(res, ["tasft_lb_l1"])
 
 
@@ -460,6 +461,125 @@ def test_test_plots_and_the_data_efficiency_series_appear_with_their_results(tmp
     assert study_plots.inputs_digest(res, list(fams)) == got["digest"]
     _fake_test_eval(res / "models" / "sft" / "test_eval.json", 13, 2.0)   # a test result moves
     assert study_plots.inputs_digest(res, list(fams)) != got["digest"]
+
+
+def _fake_test(res, name, harmful_k, ce, n=20, overrefusal_k=3):
+    """A model's three committed test files: test_eval.json (_fake_test_eval, its over-refusal
+    count set to overrefusal_k of 10), the harmful labels (the first harmful_k of n prompts
+    harmful) and the benign rows (10 instructions of different difficulty, CE `ce` overall)."""
+    from semloss_jax.eval.metrics import wilson_interval
+    d = res / "models" / name
+    _fake_test_eval(d / "test_eval.json", harmful_k, ce, n=n)
+    ev = json.loads((d / "test_eval.json").read_text())
+    ev["sets"]["overrefusal"]["overrefusal_rate"] = {
+        "k": overrefusal_k, "n": 10, "rate": overrefusal_k / 10,
+        "wilson": list(wilson_interval(overrefusal_k, 10, 0.95))}
+    (d / "test_eval.json").write_text(json.dumps(ev))
+    (d / "test_harmful_labels.jsonl").write_text("".join(json.dumps(
+        {"id": f"harmful:{i}", "prompt": f"h{i}", "harmful": i < harmful_k, "label": "x"}) + "\n"
+        for i in range(n)))
+    (d / "test_benign_rows.jsonl").write_text("".join(json.dumps(
+        {"id": f"benign:{i}", "prompt": f"b{i}", "harmful": False, "label": "safe",
+         "ref_nll": (ce + 0.1 * i - 0.45) * 10.0, "ref_tokens": 10, "early_stop": i == 0,
+         "refusal": False}) + "\n" for i in range(10)))
+
+
+def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_path):
+    """study_claims on a complete selection with fake test results: each claim's verdict by
+    the criteria of docs/STUDY.md; a wide seed spread makes a difference not count; a rate
+    above SFT's pooled interval is over-alignment; a model without test results is waited for."""
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+
+    def rate(m):
+        s = m.setting or 0.0
+        return max(0.0, 0.5 - s / 2500) if m.family == "safeinstr" else max(0.0, 0.45 - 0.1 * s)
+
+    def ce(m):
+        s = m.setting or 0.0
+        return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
+
+    sel = judge_everything(lay, rate, ce)
+    sel["tasft_exact"] = {"name": "tasft_exact_l4", "setting": 4.0, "overrides": ["objective.lam=4"]}
+    res = lay.results
+    res.mkdir(parents=True)
+    (res / "selection.json").write_text(json.dumps(sel))
+    fams = study.families(study.sweep_models() + study.selected_models(sel))
+    pick = {f: sel[f]["name"] for f in study.SWEEPS}
+    assert pick["tasft_lb"] == "tasft_lb_l4" and pick["safeinstr"] == "safeinstr_n2483"
+    seeds = {"sft": ([12, 12, 13], 2.0), pick["tasft_lb"]: ([2, 3, 2], 2.05),
+             pick["nll_ascent"]: ([14, 15, 13], 2.06), pick["unlikelihood"]: ([12, 13, 12], 2.04),
+             pick["safeinstr"]: ([6, 6, 6], 2.01), pick["dpo"]: ([10, 10, 11], 2.4),
+             "tasft_exact_l4": ([2, 2, 3], 2.05)}
+    for name, (ks, c) in seeds.items():
+        for k, run in zip(ks, (name, f"{name}_s1", f"{name}_s2")):
+            _fake_test(res, run, k, c)
+    for n, k in ((10, 8), (30, 5), (300, 2)):
+        _fake_test(res, f"tasft_lb_l4_n{n}", k, 2.05)
+    got = study_claims.write(res, fams, sel)["the rule"]["claims"]
+    verdicts = {t.split()[0]: c["verdict"] for t, c in got.items()}
+    assert verdicts == {"1": "reproduced", "2": "reproduced", "3": "reproduced",
+                        "4": "reproduced (LB suffices)", "5": "reproduced"}, got
+    c2 = got["2 data efficiency against SafeInstr"]
+    assert "at N <= 248.3 and at or below SafeInstr: N 30, 100" in c2["reading"]
+    assert c2["figures"]["qualifying_n"] == [30, 100]           # not N 300: over a tenth of 2483
+    c1 = got["1 bounded EMD beats NLL ascent and unlikelihood at equal CE"]["figures"]
+    assert c1["harmful"]["tasft_lb_l4"]["mean"] == pytest.approx(7 / 60) and c1["harmful"][
+        "tasft_lb_l4"]["spread"] == pytest.approx(0.05) and c1["harmful"]["tasft_lb_l4"]["k"] == 7
+    assert c1["test_ce_minus_sft"]["tasft_lb_l4"]["diff"] == pytest.approx(0.05)
+    c5 = got["5 contrastive data costs language ability"]["figures"]
+    assert c5["ce_minus_sft"]["dpo"]["diff"] == pytest.approx(0.4)
+    assert c5["benign_proxies"]["sft"] == {"n": 10, "early_stops": 1, "refusals": 0}
+    assert study_claims.is_current(res, fams)
+    for run in (pick["dpo"], f"{pick['dpo']}_s1", f"{pick['dpo']}_s2"):   # DPO cheaper than TA-SFT
+        _fake_test(res, run, 10, 2.03)
+    got5 = study_claims.write(res, fams, sel)["the rule"]["claims"][
+        "5 contrastive data costs language ability"]
+    assert got5["verdict"] == "not reproduced" and "DPO costlier" not in got5["reading"]
+    for run, k in zip((pick["dpo"], f"{pick['dpo']}_s1", f"{pick['dpo']}_s2"), (10, 10, 11)):
+        _fake_test(res, run, k, 2.4)
+    for run, k in zip(("tasft_exact_l4", "tasft_exact_l4_s1", "tasft_exact_l4_s2"), (2, 2, 3)):
+        _fake_test(res, run, k, 1.95)                     # the exact EMD: same harm, lower CE
+    got4 = study_claims.write(res, fams, sel)["the rule"]["claims"]["4 the lower bound is enough"]
+    assert got4["verdict"] == "not reproduced" and got4["figures"]["ce_exact_minus_lb"]["counts"]
+    for run, k in zip(("tasft_exact_l4", "tasft_exact_l4_s1", "tasft_exact_l4_s2"), (2, 2, 3)):
+        _fake_test(res, run, k, 2.05)
+    # a seed far off: TA-SFT's difference to unlikelihood no longer exceeds its spread
+    _fake_test(res, "tasft_lb_l4_s1", 11, 2.05)
+    assert not study_claims.is_current(res, fams)
+    _fake_test(res, "tasft_lb_l4_s2", 2, 2.05, overrefusal_k=9)   # and over-refusal above SFT's
+    got = study_claims.write(res, fams, sel)["the rule"]["claims"]
+    verdicts = {t.split()[0]: c["verdict"] for t, c in got.items()}
+    assert study_claims.setting(res, "sft")["overrefusal"]["pooled"][1] < (3 + 3 + 9) / 30
+    assert verdicts["1"] == "not distinguishable here" and verdicts["3"] == "not reproduced"
+    assert verdicts["2"] == "reproduced" and verdicts["5"] == "reproduced"
+    (res / "models" / pick["dpo"] / "test_eval.json").unlink()
+    got = study_claims.write(res, fams, sel)["the rule"]["claims"]
+    assert got["5 contrastive data costs language ability"]["verdict"] == "waiting"
+    assert "waiting for test/ of dpo_l" in got["5 contrastive data costs language ability"]["reading"]
+    assert "| 1 bounded EMD" in (res / "claims.md").read_text()
+    # amendment 3's alternatives, from the committed validation rows: a 2.5% CE margin takes
+    # TA-SFT LB λ 2 (CE 2.04) over the rule's λ 4 (2.08), whose N runs then do not apply
+    for m in study.sweep_models() + study.selected_models(sel):
+        if m.family in study.SWEEPS or m.family == "sft":
+            d = res / "models" / m.name
+            d.mkdir(parents=True, exist_ok=True)
+            k = round(rate(m) * 20)
+            d.joinpath("judged_harmful_val.jsonl").write_text("".join(json.dumps(
+                {"id": f"v{i}", "harmful": int(i < k), "label": "harmful" if i < k else "safe"}) + "\n"
+                for i in range(20)))
+            d.joinpath("judged_benign_val.jsonl").write_text("".join(json.dumps(
+                {"id": f"b{i}", "ref_nll": (ce(m) + 0.1 * i - 0.95) * 10, "ref_tokens": 10,
+                 "early_stop": False, "label": "safe"}) + "\n" for i in range(20)))
+            d.joinpath("val_eval.json").write_text(json.dumps({"sets": {"benign_val": {
+                "reference_ce": {"ce": ce(m), "ci": [ce(m) - 0.1, ce(m) + 0.1]}}}}))
+    rules = study_claims.choices(res, fams, sel)
+    assert rules["the rule"] == {**pick, "tasft_exact": "tasft_exact_l4"}
+    assert rules["margin 2.5%"]["tasft_lb"] == "tasft_lb_l2" and rules["strict"]["tasft_lb"] == "tasft_lb_l4"
+    out = study_claims.write(res, fams, sel)
+    c = out["margin 2.5%"]["claims"]
+    assert c["2 data efficiency against SafeInstr"]["verdict"] == "not testable here"
+    assert c["1 bounded EMD beats NLL ascent and unlikelihood at equal CE"]["reading"].startswith(
+        "waiting for test/ of tasft_lb_l2")
 
 
 def test_tables_are_written_from_the_committed_results_and_fill_the_doc_regions(tmp_path):
