@@ -34,7 +34,7 @@ import statistics
 from pathlib import Path
 
 from study_plots import files_digest, paired_points, test_figures
-from study_tables import NAMES, _alternatives, display, sensitivity_rows
+from study_tables import NAMES, _alternatives, display, sensitivity_rows, strict_limits
 
 from semloss_jax.eval.metrics import wilson_interval
 from semloss_jax.paths import atomic_write_text
@@ -261,9 +261,7 @@ def choices(res: Path, families: dict, sel: dict) -> dict[str, dict[str, str]]:
     rows = sensitivity_rows(res, families)
     if "sft" not in rows:
         return out
-    ref, n = rows["sft"]["point"]["ce"], rows["sft"]["n_benign"]
-    strict = {"early_stop": int(wilson_interval(rows["sft"]["early_stop"], n, 0.95)[1] * n),
-              "degenerate": int(wilson_interval(rows["sft"]["benign_degenerate"], n, 0.95)[1] * n)}
+    ref, strict = rows["sft"]["point"]["ce"], strict_limits(rows)
     for f in METHODS:
         names = [m for m, (fam, _) in families.items() if fam == f and m in rows]
         if not names:

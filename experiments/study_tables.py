@@ -112,6 +112,14 @@ def sensitivity_rows(res: Path, families: dict[str, tuple[str, float | None]]) -
     return out
 
 
+def strict_limits(rows: dict[str, dict]) -> dict[str, int]:
+    """The strict eligibility's limits (amendment 3): SFT's Wilson upper bounds on the benign
+    early stops and degenerate replies, as counts of its benign instructions."""
+    sft, n = rows["sft"], rows["sft"]["n_benign"]
+    return {"early_stop": int(wilson_interval(sft["early_stop"], n, 0.95)[1] * n),
+            "degenerate": int(wilson_interval(sft["benign_degenerate"], n, 0.95)[1] * n)}
+
+
 def _alternatives(rows: dict[str, dict], names: list[str], families, ref: float, strict: dict) -> dict:
     """The setting each rule picks among `names` (one method's judged settings)."""
     def sel_row(n, rate):
@@ -136,8 +144,7 @@ def sensitivity_table(res: Path, families: dict[str, tuple[str, float | None]]) 
         return None
     ref = rows["sft"]["point"]["ce"]
     n = rows["sft"]["n_benign"]
-    strict = {"early_stop": int(wilson_interval(rows["sft"]["early_stop"], n, 0.95)[1] * n),
-              "degenerate": int(wilson_interval(rows["sft"]["benign_degenerate"], n, 0.95)[1] * n)}
+    strict = strict_limits(rows)
     lines = ["| model | benign CE - SFT's [paired 95%] | harmful + degenerate (val) | benign early "
              "stops | benign degenerate | eligible: 5% / 2.5% / strict |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
