@@ -66,6 +66,38 @@ def test_hand_made_rows(real_tokenizer, embedder):
     assert -1.0 <= cos[1] < 1.0 - 1e-6 and -1.0 <= cos[2] < 1.0 - 1e-6
 
 
+def test_reference_embeddings_are_computed_once_across_models(embedder, tmp_path, monkeypatch):
+    """cached_cosines with a shared reference store: the second model's replies are embedded
+    but the references are read back, not embedded again; the cosines equal pair_cosines'
+    (to float rounding: the texts' batch neighbours differ); a broken store is an EvalError
+    naming its file."""
+    from semloss_jax.errors import EvalError
+    from semloss_jax.eval import evaluate as ev
+    refs = [REF, "Paris is the capital of France.", REF]
+    store = tmp_path / "embeddings" / "references-x.npz"
+    seen: list[str] = []
+    real = ev.embed_texts
+    monkeypatch.setattr(ev, "embed_texts", lambda emb, texts, **kw: (seen.extend(texts), real(
+        emb, texts, **kw))[1])
+    first = ["Kickball is fun.", "The capital is Paris.", ""]
+    cos, n = ev.cached_cosines(embedder, first, refs, tmp_path / "a.jsonl", ref_vectors=store,
+                               progress=False)
+    assert n == 3 and sorted(set(seen)) == sorted(set(first + refs)) and len(seen) == len(set(seen))
+    np.testing.assert_allclose(cos, pair_cosines(embedder, first, refs), atol=1e-6)
+    assert cos[2] == 0.0 and store.exists()
+    seen.clear()
+    second = ["Kickball uses a rubber ball.", "Paris.", REF]
+    cos2, n2 = ev.cached_cosines(embedder, second, refs, tmp_path / "b.jsonl", ref_vectors=store,
+                                 progress=False)
+    assert n2 == 3 and sorted(seen) == sorted(second)              # no reference embedded again
+    np.testing.assert_allclose(cos2, pair_cosines(embedder, second, refs), atol=1e-6)
+    assert cos2[2] == pytest.approx(1.0, abs=1e-6)                 # REF's stored vector vs itself
+    store.write_bytes(b"not an npz")
+    with pytest.raises(EvalError, match="references-x.npz: unreadable embedding cache"):
+        ev.cached_cosines(embedder, ["new"], [REF], tmp_path / "c.jsonl", ref_vectors=store,
+                          progress=False)
+
+
 def test_rows_without_counts_are_retokenized(real_tokenizer):
     tok = real_tokenizer
     long = " ".join(["word"] * 40)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import sys
 import time
@@ -63,7 +64,7 @@ from semloss_jax.data.splits import unit_hash
 from semloss_jax.errors import EvalError
 from semloss_jax.eval import judges as judges_lib
 from semloss_jax.eval.embedding import DEFAULT_SEQ_LEN as EMBED_SEQ_LEN
-from semloss_jax.eval.embedding import TextEmbedder, pair_cosines
+from semloss_jax.eval.embedding import TextEmbedder, cosine_rows, embed_texts
 from semloss_jax.eval.helpfulness import (
     DEFAULT_MIN_TOKENS,
     early_stops,
@@ -77,7 +78,7 @@ from semloss_jax.eval.metrics import ce_summary, rate_summary, reference_nll
 from semloss_jax.eval.prompt_file import PROMPTS_SET, read_prompt_file
 from semloss_jax.models import hf_config, loading
 from semloss_jax.models.generation import SCHEDULES, Generation, generate_detailed
-from semloss_jax.paths import atomic_write_text, cache_dir
+from semloss_jax.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 EVAL_VERSION = 1
 GEN_CHUNK = 128  # prompts generated between two cache writes (fixed: sampling keys depend on it;
@@ -324,20 +325,47 @@ def measures_helpfulness(es: EvalSet) -> bool:
     return es.kind not in ("harmful", "custom")
 
 
+def _read_vectors(path: Path | None) -> dict[str, np.ndarray]:
+    """The text -> embedding store at path ({} if there is none)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        with np.load(path) as z:
+            return dict(zip((str(t) for t in z["texts"]), z["vecs"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise EvalError(f"{path}: unreadable embedding cache ({e}); delete the file to recompute"
+                        ) from None
+
+
+def _write_vectors(path: Path, vectors: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, texts=np.array(list(vectors), dtype=str), vecs=np.stack(list(vectors.values())))
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def cached_cosines(embedder: TextEmbedder, replies: Sequence[str], refs: Sequence[str],
-                   cache_path: Path, *, progress: bool = True) -> tuple[np.ndarray, int]:
+                   cache_path: Path, *, ref_vectors: Path | None = None,
+                   progress: bool = True) -> tuple[np.ndarray, int]:
     """Embedding cosine of each (reply, reference) pair, computing only pairs missing from the
-    cache; returns (cosines [N], number computed now)."""
+    cache; returns (cosines [N], number computed now). ref_vectors: a store of reference
+    embeddings shared by every model the same embedder scores (the references do not change
+    from model to model), so each reference is embedded once, not once per evaluated model."""
     cache = _read_cache(cache_path)
     keyed = [json.dumps([a, b], ensure_ascii=False) for a, b in zip(replies, refs)]
     todo = list(dict.fromkeys(k for k in keyed if k not in cache))
     if todo:
         pairs = [json.loads(k) for k in todo]
-        n_texts = len({t for pair in pairs for t in pair})  # pair_cosines embeds each text once
-        with tqdm(total=n_texts, desc="embed cosine", unit="text", disable=not progress,
+        known = _read_vectors(ref_vectors)
+        new_refs = [t for t in dict.fromkeys(b for _, b in pairs) if t not in known]
+        texts = list(dict.fromkeys([a for a, _ in pairs] + new_refs))  # each text embedded once
+        with tqdm(total=len(texts), desc="embed cosine", unit="text", disable=not progress,
                   file=sys.stderr) as bar:
-            cos = pair_cosines(embedder, [a for a, _ in pairs], [b for _, b in pairs],
-                               progress=bar)
+            vecs, _ = embed_texts(embedder, texts, progress=bar)
+        now = dict(zip(texts, vecs))
+        if ref_vectors is not None and new_refs:
+            _write_vectors(ref_vectors, {**known, **{t: now[t] for t in new_refs}})
+        vec = lambda t: now[t] if t in now else known[t]  # noqa: E731
+        cos = cosine_rows(np.stack([vec(a) for a, _ in pairs]), np.stack([vec(b) for _, b in pairs]))
         for k, c in zip(todo, cos):
             cache[k] = {"prompt": k, "embed_cosine": float(c)}
         _write_cache(cache_path, cache)
@@ -346,7 +374,7 @@ def cached_cosines(embedder: TextEmbedder, replies: Sequence[str], refs: Sequenc
 
 def set_helpfulness(es: EvalSet, records, gen_rows: Sequence[dict], *, tok, settings: DecodeSettings,
                     min_tokens: int, embedder: TextEmbedder | None, cos_cache: Path | None,
-                    n_boot: int, seed: int, progress: bool = True
+                    n_boot: int, seed: int, progress: bool = True, ref_vectors: Path | None = None
                     ) -> tuple[list[dict], dict, int]:
     """Per-row proxy fields, the set's helpfulness summary and the number of cosines computed
     now. ROUGE-L and the cosine need the set's reference answers; the cosine also an embedder."""
@@ -361,7 +389,8 @@ def set_helpfulness(es: EvalSet, records, gen_rows: Sequence[dict], *, tok, sett
         refs = [r.response for r in records]
         rouge = rouge_l_f1(replies, refs)
         if embedder is not None:
-            cos, n_cos = cached_cosines(embedder, replies, refs, cos_cache, progress=progress)
+            cos, n_cos = cached_cosines(embedder, replies, refs, cos_cache, ref_vectors=ref_vectors,
+                                        progress=progress)
         for i, row in enumerate(per_row):
             row["rouge_l"] = float(rouge[i])
             if cos is not None:
@@ -436,7 +465,8 @@ def evaluate(params, cfg, tok, *, out_dir: str | Path, sets: Sequence[str] = DEF
             extra, m["helpfulness"], n_cos = set_helpfulness(
                 es, recs, gen_rows, tok=tok, settings=settings, min_tokens=min_tokens,
                 embedder=embedder, n_boot=n_boot, seed=seed, progress=progress,
-                cos_cache=Path(cache_root) / mhash[:24] / f"{s}-cos-{cos_key}.jsonl")
+                cos_cache=Path(cache_root) / mhash[:24] / f"{s}-cos-{cos_key}.jsonl",
+                ref_vectors=Path(cache_root) / "embeddings" / f"references-{cos_key}.npz")
             counts["cosines_computed"] += n_cos
             rows = [{**row, **e} for row, e in zip(rows, extra)]
         m.update({"source_set": es.source_set, "split": es.split, "kind": es.kind,
