@@ -23,8 +23,8 @@ instructions) and counts when its 95% interval excludes 0 and it exceeds both CE
 Each claim is read under the selection rule and under each alternative of amendment 3
 (study_tables' sensitivity choices; those settings have seed 0 only). docs/study/claims.md and
 claims.json get the verdicts and their figures; with --update FILE, the region between
-`<!-- study_claims -->` and `<!-- /study_claims -->` is replaced. A claim whose models lack
-test results says which ("waiting for test/ of ...").
+`<!-- study_claims -->` and `<!-- /study_claims -->` is replaced (an EvalError if FILE has no
+such region). A claim whose models lack test results says which ("waiting for test/ of ...").
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import statistics
 from pathlib import Path
 
 from study_plots import files_digest, paired_points, test_figures
-from study_tables import NAMES, _alternatives, display, sensitivity_rows, strict_limits
+from study_tables import NAMES, _alternatives, display, replace_region, sensitivity_rows, strict_limits
 
 from semloss_jax.eval.metrics import wilson_interval
 from semloss_jax.paths import atomic_write_text
@@ -55,11 +55,11 @@ class Waiting(Exception):
 
 def setting(res: Path, name: str) -> dict:
     """A setting's test figures over its seeds (module docstring); Waiting without seed 0's."""
-    runs = [n for n in (name, f"{name}_s1", f"{name}_s2") if test_figures(res, n) is not None]
-    if name not in runs:
+    found = {n: f for n in (name, f"{name}_s1", f"{name}_s2") if (f := test_figures(res, n)) is not None}
+    if name not in found:
         raise Waiting(name)
-    figs = [test_figures(res, n) for n in runs]
-    out: dict = {"name": name, "runs": runs}
+    figs = list(found.values())
+    out: dict = {"name": name, "runs": list(found)}
     for key in RATES:
         k, n = sum(f[key]["k"] for f in figs), sum(f[key]["n"] for f in figs)
         rates = [f[key]["rate"] for f in figs]
@@ -300,9 +300,9 @@ def write(res: Path, families: dict, sel: dict, update: Path | None = None) -> d
     atomic_write_text(res / "claims.json", json.dumps({"digest": digest, "rules": out}, indent=1) + "\n")
     atomic_write_text(res / "claims.md", f"<!-- inputs digest: {digest} -->\n# The paper's claims "
                       "(written by experiments/study_claims.py; do not edit by hand)\n\n" + body + "\n")
-    if update is not None and "<!-- study_claims -->" in (text := update.read_text()):
-        i, j = text.index("<!-- study_claims -->"), text.index("<!-- /study_claims -->")
-        atomic_write_text(update, text[:i] + "<!-- study_claims -->\n" + body + "\n" + text[j:])
+    if update is not None:
+        atomic_write_text(update, replace_region(update.read_text(), None, body, str(update),
+                                                 tag="study_claims"))
     return out
 
 

@@ -240,9 +240,12 @@ def inputs_digest(res: Path, names: list[str]) -> str:
     return files_digest(res, names, INPUTS, extra=("data/d_harmful.jsonl",))
 
 
-def replace_region(text: str, name: str, body: str, where: str = "") -> str:
-    """Text with the region between the markers of table `name` replaced by body."""
-    start, end = f"<!-- study_tables:{name} -->", f"<!-- /study_tables:{name} -->"
+def replace_region(text: str, name: str | None, body: str, where: str = "",
+                   tag: str = "study_tables") -> str:
+    """Text with the region between the markers of table `name` (`<!-- TAG:NAME -->` ...
+    `<!-- /TAG:NAME -->`; `<!-- TAG -->` ... without a name) replaced by body."""
+    label = f"{tag}:{name}" if name else tag
+    start, end = f"<!-- {label} -->", f"<!-- /{label} -->"
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
         raise EvalError(f"{where or 'the file'}: no region {start} ... {end} to update")

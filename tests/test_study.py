@@ -557,6 +557,15 @@ def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_p
     assert got["5 contrastive data costs language ability"]["verdict"] == "waiting"
     assert "waiting for test/ of dpo_l" in got["5 contrastive data costs language ability"]["reading"]
     assert "| 1 bounded EMD" in (res / "claims.md").read_text()
+    doc = tmp_path / "RESULTS.md"                       # the region of --update, and only it
+    doc.write_text("before\n<!-- study_claims -->\nold\n<!-- /study_claims -->\nafter\n")
+    study_claims.write(res, fams, sel, update=doc)
+    text = doc.read_text()
+    assert text.startswith("before\n<!-- study_claims -->\n| claim |") and text.endswith(
+        "<!-- /study_claims -->\nafter\n") and "old" not in text and "**waiting**" in text
+    doc.write_text("no region\n")
+    with pytest.raises(EvalError, match="RESULTS.md: no region <!-- study_claims -->"):
+        study_claims.write(res, fams, sel, update=doc)
     # amendment 3's alternatives, from the committed validation rows: a 2.5% CE margin takes
     # TA-SFT LB λ 2 (CE 2.04) over the rule's λ 4 (2.08), whose N runs then do not apply
     for m in study.sweep_models() + study.selected_models(sel):
