@@ -66,18 +66,35 @@ def test_hand_made_rows(real_tokenizer, embedder):
     assert -1.0 <= cos[1] < 1.0 - 1e-6 and -1.0 <= cos[2] < 1.0 - 1e-6
 
 
+def test_known_vectors_are_used_not_recomputed(embedder):
+    """pair_cosines with known vectors: a known text's vector is the one given (a planted
+    vector decides its cosine), only the other texts are embedded, and mismatched lengths are
+    an error."""
+    from semloss_jax.eval.embedding import embed_unique
+    d = embedder.cfg.hidden_size
+    fresh = embed_unique(embedder, ["Kickball is fun.", REF])
+    planted = {REF: -fresh["Kickball is fun."]}              # the reply's vector, negated
+    cos = pair_cosines(embedder, ["Kickball is fun.", REF], [REF, REF], known=planted)
+    assert cos[0] == pytest.approx(-1.0, abs=1e-9) and cos[1] == pytest.approx(1.0, abs=1e-9)
+    vecs = embed_unique(embedder, [REF, "Paris.", REF], known=planted)
+    assert list(vecs) == [REF, "Paris."] and vecs[REF] is planted[REF] and vecs["Paris."].shape == (d,)
+    with pytest.raises(ValueError, match="2 replies but 1 references"):
+        pair_cosines(embedder, ["a", "b"], ["c"])
+
+
 def test_reference_embeddings_are_computed_once_across_models(embedder, tmp_path, monkeypatch):
     """cached_cosines with a shared reference store: the second model's replies are embedded
-    but the references are read back, not embedded again; the cosines equal pair_cosines'
-    (to float rounding: the texts' batch neighbours differ); a broken store is an EvalError
-    naming its file."""
+    but the references are read back, not embedded again (nor a reply that is a stored
+    reference's text); the cosines equal pair_cosines' (to float rounding: the texts' batch
+    neighbours differ); a broken store is an EvalError naming its file."""
     from semloss_jax.errors import EvalError
+    from semloss_jax.eval import embedding
     from semloss_jax.eval import evaluate as ev
     refs = [REF, "Paris is the capital of France.", REF]
     store = tmp_path / "embeddings" / "references-x.npz"
     seen: list[str] = []
-    real = ev.embed_texts
-    monkeypatch.setattr(ev, "embed_texts", lambda emb, texts, **kw: (seen.extend(texts), real(
+    real = embedding.embed_texts
+    monkeypatch.setattr(embedding, "embed_texts", lambda emb, texts, **kw: (seen.extend(texts), real(
         emb, texts, **kw))[1])
     first = ["Kickball is fun.", "The capital is Paris.", ""]
     cos, n = ev.cached_cosines(embedder, first, refs, tmp_path / "a.jsonl", ref_vectors=store,
@@ -89,7 +106,7 @@ def test_reference_embeddings_are_computed_once_across_models(embedder, tmp_path
     second = ["Kickball uses a rubber ball.", "Paris.", REF]
     cos2, n2 = ev.cached_cosines(embedder, second, refs, tmp_path / "b.jsonl", ref_vectors=store,
                                  progress=False)
-    assert n2 == 3 and sorted(seen) == sorted(second)              # no reference embedded again
+    assert n2 == 3 and sorted(seen) == sorted(second[:2])          # no reference embedded again
     np.testing.assert_allclose(cos2, pair_cosines(embedder, second, refs), atol=1e-6)
     assert cos2[2] == pytest.approx(1.0, abs=1e-6)                 # REF's stored vector vs itself
     store.write_bytes(b"not an npz")

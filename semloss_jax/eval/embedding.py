@@ -3,6 +3,7 @@
     emb = TextEmbedder(params, cfg, tok, name)          # e.g. the base SmolLM2-135M-Instruct
     vecs, n_tok = embed_texts(emb, ["a text", ...])     # [N, d] float64, [N] tokens pooled
     cos = pair_cosines(emb, replies, references)        # [N]
+    vec = embed_unique(emb, texts, known=store)         # text -> vector; store's are reused
 
 What is pooled, exactly: the text is tokenized on its own (`tok.encode`: no chat template, no
 special tokens, no BOS), cut to its first `seq_len` tokens, and run through the model in one
@@ -17,7 +18,7 @@ base model), so that the scores of two evaluated models are comparable.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -87,16 +88,39 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, dots / np.where(den > 0, den, 1.0), 0.0)
 
 
+def embed_unique(emb: TextEmbedder, texts: Sequence[str], *,
+                 known: Mapping[str, np.ndarray] | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+                 batch_size: int = DEFAULT_BATCH, progress=None) -> dict[str, np.ndarray]:
+    """The vector of each distinct text of texts, keyed by text: known's vector where known
+    has the text (a store of texts embedded before by the same embedder), the others embedded
+    now, each once. progress: a tqdm bar, reset to the number of texts embedded now."""
+    known = known or {}
+    distinct = list(dict.fromkeys(texts))
+    new = [t for t in distinct if t not in known]
+    if progress is not None:
+        progress.reset(total=len(new))
+    vecs, _ = embed_texts(emb, new, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    now = dict(zip(new, vecs))
+    return {t: now[t] if t in now else known[t] for t in distinct}
+
+
+def cosines_of(vectors: Mapping[str, np.ndarray], a: Sequence[str], b: Sequence[str]
+               ) -> np.ndarray:
+    """Cosine of each pair (a[i], b[i]) of texts, from their vectors ([N])."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} replies but {len(b)} references")
+    if not a:
+        return np.zeros(0, np.float64)
+    return cosine_rows(np.stack([vectors[t] for t in a]), np.stack([vectors[t] for t in b]))
+
+
 def pair_cosines(emb: TextEmbedder, replies: Sequence[str], references: Sequence[str], *,
-                 seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH,
-                 progress=None) -> np.ndarray:
+                 known: Mapping[str, np.ndarray] | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+                 batch_size: int = DEFAULT_BATCH, progress=None) -> np.ndarray:
     """Cosine between the embeddings of each reply and its reference ([N]); the texts are
-    embedded together, each distinct text once."""
+    embedded together, each distinct text once (none that known has: see embed_unique)."""
     if len(replies) != len(references):
         raise ValueError(f"{len(replies)} replies but {len(references)} references")
-    uniq = list(dict.fromkeys(list(replies) + list(references)))
-    vecs, _ = embed_texts(emb, uniq, seq_len=seq_len, batch_size=batch_size, progress=progress)
-    row = {t: i for i, t in enumerate(uniq)}
-    a = vecs[[row[t] for t in replies]] if replies else np.zeros((0, vecs.shape[1]))
-    b = vecs[[row[t] for t in references]] if references else np.zeros((0, vecs.shape[1]))
-    return cosine_rows(a, b)
+    vectors = embed_unique(emb, [*replies, *references], known=known, seq_len=seq_len,
+                           batch_size=batch_size, progress=progress)
+    return cosines_of(vectors, replies, references)

@@ -64,7 +64,7 @@ from semloss_jax.data.splits import unit_hash
 from semloss_jax.errors import EvalError
 from semloss_jax.eval import judges as judges_lib
 from semloss_jax.eval.embedding import DEFAULT_SEQ_LEN as EMBED_SEQ_LEN
-from semloss_jax.eval.embedding import TextEmbedder, cosine_rows, embed_texts
+from semloss_jax.eval.embedding import TextEmbedder, cosines_of, embed_unique
 from semloss_jax.eval.helpfulness import (
     DEFAULT_MIN_TOKENS,
     early_stops,
@@ -355,17 +355,13 @@ def cached_cosines(embedder: TextEmbedder, replies: Sequence[str], refs: Sequenc
     todo = list(dict.fromkeys(k for k in keyed if k not in cache))
     if todo:
         pairs = [json.loads(k) for k in todo]
+        replies_now, refs_now = [a for a, _ in pairs], [b for _, b in pairs]
         known = _read_vectors(ref_vectors)
-        new_refs = [t for t in dict.fromkeys(b for _, b in pairs) if t not in known]
-        texts = list(dict.fromkeys([a for a, _ in pairs] + new_refs))  # each text embedded once
-        with tqdm(total=len(texts), desc="embed cosine", unit="text", disable=not progress,
-                  file=sys.stderr) as bar:
-            vecs, _ = embed_texts(embedder, texts, progress=bar)
-        now = dict(zip(texts, vecs))
-        if ref_vectors is not None and new_refs:
-            _write_vectors(ref_vectors, {**known, **{t: now[t] for t in new_refs}})
-        vec = lambda t: now[t] if t in now else known[t]  # noqa: E731
-        cos = cosine_rows(np.stack([vec(a) for a, _ in pairs]), np.stack([vec(b) for _, b in pairs]))
+        with tqdm(desc="embed cosine", unit="text", disable=not progress, file=sys.stderr) as bar:
+            vecs = embed_unique(embedder, replies_now + refs_now, known=known, progress=bar)
+        if ref_vectors is not None and any(b not in known for b in refs_now):
+            _write_vectors(ref_vectors, {**known, **{b: vecs[b] for b in refs_now}})
+        cos = cosines_of(vecs, replies_now, refs_now)
         for k, c in zip(todo, cos):
             cache[k] = {"prompt": k, "embed_cosine": float(c)}
         _write_cache(cache_path, cache)
