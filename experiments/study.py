@@ -72,7 +72,7 @@ from semloss_jax.data.schema import Record  # noqa: E402
 from semloss_jax.errors import EvalError  # noqa: E402
 from semloss_jax.eval import label_check  # noqa: E402
 from semloss_jax.eval.selection import ranked, refine_setting, select_setting  # noqa: E402
-from semloss_jax.paths import atomic_write_text  # noqa: E402
+from semloss_jax.paths import atomic_write_text, read_jsonl_objects  # noqa: E402
 
 sys.path.insert(0, str(REPO / "experiments"))
 import study_claims  # noqa: E402
@@ -355,7 +355,7 @@ def write_test_labels(generations: Path, out: Path, keep: tuple[str, ...] = ()) 
     """Per TEST reply its id, prompt, judged label and the `keep` fields, not the reply: what
     the report recomputes from (the harmful rate without the prompts that have a near-duplicate
     among D_harmful's, amendment 5; paired benign CE differences from ref_nll / ref_tokens)."""
-    rows = [json.loads(x) for x in generations.read_text().splitlines() if x.strip()]
+    rows = read_jsonl_objects(generations)
     atomic_write_text(out, "".join(json.dumps({"id": r["id"], "prompt": r["prompt"],
                                                "harmful": bool(r["harmful"]), "label": r["label"],
                                                **{k: r.get(k) for k in keep}},
@@ -447,7 +447,7 @@ def val_row(m: Model, lay: Layout) -> dict | None:
     judged, ev = lay.judged(m.name, "harmful_val"), lay.model(m.name) / "val" / "eval.json"
     if not (judged.exists() and ev.exists()):
         return None
-    rows = [json.loads(line) for line in judged.read_text().splitlines() if line.strip()]
+    rows = read_jsonl_objects(judged)
     ce = json.loads(ev.read_text())["sets"]["benign_val"]["reference_ce"]["ce"]
     return {"name": m.name, "family": m.family, "setting": m.setting, "overrides": m.overrides,
             "val_harmful_rate": sum(int(r["harmful"]) for r in rows) / max(len(rows), 1),

@@ -37,7 +37,7 @@ from study_plots import files_digest, paired_points, test_figures
 from study_tables import NAMES, _alternatives, display, replace_region, sensitivity_rows, strict_limits
 
 from semloss_jax.eval.metrics import wilson_interval
-from semloss_jax.paths import atomic_write_text
+from semloss_jax.paths import atomic_write_text, read_jsonl_objects
 
 RATES = ("harmful", "degenerate", "overrefusal", "benign_refusal")
 METHODS = ("tasft_lb", "nll_ascent", "unlikelihood", "dpo", "safeinstr")
@@ -105,7 +105,7 @@ def train_ce_tail(res: Path, name: str, last: int = 20) -> float | None:
     f = res / "models" / name / "metrics.jsonl"
     if not f.exists():
         return None
-    ce = [json.loads(x)["ce"] for x in f.read_text().splitlines() if x.strip()]
+    ce = [r["ce"] for r in read_jsonl_objects(f)]
     return statistics.mean(ce[-last:]) if ce else None
 
 
@@ -201,7 +201,7 @@ def benign_proxies(res: Path, name: str) -> dict:
     f = res / "models" / name / "test_benign_rows.jsonl"
     if not f.exists():
         raise Waiting(f"{name} (test_benign_rows.jsonl)")
-    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    rows = read_jsonl_objects(f)
     return {"n": len(rows), "early_stops": sum(bool(r.get("early_stop")) for r in rows),
             "refusals": sum(bool(r.get("refusal")) for r in rows)}
 

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
 from semloss_jax.data import registry  # noqa: E402
 from semloss_jax.data.readers import read_jsonl  # noqa: E402
 from semloss_jax.models.tokenizer import load_tokenizer  # noqa: E402
-from semloss_jax.paths import atomic_write_text, default_model_path  # noqa: E402
+from semloss_jax.paths import atomic_write_text, default_model_path, read_jsonl_objects  # noqa: E402
 
 BUDGET = REPO / "configs" / "study.yaml"
 OUT = REPO / "runs" / "study_pilot"
@@ -105,7 +105,7 @@ def steptime(args) -> dict:
         load0 = [round(x, 2) for x in os.getloadavg()]
         # timing only: PyRIT's harmful replies stand in for D_harmful (same shapes)
         run = train(f"steptime_{name}", [*ov, "objective.kind=tasft", "data.harmful=pyrit"], steps=args.steps)
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = read_jsonl_objects(run / "metrics.jsonl")
         t = [r["step_time_s"] for r in rows[1:]]
         out[name] = {"median_step_s": statistics.median(t), "steps": len(t),
                      "first_step_s": rows[0]["step_time_s"], "loadavg_start": load0,
@@ -130,7 +130,7 @@ def curves(args) -> dict:
             if not path.exists():
                 continue
             label = f"{folder.name}/{name}"
-            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            rows = read_jsonl_objects(path)
             steps = [r["step"] for r in rows]
             for ax, key in zip(axes, CURVES):
                 v = np.array([r[key] for r in rows])

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from semloss_jax.eval.metrics import wilson_interval
-from semloss_jax.paths import atomic_write_bytes, atomic_write_text
+from semloss_jax.paths import atomic_write_bytes, atomic_write_text, read_jsonl_objects
 
 FILES = ("frontier_val.png", "frontier_val_paired.png", "harm_vs_n_val.png", "curves.png",
          "frontier_test.png", "frontier_test_paired.png", "harm_vs_n_test.png")
@@ -60,7 +60,7 @@ def point(res: Path, name: str) -> dict | None:
     judged, ev = d / "judged_harmful_val.jsonl", d / "val_eval.json"
     if not (judged.exists() and ev.exists()):
         return None
-    rows = [json.loads(line) for line in judged.read_text().splitlines() if line.strip()]
+    rows = read_jsonl_objects(judged)
     ce = json.loads(ev.read_text())["sets"]["benign_val"]["reference_ce"]
     k, n = sum(int(r["harmful"]) for r in rows), len(rows)
     dk = sum(r.get("label") == "degenerate" for r in rows)
@@ -229,7 +229,7 @@ PAIRED_FILES = {"val": ("judged_harmful_val.jsonl", "judged_benign_val.jsonl"),
 def _rows_by_id(path: Path) -> dict[str, dict] | None:
     if not path.exists():
         return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = read_jsonl_objects(path)
     return {r["id"]: r for r in rows}
 
 
@@ -371,7 +371,7 @@ def plot_curves(res: Path, families: dict[str, tuple[str, float | None]], path: 
         if not f.exists():
             continue
         rank = [n for n, (g, _) in order if g == fam].index(name)
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = read_jsonl_objects(f)
         steps = np.array([r["step"] for r in rows])
         for ax, key in zip(axes, ("ce", "harm_nll")):
             vals = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)

@@ -40,7 +40,7 @@ from semloss_jax.data.splits import near_duplicates
 from semloss_jax.errors import EvalError
 from semloss_jax.eval.metrics import paired_ce_difference, wilson_interval
 from semloss_jax.eval.selection import CE_MARGIN, ranked, select_setting
-from semloss_jax.paths import atomic_write_text
+from semloss_jax.paths import atomic_write_text, read_jsonl_objects
 
 NAMES = {"base": "base", "sft": "SFT", "tasft_lb": "TA-SFT LB", "tasft_exact": "TA-SFT exact one-hot",
          "nll_ascent": "NLL ascent", "unlikelihood": "unlikelihood", "dpo": "DPO",
@@ -89,7 +89,7 @@ def val_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str:
 
 def _benign_rows(res: Path, name: str) -> list[dict] | None:
     f = res / "models" / name / "judged_benign_val.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else None
+    return read_jsonl_objects(f) if f.exists() else None
 
 
 def sensitivity_rows(res: Path, families: dict[str, tuple[str, float | None]]) -> dict[str, dict]:
@@ -176,7 +176,7 @@ def near_duplicate_prompts(res: Path, prompts: list[str]) -> set[str] | None:
     f = res / "data" / "d_harmful.jsonl"
     if not f.exists():
         return None
-    train = [json.loads(x)["prompt"] for x in f.read_text().splitlines() if x.strip()]
+    train = [r["prompt"] for r in read_jsonl_objects(f)]
     return {prompts[i] for i in near_duplicates(prompts, train, 0.6)}
 
 
@@ -188,7 +188,7 @@ def test_row(res: Path, name: str) -> dict | None:
         return None
     labels = res / "models" / name / "test_harmful_labels.jsonl"
     clean = None
-    rows = [json.loads(x) for x in labels.read_text().splitlines() if x.strip()] if labels.exists() else []
+    rows = read_jsonl_objects(labels) if labels.exists() else []
     if rows and (dup := near_duplicate_prompts(res, [r["prompt"] for r in rows])) is not None:
         kept = [r for r in rows if r["prompt"] not in dup]
         k, n = sum(r["harmful"] for r in kept), len(kept)

@@ -1,4 +1,5 @@
-"""Where things live on disk: the download cache, the shared data folder, run directories.
+"""Where things live on disk (the download cache, the shared data folder, run directories),
+and the plain file I/O everything shares: atomic writes, JSONL rows read with file:line errors.
 
 Nothing here is fetched; these are pure path computations with explicit overrides
 through environment variables (read at call time, never cached in globals). A run directory may
@@ -7,11 +8,14 @@ and the atomic writes below write through it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 from etils import epath
+
+from semloss_jax.errors import DataError
 
 REMOTE_PREFIXES = ("gs://", "s3://", "az://")
 
@@ -109,3 +113,29 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_text(path, text: str) -> None:
     """atomic_write_bytes of text encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object is an
+    error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "no such file")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, i, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(path, i, None, "expected a JSON object")
+        out.append((i, row))
+    return out
+
+
+def read_jsonl_objects(path: str | os.PathLike) -> list[dict]:
+    """The JSON object of every non-blank line of a JSONL file (read_jsonl_rows without the
+    line numbers)."""
+    return [row for _, row in read_jsonl_rows(path)]

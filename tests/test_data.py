@@ -318,3 +318,22 @@ def test_csv_row_with_wrong_field_count(tmp_path):
     assert s.skipped == {"malformed line": 1, "empty response": 1}
     # physical line numbers survive the skipped multi-line row: "f," is on line 5
     assert any(x.startswith(f"{p}:5: field 'response'") for x in s.examples)
+
+
+def test_plain_jsonl_rows_name_file_and_line(tmp_path):
+    """paths.read_jsonl_rows (any JSON objects, the study's and labelling files): blank lines are
+    skipped but counted, and a bad line, a non-object or a missing file is a DataError naming
+    the file and the physical line."""
+    from semloss_jax.paths import read_jsonl_objects, read_jsonl_rows
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n  \n{"a": 2}\n')
+    assert read_jsonl_rows(p) == [(1, {"a": 1}), (4, {"a": 2})]
+    assert read_jsonl_objects(p) == [{"a": 1}, {"a": 2}]
+    p.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(DataError, match=rf"^{p}:3: not valid JSON"):
+        read_jsonl_objects(p)
+    p.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=rf"^{p}:2: expected a JSON object"):
+        read_jsonl_rows(p)
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
+        read_jsonl_rows(tmp_path / "missing.jsonl")

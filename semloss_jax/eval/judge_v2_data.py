@@ -21,7 +21,7 @@ from semloss_jax.data.splits import normalize
 from semloss_jax.errors import DataError
 from semloss_jax.eval import judges
 from semloss_jax.eval.judge_v2 import CLASSES, hand_features
-from semloss_jax.eval.label import read_jsonl_rows
+from semloss_jax.paths import read_jsonl_rows
 
 TEST_PART = "harmful_test"
 LABELLED_FIELDS = ("uid", "prompt", "response", "kind", "part", "model", "label")

@@ -40,7 +40,7 @@ import numpy as np
 
 from semloss_jax.errors import DataError, EvalError, cli_main
 from semloss_jax.eval.agreement import agreement_report, format_confusion
-from semloss_jax.paths import atomic_write_text
+from semloss_jax.paths import atomic_write_text, read_jsonl_rows
 
 JUDGE_DATA = Path(__file__).resolve().parent / "judge_data"  # the shipped pool, batches and labels
 CLASSES = ("harmful", "refusal", "safe", "degenerate")
@@ -83,26 +83,6 @@ Record: set --batch FILE UID=LABEL[:HELPFULNESS]
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object is an
-    error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, None, "no such file")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, i, None, f"not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(path, i, None, "expected a JSON object")
-        out.append((i, row))
-    return out
-
 
 def write_jsonl_rows(path: Path, rows: Sequence[dict]) -> None:
     """JSONL written atomically (temporary name, then rename)."""

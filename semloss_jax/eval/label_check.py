@@ -33,7 +33,7 @@ from semloss_jax.errors import DataError, EvalError, cli_main
 from semloss_jax.eval import label
 from semloss_jax.eval.judges import binary_auc
 from semloss_jax.eval.metrics import rate_summary
-from semloss_jax.paths import atomic_write_text
+from semloss_jax.paths import atomic_write_text, read_jsonl_rows
 
 JUDGED_FIELDS = {"prompt": str, "response": str, "harm_prob": (int, float), "harmful": (int, bool),
                  "label": str}
@@ -42,7 +42,7 @@ JUDGED_FIELDS = {"prompt": str, "response": str, "harm_prob": (int, float), "har
 def read_judged(path: Path) -> list[dict]:
     """The rows of an `eval.py judge` output, checked field by field (file and line named)."""
     rows = []
-    for i, row in label.read_jsonl_rows(path):
+    for i, row in read_jsonl_rows(path):
         for f, t in JUDGED_FIELDS.items():
             if not isinstance(row.get(f), t):
                 raise DataError(path, i, f, "missing or of the wrong type (is this `eval.py "
