@@ -2,7 +2,7 @@
 """The safety-vs-ability study: every method at one frozen budget, settings chosen on validation.
 
     nice -n 10 python experiments/study.py [--out runs/study] [--only GLOB ...] [--max-parts N]
-    python experiments/study.py --list            # every part and its state, nothing is run
+    python experiments/study.py --list            # every part, its state and the time left; runs nothing
 
 One resumable command. The work is cut into parts that each fit a 2-core CPU in under 2 hours;
 a part whose output exists is skipped, so rerunning the command continues where it stopped
@@ -56,6 +56,7 @@ import fnmatch
 import hashlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -664,6 +665,42 @@ def state(p: Part) -> str:
     return f"blocked: {why}" if why else "ready"
 
 
+def kind_of(name: str) -> tuple[str, ...]:
+    """The keys a part is timed by, most specific first: a model's part (train/, val/, judge/,
+    test/) by its prefix and method family, then by its prefix alone ('train/dpo': a DPO run
+    also scores the chosen replies, after computing their reference log-probabilities); any
+    other part (data/, labelcheck/, select, ...) only by its own name."""
+    prefix, _, rest = name.partition("/")
+    if prefix not in ("train", "val", "judge", "test"):
+        return (name,)
+    fam = next((f for f in SWEEPS if rest.startswith(f + "_")), None)
+    return (f"{prefix}/{fam}", prefix) if fam else (prefix,)
+
+
+def time_left(names: list[str], walls: dict[str, float]) -> str:
+    """One line: the listed parts' time, each at the median wall time of the finished parts it
+    is timed by (kind_of); the parts with nothing finished to time them by are counted apart.
+    Parts that later choices add (refinements, seeds, ...) are not listed yet."""
+    by: dict[str, list[float]] = {}
+    for n, w in walls.items():
+        for key in kind_of(n):
+            by.setdefault(key, []).append(w)
+    total, untimed = 0.0, {}
+    for n in names:
+        ws = next((by[k] for k in kind_of(n) if k in by), None)
+        if ws:
+            total += statistics.median(ws)
+        else:
+            untimed[kind_of(n)[-1]] = untimed.get(kind_of(n)[-1], 0) + 1
+    line = (f"time left for {len(names) - sum(untimed.values())} of the {len(names)} parts "
+            f"not done: about {total / 3600:.1f} h (each at the median wall time of the finished "
+            f"parts of its kind, which ran beside other jobs at times)")
+    if untimed:
+        line += "; nothing finished to time " + ", ".join(f"{v} x {k}" for k, v in untimed.items())
+    return line + ("; parts that later choices add (refinements, exact EMD, N and sampled runs, "
+                   "seeds) are not listed yet")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ready parts in order (or list them); returns 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -671,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="docs/study", help="small result files (committed)")
     ap.add_argument("--only", nargs="*", default=None, help="glob patterns of part names (e.g. 'train/*')")
     ap.add_argument("--max-parts", type=int, default=None, help="stop after running this many parts")
-    ap.add_argument("--list", action="store_true", help="print every part and its state; run nothing")
+    ap.add_argument("--list", action="store_true",
+                    help="print every part, its state and an estimate of the time left; run nothing")
     args = ap.parse_args(argv)
     lay = Layout((REPO / args.out).resolve(), (REPO / args.results).resolve())
     restored = restore(lay)
@@ -683,8 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.only is None or any(fnmatch.fnmatch(p.name, g) for g in args.only)
 
     if args.list:
-        for p in all_parts(lay, judge_ok):
+        parts = all_parts(lay, judge_ok)
+        for p in parts:
             print(f"{p.name:40s} {state(p)}")
+        walls = json.loads((lay.out / "parts.json").read_text()) if (lay.out / "parts.json").exists() else {}
+        print(time_left([p.name for p in parts if not p.done()],
+                        {n: d["wall_s"] for n, d in walls.items()}))
         return 0
     n_ran, stuck = 0, set()  # stuck: ran and still not done (not tried again in this invocation)
     while args.max_parts is None or n_ran < args.max_parts:

@@ -800,3 +800,20 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     assert len(trains) == len(names) - 1
     tables = (res / "tables.md").read_text()
     assert "## test" in tables and "## sensitivity" in tables
+
+
+def test_time_left_times_each_part_by_the_finished_parts_of_its_kind():
+    """--list's estimate: a DPO training by the DPO trainings, another method's by every
+    training (no finished one of its family), a validation by the validations; a test part,
+    with none finished, and a data part, timed only by its own name, are counted apart."""
+    walls = {"train/dpo_l0.1": 4000.0, "train/dpo_l0.3": 3800.0, "train/tasft_lb_l1": 1800.0,
+             "val/sft": 600.0, "val/dpo_l1": 700.0, "val/dpo_l0.1": 650.0,
+             "data/harvest": 4780.0, "select": 1.0}
+    assert study.kind_of("train/dpo_l3") == ("train/dpo", "train")
+    assert study.kind_of("val/sft") == ("val",) and study.kind_of("data/harvest_sampled") == (
+        "data/harvest_sampled",)
+    line = study.time_left(["train/dpo_l3", "train/safeinstr_n100", "val/safeinstr_n100",
+                            "test/sft", "data/harvest_sampled"], walls)
+    # 3900 (DPO median) + 3800 (median of all three trainings) + 650 (validations) = 8350 s
+    assert line.startswith("time left for 3 of the 5 parts not done: about 2.3 h")
+    assert "nothing finished to time 1 x test, 1 x data/harvest_sampled" in line
