@@ -7,7 +7,8 @@ Any clone redraws them without a run folder:
                        across its sweep, base and SFT as single points, the selection's CE bound
                        (1.05 x SFT) dashed, each method's choice ringed once select has run;
                        beside it the degenerate share of the same replies against the same CE
-                       (a model can look safe by breaking its replies)
+                       (a model can look safe by breaking its replies), and the share of the
+                       benign validation instructions it refuses (or by refusing everything)
     frontier_val_paired.png
                        the same frontier as differences from SFT on the same prompts: harmful
                        rate minus SFT's and benign CE minus SFT's, each with its paired bootstrap
@@ -55,7 +56,9 @@ COLORS = {"tasft_lb": "tab:blue", "tasft_exact": "tab:cyan", "nll_ascent": "tab:
 def point(res: Path, name: str) -> dict | None:
     """One model's validation figures from its committed files, or None while they are missing:
     harmful k of n (judged harmful_val) with its Wilson interval, the degenerate share of the
-    same replies with its interval, benign CE with its interval, the count of each judged label."""
+    same replies with its interval, benign CE with its interval, the count of each judged label,
+    and (when its judged benign_val rows are committed) the share of the benign instructions it
+    refused (refusal detector) with its interval."""
     d = res / "models" / name
     judged, ev = d / "judged_harmful_val.jsonl", d / "val_eval.json"
     if not (judged.exists() and ev.exists()):
@@ -64,9 +67,15 @@ def point(res: Path, name: str) -> dict | None:
     ce = json.loads(ev.read_text())["sets"]["benign_val"]["reference_ce"]
     k, n = sum(int(r["harmful"]) for r in rows), len(rows)
     dk = sum(r.get("label") == "degenerate" for r in rows)
-    return {"name": name, "k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95)),
-            "degenerate": dk / n, "degenerate_wilson": list(wilson_interval(dk, n, 0.95)),
-            "ce": ce["ce"], "ce_ci": ce["ci"], "classes": dict(Counter(r.get("label") for r in rows))}
+    out = {"name": name, "k": k, "n": n, "rate": k / n, "wilson": list(wilson_interval(k, n, 0.95)),
+           "degenerate": dk / n, "degenerate_wilson": list(wilson_interval(dk, n, 0.95)),
+           "ce": ce["ce"], "ce_ci": ce["ci"], "classes": dict(Counter(r.get("label") for r in rows))}
+    if (benign := d / "judged_benign_val.jsonl").exists():
+        b = read_jsonl_objects(benign)
+        rk = sum(bool(r["refusal"]) for r in b)
+        out |= {"benign_refusal": rk / len(b),
+                "benign_refusal_wilson": list(wilson_interval(rk, len(b), 0.95))}
+    return out
 
 
 def test_figures(res: Path, name: str) -> dict | None:
@@ -136,7 +145,8 @@ def _errorbar(ax, p: dict, color: str, y: str = "rate", **kw) -> None:
 
 PANELS = {"rate": "harmful rate, {split} prompts (judge v2)",
           "degenerate": "degenerate share of the same replies (judge v2)",
-          "overrefusal": "over-refusal rate, over-refusal prompts"}
+          "overrefusal": "over-refusal rate, over-refusal prompts",
+          "benign_refusal": "refusal rate, benign {split} instructions (refusal detector)"}
 SPLITS = {"val": "validation", "test": "test"}
 
 
@@ -216,7 +226,9 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
                       fontsize=10)
     axes[1].set_title("...and how many of those replies are broken text", fontsize=10)
     if len(panels) > 2:
-        axes[2].set_title("...and what it costs on prompts that only look harmful", fontsize=10)
+        axes[2].set_title("...and what it costs on prompts that only look harmful" if
+                          panels[2] == "overrefusal" else "...and how often it refuses a benign "
+                          "instruction", fontsize=10)
     _save(fig, path)
     plt.close(fig)
     return len(points)
@@ -406,8 +418,10 @@ def draw(res: Path, families: dict[str, tuple[str, float | None]], n_sweep: int 
     chosen = {v["name"] for v in sel.values() if isinstance(v, dict) and "name" in v
               and "setting" in v and v.get("overrides") is not None}
     summary = {"digest": inputs_digest(res, list(families)),
-               "frontier_val": plot_frontier({n: p for n, p in points.items() if n in sweep}, families,
-                                             chosen, out / "frontier_val.png"),
+               "frontier_val": plot_frontier(
+                   {n: p for n, p in points.items() if n in sweep}, families, chosen,
+                   out / "frontier_val.png", "val", ("rate", "degenerate", "benign_refusal")
+                   if all("benign_refusal" in p for p in points.values()) else ("rate", "degenerate")),
                "curves": plot_curves(res, sweep, out / "curves.png")}
     paired = paired_points(res, list(sweep))
     if len(paired) >= 2 and "sft" in points:

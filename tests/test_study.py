@@ -330,6 +330,14 @@ def test_plots_are_drawn_from_the_committed_results_and_redrawn_when_one_changes
     p = study_plots.point(lay.results, "sft")
     lo, hi = p["degenerate_wilson"]
     assert p["k"] == 10 and p["degenerate"] == 0.25 and lo < 0.25 < hi
+    assert "benign_refusal" not in p          # its judged benign rows are not committed: no panel
+    # with them, the share of benign instructions refused (the frontier's third panel)
+    (lay.results / "models" / "sft" / "judged_benign_val.jsonl").write_text("".join(json.dumps(
+        {"id": f"b{i}", "refusal": i < 3, "label": "refusal" if i < 3 else "safe"}) + "\n"
+        for i in range(12)))
+    p = study_plots.point(lay.results, "sft")
+    lo, hi = p["benign_refusal_wilson"]
+    assert p["benign_refusal"] == 0.25 and lo < 0.25 < hi
 
 
 def test_a_diverged_model_sits_on_the_edge_of_the_ce_axis_with_its_ce_kept():
@@ -361,7 +369,7 @@ def test_the_paired_frontier_puts_sft_at_the_origin_and_shows_a_gap_the_unpaired
              "label": "harmful" if safe_from_sft <= i < 20 else "safe"}) + "\n" for i in range(40)))
         (d / "judged_benign_val.jsonl").write_text("".join(json.dumps(
             {"id": f"b{i}", "ref_nll": float((per_tok[i] + extra) * tok[i]),
-             "ref_tokens": int(tok[i])}) + "\n" for i in range(40)))
+             "ref_tokens": int(tok[i]), "refusal": False}) + "\n" for i in range(40)))
         ce = float(((per_tok + extra) * tok).sum() / tok.sum())
         (d / "val_eval.json").write_text(json.dumps(
             {"sets": {"benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.3, ce + 0.3]}}}}))
@@ -578,7 +586,7 @@ def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_p
                 for i in range(20)))
             d.joinpath("judged_benign_val.jsonl").write_text("".join(json.dumps(
                 {"id": f"b{i}", "ref_nll": (ce(m) + 0.1 * i - 0.95) * 10, "ref_tokens": 10,
-                 "early_stop": False, "label": "safe"}) + "\n" for i in range(20)))
+                 "early_stop": False, "label": "safe", "refusal": False}) + "\n" for i in range(20)))
             d.joinpath("val_eval.json").write_text(json.dumps({"sets": {"benign_val": {
                 "reference_ce": {"ce": ce(m), "ci": [ce(m) - 0.1, ce(m) + 0.1]}}}}))
     rules = study_claims.choices(res, fams, sel)
@@ -659,7 +667,7 @@ def test_sensitivity_table_pairs_the_benign_rows_and_applies_each_alternative(tm
              "degenerate" if i < harm + degenerate else "safe"}) + "\n" for i in range(20)))
         d.joinpath("judged_benign_val.jsonl").write_text("".join(json.dumps(
             {"id": f"b{i}", "ref_nll": (1.0 + 0.1 * i + ce_shift) * 10, "ref_tokens": 10,
-             "early_stop": i < early, "label": "safe"}) + "\n" for i in range(20)))
+             "early_stop": i < early, "label": "safe", "refusal": False}) + "\n" for i in range(20)))
         ce = 1.95 + ce_shift
         d.joinpath("val_eval.json").write_text(json.dumps(
             {"sets": {"benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
@@ -707,7 +715,8 @@ def _fake_commands(lay, calls):
     def rows(prefix, n, rate, extra=None):
         k = round(rate * n)
         return [{"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "response": f"reply {i}",
-                 "harmful": i < k, "label": "harmful" if i < k else "safe", **(extra or {})}
+                 "harmful": i < k, "label": "harmful" if i < k else "safe", "refusal": False,
+                 **(extra or {})}
                 for i in range(n)]
 
     def write_rows(path, rs):
