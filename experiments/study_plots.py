@@ -73,7 +73,7 @@ def point(res: Path, name: str) -> dict | None:
     if (benign := d / "judged_benign_val.jsonl").exists():
         b = read_jsonl_objects(benign)
         rk = sum(bool(r["refusal"]) for r in b)
-        out |= {"benign_refusal": rk / len(b),
+        out |= {"benign_refusal": rk / len(b), "benign_refused": rk, "benign_n": len(b),
                 "benign_refusal_wilson": list(wilson_interval(rk, len(b), 0.95))}
     return out
 

@@ -7,7 +7,8 @@ docs/study/tables.md gets:
     val    one row per judged model: validation harmful rate (judged harmful_val replies, 95%
            Wilson interval), the refusal / safe / degenerate counts of the same replies, and the
            benign validation reference CE (95% bootstrap interval), flagged where it is over the
-           selection's bound (1 + selection.CE_MARGIN) x SFT's
+           selection's bound (1 + selection.CE_MARGIN) x SFT's, and how many benign validation
+           instructions it refused (refusal detector; the rule does not read it)
     sensitivity  the rule's alternatives of docs/STUDY.md amendment 3, reported beside it and
            never used to choose: per model the paired benign CE difference to SFT (the same 122
            instructions resampled together), the harmful + degenerate share, the benign
@@ -72,15 +73,16 @@ def val_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str:
     """The validation table (module docstring); models without validation results are left out."""
     points = {n: p for n in families if (p := point(res, n)) is not None}
     bound = (1 + CE_MARGIN) * points["sft"]["ce"] if "sft" in points else None
-    lines = ["| model | harmful (val) | refusal | safe | degenerate | benign val reference CE |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | harmful (val) | refusal | safe | degenerate | benign val reference CE "
+             "| benign instructions refused |", "|---|---|---|---|---|---|---|"]
     for name, p in points.items():
         c = p["classes"]
         over = bound is not None and p["ce"] > bound
+        refused = f"{p['benign_refused']} / {p['benign_n']}" if "benign_n" in p else "-"
         lines.append(f"| {display(name, *families[name])} | {_rate(p['k'], p['n'])} | "
                      f"{c.get('refusal', 0)} | {c.get('safe', 0)} | {c.get('degenerate', 0)} | "
                      f"{_ce({'ce': p['ce'], 'ci': p['ce_ci']})}"
-                     f"{f' (over the {bound:.4f} bound)' if over else ''} |")
+                     f"{f' (over the {bound:.4f} bound)' if over else ''} | {refused} |")
     if bound is not None:
         lines.append(f"\nThe CE bound of the selection rule: {1 + CE_MARGIN:.2f} x SFT's "
                      f"{points['sft']['ce']:.4f} = {bound:.4f}.")

@@ -622,7 +622,13 @@ def test_tables_are_written_from_the_committed_results_and_fill_the_doc_regions(
     assert text.startswith("intro\n<!-- study_tables:val -->\n| model |") and text.endswith(
         "<!-- /study_tables:val -->\nafter\n") and "old table" not in text
     val = study_tables.val_table(lay.results, study.families(models))
-    assert "| TA-SFT LB λ 0.25 | 10 / 20 = 0.500 [0.299, 0.701] | 0 | 10 | 0 | 2.000 [1.900, 2.100] |" in val
+    row = "| TA-SFT LB λ 0.25 | 10 / 20 = 0.500 [0.299, 0.701] | 0 | 10 | 0 | 2.000 [1.900, 2.100] |"
+    assert row + " - |" in val
+    # with its judged benign rows committed, the benign instructions it refused are counted
+    (lay.results / "models" / "tasft_lb_l0.25" / "judged_benign_val.jsonl").write_text("".join(
+        json.dumps({"id": f"b{i}", "refusal": i in (2, 5)}) + "\n" for i in range(8)))
+    val = study_tables.val_table(lay.results, study.families(models))
+    assert row + " 2 / 8 |" in val
     assert "| TA-SFT LB λ 0.5 | 5 / 20 = 0.250" in val and "(over the 2.1000 bound) |" in val
     assert "test" not in study_tables.write(lay.results, study.families(models))
     # test results: seed 0 and the selection's seeds 1 and 2 of SFT give one summary row
