@@ -147,6 +147,9 @@ PANELS = {"rate": "harmful rate, {split} prompts (judge v2)",
           "degenerate": "degenerate share of the same replies (judge v2)",
           "overrefusal": "over-refusal rate, over-refusal prompts",
           "benign_refusal": "refusal rate, benign {split} instructions (refusal detector)"}
+TITLES = {"degenerate": "...and how many of those replies are broken text",
+          "overrefusal": "...and what it costs on prompts that only look harmful",
+          "benign_refusal": "...and how often it refuses a benign instruction"}
 SPLITS = {"val": "validation", "test": "test"}
 
 
@@ -224,11 +227,8 @@ def plot_frontier(points: dict[str, dict], families: dict[str, tuple[str, float 
         axes[0].legend(fontsize=7, loc="upper right")
     axes[0].set_title(f"{word.capitalize()} frontier ({len(points)} models; best: bottom left)",
                       fontsize=10)
-    axes[1].set_title("...and how many of those replies are broken text", fontsize=10)
-    if len(panels) > 2:
-        axes[2].set_title("...and what it costs on prompts that only look harmful" if
-                          panels[2] == "overrefusal" else "...and how often it refuses a benign "
-                          "instruction", fontsize=10)
+    for ax, y in zip(axes[1:], panels[1:]):
+        ax.set_title(TITLES[y], fontsize=10)
     _save(fig, path)
     plt.close(fig)
     return len(points)
