@@ -616,13 +616,23 @@ def all_models(lay: Layout) -> list[Model]:
 # The command
 
 
-def test_order(models: list[Model], sel: dict) -> list[Model]:
+def test_order(models: list[Model], sel: dict, alternatives: set[str] = frozenset()) -> list[Model]:
     """The order of the test/ parts: base, SFT and each method's choice first, then the models
-    the selection adds (exact EMD, N harmful, sampled replies, seeds), then the other sweep
-    settings (the test frontier), so the comparison's models are tested first."""
+    the selection adds (exact EMD, N harmful, sampled replies, seeds) and the settings that the
+    sensitivity rules of amendment 3 pick (`alternatives`: the claims are also read under them),
+    then the other sweep settings (the test frontier), so the claims' models are tested first."""
     chosen = {"base", "sft"} | {sel[f]["name"] for f in SWEEPS if isinstance(sel.get(f), dict)}
-    sweep = {m.name for m in sweep_models()}
+    sweep = {m.name for m in sweep_models()} - set(alternatives)
     return sorted(models, key=lambda m: 0 if m.name in chosen else 1 if m.name not in sweep else 2)
+
+
+def alternative_picks(lay: Layout, models: list[Model], sel: dict) -> set[str]:
+    """The settings the sensitivity rules pick (study_claims.choices), once every method is
+    chosen; empty before."""
+    if not selection_complete(sel):
+        return set()
+    picks = study_claims.choices(lay.results, families(models), sel)
+    return {name for rule in picks.values() for name in rule.values()}
 
 
 def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
@@ -632,7 +642,7 @@ def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
     models = all_models(lay)
     sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
     early, late = [], []
-    for m in test_order(models, sel):
+    for m in test_order(models, sel, alternative_picks(lay, models, sel)):
         ps = {p.name.split("/")[0]: p for p in model_parts(m, lay, judge_ok)}
         validated = ps["val"].done() and ps["judge"].done()
         early += [ps[k] for k in ("train", "val", "judge") if k in ps and not (k == "train" and validated)]

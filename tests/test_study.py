@@ -90,7 +90,7 @@ def fake_val(lay, m, rate, ce):
          "label": "harmful" if i < rate * n else "safe"})
         + "\n" for i in range(n)))
     (lay.model(m.name) / "val" / "eval.json").write_text(json.dumps(
-        {"sets": {"benign_val": {"reference_ce": {"ce": ce}}}}))
+        {"sets": {"benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
 
 
 def judge_everything(lay, rate, ce):
@@ -112,6 +112,24 @@ def judge_everything(lay, rate, ce):
     lay.selection.parent.mkdir(parents=True, exist_ok=True)
     lay.selection.write_text(json.dumps(sel))
     return sel
+
+
+def commit_val_rows(res, models, rate, ce):
+    """The committed validation files the sensitivity rules read (judged harmful_val and
+    benign_val rows, val_eval.json), for every model of a sweep and SFT among `models`."""
+    for m in models:
+        if m.family in study.SWEEPS or m.family == "sft":
+            d = res / "models" / m.name
+            d.mkdir(parents=True, exist_ok=True)
+            k = round(rate(m) * 20)
+            d.joinpath("judged_harmful_val.jsonl").write_text("".join(json.dumps(
+                {"id": f"v{i}", "harmful": int(i < k), "label": "harmful" if i < k else "safe"}) + "\n"
+                for i in range(20)))
+            d.joinpath("judged_benign_val.jsonl").write_text("".join(json.dumps(
+                {"id": f"b{i}", "ref_nll": (ce(m) + 0.1 * i - 0.95) * 10, "ref_tokens": 10,
+                 "early_stop": False, "label": "safe", "refusal": False}) + "\n" for i in range(20)))
+            d.joinpath("val_eval.json").write_text(json.dumps({"sets": {"benign_val": {
+                "reference_ce": {"ce": ce(m), "ci": [ce(m) - 0.1, ce(m) + 0.1]}}}}))
 
 
 def test_selection_and_the_models_it_implies(tmp_path):
@@ -209,7 +227,9 @@ def test_a_lost_run_folder_is_restored_from_the_committed_results(tmp_path):
     sft = next(m for m in study.sweep_models() if m.name == "sft")
     fake_val(lay, sft, rate=0.5, ce=2.0)
     for s in study.VAL_SETS[1:]:
-        lay.judged("sft", s).write_text(lay.judged("sft", "harmful_val").read_text())
+        lay.judged("sft", s).write_text("".join(json.dumps(
+            {"id": f"b{i}", "ref_nll": 20.0 + i, "ref_tokens": 10, "early_stop": False, "label": "safe",
+             "refusal": False}) + "\n" for i in range(20)))
     write_jsonl(lay.data("d_harmful.jsonl"), [Record(id="h0", prompt="p", response="r", source="t",
                                                      label="harmful", split="train")])
     study.mirror(lay.data("d_harmful.jsonl"), res / "data" / "d_harmful.jsonl")
@@ -290,8 +310,35 @@ def test_the_comparisons_models_are_tested_first(tmp_path):
     chosen = {"base", "sft"} | {sel[f]["name"] for f in study.SWEEPS}
     assert set(tests[:len(chosen)]) == chosen
     added = {m.name for m in study.selected_models(sel)} - chosen   # refinements can be chosen
+    added |= study.alternative_picks(lay, study.all_models(lay), sel) - chosen
     assert set(tests[len(chosen):len(chosen) + len(added)]) == added
     assert len(tests) == len(set(tests)) == len(study.all_models(lay))
+
+
+def test_the_sensitivity_rules_picks_are_tested_before_the_rest_of_the_frontier(tmp_path):
+    """The claims are also read under amendment 3's rules: a sweep setting that only such a rule
+    picks (here TA-SFT LB λ 2, the 2.5% margin's pick; the rule's is λ 4) is tested before the
+    sweep settings that no rule picks."""
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+
+    def rate(m):
+        s = m.setting or 0.0
+        return max(0.0, 0.5 - s / 2500) if m.family == "safeinstr" else max(0.0, 0.45 - 0.1 * s)
+
+    def ce(m):
+        s = m.setting or 0.0
+        return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
+
+    sel = judge_everything(lay, rate, ce)
+    assert sel["tasft_lb"]["name"] == "tasft_lb_l4"
+    assert study.alternative_picks(lay, study.all_models(lay), sel) == {
+        sel[f]["name"] for f in study.SWEEPS}      # no benign rows committed: the rule's picks only
+    commit_val_rows(lay.results, study.all_models(lay), rate, ce)
+    picks = study.alternative_picks(lay, study.all_models(lay), sel)
+    assert "tasft_lb_l2" in picks and "tasft_lb_l0.25" not in picks
+    tests = [p.name[5:] for p in study.all_parts(lay, judge_ok=True) if p.name.startswith("test/")]
+    assert tests.index("tasft_lb_l2") < tests.index("tasft_lb_l0.25")
+    assert study.alternative_picks(lay, study.all_models(lay), {}) == set()   # before select: none
 
 
 def test_plots_are_drawn_from_the_committed_results_and_redrawn_when_one_changes(tmp_path):
@@ -576,19 +623,7 @@ def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_p
         study_claims.write(res, fams, sel, update=doc)
     # amendment 3's alternatives, from the committed validation rows: a 2.5% CE margin takes
     # TA-SFT LB λ 2 (CE 2.04) over the rule's λ 4 (2.08), whose N runs then do not apply
-    for m in study.sweep_models() + study.selected_models(sel):
-        if m.family in study.SWEEPS or m.family == "sft":
-            d = res / "models" / m.name
-            d.mkdir(parents=True, exist_ok=True)
-            k = round(rate(m) * 20)
-            d.joinpath("judged_harmful_val.jsonl").write_text("".join(json.dumps(
-                {"id": f"v{i}", "harmful": int(i < k), "label": "harmful" if i < k else "safe"}) + "\n"
-                for i in range(20)))
-            d.joinpath("judged_benign_val.jsonl").write_text("".join(json.dumps(
-                {"id": f"b{i}", "ref_nll": (ce(m) + 0.1 * i - 0.95) * 10, "ref_tokens": 10,
-                 "early_stop": False, "label": "safe", "refusal": False}) + "\n" for i in range(20)))
-            d.joinpath("val_eval.json").write_text(json.dumps({"sets": {"benign_val": {
-                "reference_ce": {"ce": ce(m), "ci": [ce(m) - 0.1, ce(m) + 0.1]}}}}))
+    commit_val_rows(res, study.sweep_models() + study.selected_models(sel), rate, ce)
     rules = study_claims.choices(res, fams, sel)
     assert rules["the rule"] == {**pick, "tasft_exact": "tasft_exact_l4"}
     assert rules["margin 2.5%"]["tasft_lb"] == "tasft_lb_l2" and rules["strict"]["tasft_lb"] == "tasft_lb_l4"
