@@ -114,6 +114,18 @@ def judge_everything(lay, rate, ce):
     return sel
 
 
+def falling_rate(m):
+    """Fake validation harmful rate: falls with the setting (SafeInstr: with N)."""
+    s = m.setting or 0.0
+    return max(0.0, 0.5 - s / 2500) if m.family == "safeinstr" else max(0.0, 0.45 - 0.1 * s)
+
+
+def rising_ce(m):
+    """Fake benign CE: rises with the setting, within 5% of SFT's 2.0 up to λ 5 (SafeInstr: N 3000)."""
+    s = m.setting or 0.0
+    return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
+
+
 def commit_val_rows(res, models, rate, ce):
     """The committed validation files the sensitivity rules read (judged harmful_val and
     benign_val rows, val_eval.json), for every model of a sweep and SFT among `models`."""
@@ -321,14 +333,7 @@ def test_the_sensitivity_rules_picks_are_tested_before_the_rest_of_the_frontier(
     sweep settings that no rule picks."""
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
 
-    def rate(m):
-        s = m.setting or 0.0
-        return max(0.0, 0.5 - s / 2500) if m.family == "safeinstr" else max(0.0, 0.45 - 0.1 * s)
-
-    def ce(m):
-        s = m.setting or 0.0
-        return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
-
+    rate, ce = falling_rate, rising_ce
     sel = judge_everything(lay, rate, ce)
     assert sel["tasft_lb"]["name"] == "tasft_lb_l4"
     assert study.alternative_picks(lay, study.all_models(lay), sel) == {
@@ -545,14 +550,7 @@ def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_p
     above SFT's pooled interval is over-alignment; a model without test results is waited for."""
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
 
-    def rate(m):
-        s = m.setting or 0.0
-        return max(0.0, 0.5 - s / 2500) if m.family == "safeinstr" else max(0.0, 0.45 - 0.1 * s)
-
-    def ce(m):
-        s = m.setting or 0.0
-        return 2.0 + s / 30000 if m.family == "safeinstr" else 2.0 + 0.02 * s
-
+    rate, ce = falling_rate, rising_ce
     sel = judge_everything(lay, rate, ce)
     sel["tasft_exact"] = {"name": "tasft_exact_l4", "setting": 4.0, "overrides": ["objective.lam=4"]}
     res = lay.results
