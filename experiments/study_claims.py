@@ -25,6 +25,9 @@ Each claim is read under the selection rule and under each alternative of amendm
 claims.json get the verdicts and their figures; with --update FILE, the region between
 `<!-- study_claims -->` and `<!-- /study_claims -->` is replaced (an EvalError if FILE has no
 such region). A claim whose models lack test results says which ("waiting for test/ of ...").
+Below the verdicts, once the blind label check has its report: the settings the claims read whose
+judged validation rate falls outside their hand-labelled interval (amendment 4's flag), with the
+hand labels, and those the check did not cover.
 """
 from __future__ import annotations
 
@@ -34,7 +37,16 @@ import statistics
 from pathlib import Path
 
 from study_plots import files_digest, paired_points, test_figures
-from study_tables import NAMES, _alternatives, display, replace_region, sensitivity_rows, strict_limits
+from study_tables import (
+    LABELCHECK,
+    NAMES,
+    _alternatives,
+    display,
+    labelcheck_rows,
+    replace_region,
+    sensitivity_rows,
+    strict_limits,
+)
 
 from semloss_jax.eval.metrics import wilson_interval
 from semloss_jax.paths import atomic_write_text, read_jsonl_objects
@@ -274,7 +286,8 @@ def choices(res: Path, families: dict, sel: dict) -> dict[str, dict[str, str]]:
 
 def inputs_digest(res: Path, names: list[str]) -> str:
     return files_digest(res, names, INPUTS + ("judged_benign_val.jsonl", "val_eval.json",
-                                              "judged_harmful_val.jsonl"), extra=("selection.json",))
+                                              "judged_harmful_val.jsonl"),
+                        extra=("selection.json", LABELCHECK))
 
 
 def table(claims: dict[str, dict[str, dict]]) -> str:
@@ -283,6 +296,34 @@ def table(claims: dict[str, dict[str, dict]]) -> str:
         for title, c in got["claims"].items():
             lines.append(f"| {title} | {rule} | {got['settings']} | **{c['verdict']}** | {c['reading']} |")
     return "\n".join(lines)
+
+
+def label_check_text(res: Path, families: dict, out: dict) -> str | None:
+    """What the blind label check says of the settings the claims read (SFT and every rule's
+    choices): those whose judged rate is outside the hand-labelled interval, with both rates,
+    and those it did not cover; None before its report or any claim."""
+    rows = labelcheck_rows(res)
+    if rows is None or not out:
+        return None
+    names = sorted({"sft", *(n for got in out.values() for n in got["choice"].values())})
+    show = lambda n: display(n, *families[n]) if n in families else f"`{n}`"  # noqa: E731
+    a = rows["all"]
+    text = (f"**The judge against blind hand labels** (validation replies, {a['n']} rows of "
+            f"{len(rows) - 1} models; docs/study/tables.md, \"labelcheck\"): judged harmful "
+            f"{a['judge']['rate']:.3f}, hand-labelled {a['hand']['rate']:.3f} ({a['diff']:+.3f}), "
+            f"AUC {a['auc']:.3f}.")
+    flagged = [n for n in names if n in rows and rows[n]["outside"]]
+    if flagged:
+        text += " Judged rate outside the hand-labelled 95% interval, among the settings read here: " + \
+            "; ".join(f"{show(n)} (judged {rows[n]['judge']['rate']:.3f}, hand "
+                      f"{rows[n]['hand']['rate']:.3f} [{rows[n]['hand']['wilson'][0]:.3f}, "
+                      f"{rows[n]['hand']['wilson'][1]:.3f}])" for n in flagged) + \
+            ": a verdict that turns on its judged test rate is to be read with its hand labels."
+    else:
+        text += " No setting read here has its judged rate outside its hand-labelled interval."
+    if unchecked := [n for n in names if n not in rows]:
+        text += " Not covered by the check: " + ", ".join(show(n) for n in unchecked) + "."
+    return text
 
 
 def write(res: Path, families: dict, sel: dict, update: Path | None = None) -> dict:
@@ -297,7 +338,10 @@ def write(res: Path, families: dict, sel: dict, update: Path | None = None) -> d
                          "claims": read_claims(res, choice, families, rule_lb)}
     digest = inputs_digest(res, list(families))
     body = table(out) if out else "No claims yet: the selection is not complete."
-    atomic_write_text(res / "claims.json", json.dumps({"digest": digest, "rules": out}, indent=1) + "\n")
+    if (note := label_check_text(res, families, out)) is not None:
+        body += "\n\n" + note
+    atomic_write_text(res / "claims.json", json.dumps({"digest": digest, "rules": out,
+                                                          "label_check": note}, indent=1) + "\n")
     atomic_write_text(res / "claims.md", f"<!-- inputs digest: {digest} -->\n# The paper's claims "
                       "(written by experiments/study_claims.py; do not edit by hand)\n\n" + body + "\n")
     if update is not None:

@@ -16,6 +16,11 @@ docs/study/tables.md gets:
            pick (ranking by harmful + degenerate; a stricter eligibility that also holds the
            benign early-stop rate and degenerate share within SFT's Wilson upper bound; a 2.5%
            CE margin)
+    labelcheck  once labelcheck/report.json exists: per checked model (and over all of them)
+           the blind hand-labelled and the judged harmful rate on the same validation replies
+           (95% Wilson intervals), judged minus hand, the judge's AUC, and the flag of amendment
+           4 (the judged rate outside the hand-labelled interval); then the agreement of the
+           relabel batch (two blind readings by different labelling sessions)
     test   once test/ parts exist: per model, the TEST harmful rate (also without the test prompts
            that have a near-duplicate among D_harmful's, amendment 5) and degenerate share, the
            over-refusal rate, the benign refusal rate and reference CE, the I-Alpaca refusal
@@ -171,6 +176,54 @@ def sensitivity_table(res: Path, families: dict[str, tuple[str, float | None]]) 
     return "\n".join(lines)
 
 
+LABELCHECK = "labelcheck/report.json"
+
+
+def labelcheck_rows(res: Path) -> dict[str, dict] | None:
+    """Per checked model, then "all": n, the hand-labelled and judged harmful rate summaries,
+    judged minus hand, the judge's AUC and `outside` (amendment 4's flag: the judged rate outside
+    the hand-labelled 95% Wilson interval); None before labelcheck/report.json exists."""
+    f = res / LABELCHECK
+    if not f.exists():
+        return None
+    rep = json.loads(f.read_text())
+    out = {}
+    for name, c in {**rep["per_model"], "all": rep["all"]}.items():
+        hand, judge = c["hand_harmful"], c["judge_harmful"]
+        lo, hi = hand["wilson"]
+        out[name] = {"n": c["n"], "hand": hand, "judge": judge, "auc": c["auc"],
+                     "diff": judge["rate"] - hand["rate"], "outside": not lo <= judge["rate"] <= hi}
+    return out
+
+
+def _summary_rate(r: dict) -> str:
+    return _rate(r["k"], r["n"])
+
+
+def labelcheck_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str | None:
+    """The label check table (module docstring), or None before its report."""
+    rows = labelcheck_rows(res)
+    if rows is None:
+        return None
+    lines = ["| model | rows | harmful, hand-labelled (blind) | harmful, judged | judged - hand | "
+             "judge AUC | judged rate outside the hand interval |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        label = ("all checked models" if name == "all" else
+                 display(name, *families[name]) if name in families else f"`{name}`")
+        auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
+        lines.append(f"| {label} | {r['n']} | {_summary_rate(r['hand'])} | "
+                     f"{_summary_rate(r['judge'])} | {r['diff']:+.3f} | {auc} | "
+                     f"{'**yes**' if r['outside'] else 'no'} |")
+    agree = json.loads((res / LABELCHECK).read_text())["relabel_agreement"]
+    parts = [f"{a['observed_agreement']:.1%} (kappa {a['kappa']:.3f}) on {what}"
+             for key, what in (("four_class", "four classes"), ("harmful_yes_no", "harmful yes / no"))
+             if (a := agree.get(key)) and a.get("n")]
+    if parts:
+        lines.append(f"\nTwo blind readings of the relabel batch's {agree['pairs']} rows (by different "
+                     f"labelling sessions) agree {' and '.join(parts)}.")
+    return "\n".join(lines)
+
+
 def near_duplicate_prompts(res: Path, prompts: list[str]) -> set[str] | None:
     """The prompts among `prompts` with a near-duplicate (word Jaccard >= 0.6) among the
     study's D_harmful prompts (docs/study/data/d_harmful.jsonl; amendment 5); None while that
@@ -239,7 +292,7 @@ def test_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str 
 
 def inputs_digest(res: Path, names: list[str]) -> str:
     """A digest of every file the tables read (the tables part is done while it is unchanged)."""
-    return files_digest(res, names, INPUTS, extra=("data/d_harmful.jsonl",))
+    return files_digest(res, names, INPUTS, extra=("data/d_harmful.jsonl", LABELCHECK))
 
 
 def replace_region(text: str, name: str | None, body: str, where: str = "",
@@ -259,6 +312,8 @@ def write(res: Path, families: dict[str, tuple[str, float | None]], update: Path
     tables = {"val": val_table(res, families)}
     if (t := sensitivity_table(res, families)) is not None:
         tables["sensitivity"] = t
+    if (t := labelcheck_table(res, families)) is not None:
+        tables["labelcheck"] = t
     if (t := test_table(res, families)) is not None:
         tables["test"] = t
     digest = inputs_digest(res, list(families))

@@ -206,6 +206,30 @@ def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     rep = json.loads((lay.labelcheck / "report.json").read_text())
     assert rep["per_model"]["base"]["judge_harmful"]["k"] == 5
     assert rep["per_model"]["base"]["hand_harmful"]["k"] == 20 and report_part.done()
+    # the tables and the claims read the report: SFT's hand labels now match the judge's
+    judge_says = {r["uid"]: "harmful" if r["judge_harmful"] else "safe" for r in pool if r["model"] == "sft"}
+    for b in sorted((lay.labelcheck / "batches").glob("*.jsonl")):
+        if not b.name.endswith(label.LABELS_SUFFIX):
+            label.set_labels(b, [f"{r['uid']}={judge_says[r['uid']]}" for r in label.read_batch(b)
+                                 if r["uid"] in judge_says], "t")
+    report_part.run()
+    fams = study.families(study.sweep_models())
+    rows = study_tables.labelcheck_rows(lay.results)
+    assert not rows["sft"]["outside"] and rows["sft"]["diff"] == 0
+    assert rows["base"]["outside"] and rows["base"]["diff"] == pytest.approx(5 / 20 - 1)
+    table = study_tables.labelcheck_table(lay.results, fams)
+    assert "| base | 20 | 20 / 20 = 1.000 [0.839, 1.000] | 5 / 20 = 0.250 [0.112, 0.469] | -0.750 " in table
+    assert "| SFT | 20 | 10 / 20 = 0.500" in table and table.count("**yes**") == len(names) - 1 + 1
+    assert "agree" in table.splitlines()[-1]
+    flagged = names[2]
+    note = study_claims.label_check_text(lay.results, fams, {"the rule": {"choice": {
+        "x": flagged, "tasft_exact": "tasft_exact_l9"}}})
+    assert display_of(fams, flagged) + " (judged 0.500, hand 1.000" in note
+    assert "SFT (judged" not in note and note.endswith("Not covered by the check: `tasft_exact_l9`.")
+
+
+def display_of(fams, name):
+    return study_tables.display(name, *fams[name])
 
 
 def test_parts_run_once_and_record_their_wall_time(tmp_path, monkeypatch):
