@@ -30,7 +30,9 @@ a part whose output exists is skipped, so rerunning the command continues where 
                           (docs/study/labelcheck/), once every method is chosen
     labelcheck/report     hand labels against the judge on those rows (waits for the labels:
                           `python -m semloss_jax.eval.label`, blind)
-    test/NAME             eval.py run on the TEST sets, only once every method is chosen
+    test/NAME             eval.py run on the TEST sets, only once every method is chosen; right
+                          after the model's judge/ part while its weights are here, otherwise
+                          after a training again, in test_order
     plots                 docs/study/plots/ redrawn whenever a file they read changed
                           (experiments/study_plots.py)
     tables                docs/study/tables.md (experiments/study_tables.py) and the paper's
@@ -636,9 +638,12 @@ def alternative_picks(lay: Layout, models: list[Model], sel: dict) -> set[str]:
 
 
 def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
-    """Every part in the order it runs: data; train/val/judge per model; select; the blind label
-    check; then per model in test_order, its training again where its weights are gone (results
-    committed, weights lost with a machine) and its test/ part."""
+    """Every part in the order it runs: data; train/val/judge per model, each followed by its
+    test/ part (blocked until every method is chosen) where the model is still to be validated
+    or its weights are here now; select; the blind label check; then per model in test_order,
+    its training again where its weights are gone (results committed, weights lost with a
+    machine) and its test/ part. A model is so tested while its weights exist: a machine
+    replaced before its turn in test_order would otherwise cost a training again."""
     models = all_models(lay)
     sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
     early, late = [], []
@@ -646,7 +651,10 @@ def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
         ps = {p.name.split("/")[0]: p for p in model_parts(m, lay, judge_ok)}
         validated = ps["val"].done() and ps["judge"].done()
         early += [ps[k] for k in ("train", "val", "judge") if k in ps and not (k == "train" and validated)]
-        late += [ps[k] for k in ("train", "test") if k in ps and (k == "test" or validated)]
+        if not validated or ("train" in ps and ps["train"].done()):
+            early.append(ps["test"])
+        else:
+            late += [ps[k] for k in ("train", "test") if k in ps]
     index = {m.name: i for i, m in enumerate(models)}
     early.sort(key=lambda p: index[p.name.split("/", 1)[1]])
     return (data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late

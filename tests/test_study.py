@@ -89,6 +89,9 @@ def fake_val(lay, m, rate, ce):
          "harmful": int(i < rate * n), "harm_prob": float(i < rate * n),
          "label": "harmful" if i < rate * n else "safe"})
         + "\n" for i in range(n)))
+    lay.judged(m.name, "benign_val").write_text(json.dumps(   # validated: both sets judged
+        {"id": "benign_val:0", "prompt": "q", "response": "a", "harmful": 0, "harm_prob": 0.0,
+         "label": "safe"}) + "\n")
     (lay.model(m.name) / "val" / "eval.json").write_text(json.dumps(
         {"sets": {"benign_val": {"reference_ce": {"ce": ce, "ci": [ce - 0.1, ce + 0.1]}}}}))
 
@@ -342,13 +345,40 @@ def test_two_runners_recording_at_once_keep_every_entry(tmp_path):
 def test_the_comparisons_models_are_tested_first(tmp_path):
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
     sel = judge_everything(lay, rate=lambda m: max(0.0, 0.5 - 0.1 * (m.setting or 0)), ce=lambda m: 2.0)
-    tests = [p.name[5:] for p in study.all_parts(lay, judge_ok=True) if p.name.startswith("test/")]
+    parts = [p.name for p in study.all_parts(lay, judge_ok=True)]
+    cut = parts.index("select")
+    early, tests = ([n[5:] for n in ps if n.startswith("test/")] for ps in (parts[:cut], parts[cut:]))
+    # the models still to be trained are tested as they are validated (the test above) ...
+    unvalidated = {m.name for m in study.all_models(lay) if not lay.judged(m.name, "harmful_val").exists()}
+    assert set(early) == unvalidated and unvalidated
+    # ... the others (weights gone) in test order: the comparison's models first
     chosen = {"base", "sft"} | {sel[f]["name"] for f in study.SWEEPS}
     assert set(tests[:len(chosen)]) == chosen
-    added = {m.name for m in study.selected_models(sel)} - chosen   # refinements can be chosen
+    added = {m.name for m in study.selected_models(sel)} - chosen - unvalidated   # refinements can be chosen
     added |= study.alternative_picks(lay, study.all_models(lay), sel) - chosen
     assert set(tests[len(chosen):len(chosen) + len(added)]) == added
-    assert len(tests) == len(set(tests)) == len(study.all_models(lay))
+    assert len(early + tests) == len(set(early + tests)) == len(study.all_models(lay))
+
+
+def test_a_model_whose_weights_are_here_is_tested_before_they_can_be_lost(tmp_path):
+    """Once every method is chosen, a validated model whose weights exist is tested in the
+    first block (no training again if the machine is replaced); one whose weights are gone is
+    trained again right before its test part, in test order; a model still to be validated is
+    tested right after its judge part."""
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    sel = judge_everything(lay, falling_rate, rising_ce)
+    chosen = {sel[f]["name"] for f in study.SWEEPS}
+    kept, gone = [m.name for m in study.sweep_models() if m.overrides and m.name not in chosen][:2]
+    (lay.model(kept) / "hf").mkdir(parents=True)
+    (lay.model(kept) / "hf" / "config.json").write_text("{}")
+    order = [p.name for p in study.all_parts(lay, judge_ok=True)]
+    at = order.index
+    assert at(f"test/{kept}") < at("select") and f"train/{kept}" not in order
+    assert at("select") < at(f"train/{gone}") == at(f"test/{gone}") - 1
+    new = next(m.name for m in study.selected_models(sel) if m.name.endswith("_s1"))
+    assert at(f"judge/{new}") + 1 == at(f"test/{new}") < at("select")
+    base_tests = [n for n in order if n.startswith("test/")]
+    assert at("test/base") > at("select") and base_tests.count("test/base") == 1
 
 
 def test_the_sensitivity_rules_picks_are_tested_before_the_rest_of_the_frontier(tmp_path):
