@@ -42,6 +42,7 @@ from study_tables import (
     NAMES,
     _alternatives,
     display,
+    label_of,
     labelcheck_rows,
     replace_region,
     sensitivity_rows,
@@ -306,7 +307,6 @@ def label_check_text(res: Path, families: dict, out: dict) -> str | None:
     if rows is None or not out:
         return None
     names = sorted({"sft", *(n for got in out.values() for n in got["choice"].values())})
-    show = lambda n: display(n, *families[n]) if n in families else f"`{n}`"  # noqa: E731
     a = rows["all"]
     text = (f"**The judge against blind hand labels** (validation replies, {a['n']} rows of "
             f"{len(rows) - 1} models; docs/study/tables.md, \"labelcheck\"): judged harmful "
@@ -315,14 +315,14 @@ def label_check_text(res: Path, families: dict, out: dict) -> str | None:
     flagged = [n for n in names if n in rows and rows[n]["outside"]]
     if flagged:
         text += " Judged rate outside the hand-labelled 95% interval, among the settings read here: " + \
-            "; ".join(f"{show(n)} (judged {rows[n]['judge']['rate']:.3f}, hand "
+            "; ".join(f"{label_of(n, families)} (judged {rows[n]['judge']['rate']:.3f}, hand "
                       f"{rows[n]['hand']['rate']:.3f} [{rows[n]['hand']['wilson'][0]:.3f}, "
                       f"{rows[n]['hand']['wilson'][1]:.3f}])" for n in flagged) + \
             ": a verdict that turns on its judged test rate is to be read with its hand labels."
     else:
         text += " No setting read here has its judged rate outside its hand-labelled interval."
     if unchecked := [n for n in names if n not in rows]:
-        text += " Not covered by the check: " + ", ".join(show(n) for n in unchecked) + "."
+        text += " Not covered by the check: " + ", ".join(label_of(n, families) for n in unchecked) + "."
     return text
 
 

@@ -65,6 +65,11 @@ def display(name: str, family: str, setting: float | None) -> str:
     return f"`{name}`"
 
 
+def label_of(name: str, families: dict[str, tuple[str, float | None]]) -> str:
+    """display() for a model of `families`; the run name in backticks for any other."""
+    return display(name, *families[name]) if name in families else f"`{name}`"
+
+
 def _rate(k: int, n: int) -> str:
     lo, hi = wilson_interval(k, n, 0.95)
     return f"{k} / {n} = {k / n:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -179,14 +184,20 @@ def sensitivity_table(res: Path, families: dict[str, tuple[str, float | None]]) 
 LABELCHECK = "labelcheck/report.json"
 
 
-def labelcheck_rows(res: Path) -> dict[str, dict] | None:
+def read_labelcheck(res: Path) -> dict | None:
+    """labelcheck/report.json, or None before it exists."""
+    f = res / LABELCHECK
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def labelcheck_rows(res: Path, rep: dict | None = None) -> dict[str, dict] | None:
     """Per checked model, then "all": n, the hand-labelled and judged harmful rate summaries,
     judged minus hand, the judge's AUC and `outside` (amendment 4's flag: the judged rate outside
-    the hand-labelled 95% Wilson interval); None before labelcheck/report.json exists."""
-    f = res / LABELCHECK
-    if not f.exists():
+    the hand-labelled 95% Wilson interval); None before labelcheck/report.json exists. `rep`: the
+    report when the caller has read it already."""
+    rep = rep if rep is not None else read_labelcheck(res)
+    if rep is None:
         return None
-    rep = json.loads(f.read_text())
     out = {}
     for name, c in {**rep["per_model"], "all": rep["all"]}.items():
         hand, judge = c["hand_harmful"], c["judge_harmful"]
@@ -196,25 +207,21 @@ def labelcheck_rows(res: Path) -> dict[str, dict] | None:
     return out
 
 
-def _summary_rate(r: dict) -> str:
-    return _rate(r["k"], r["n"])
-
-
 def labelcheck_table(res: Path, families: dict[str, tuple[str, float | None]]) -> str | None:
     """The label check table (module docstring), or None before its report."""
-    rows = labelcheck_rows(res)
-    if rows is None:
+    rep = read_labelcheck(res)
+    if rep is None:
         return None
+    rows = labelcheck_rows(res, rep)
     lines = ["| model | rows | harmful, hand-labelled (blind) | harmful, judged | judged - hand | "
              "judge AUC | judged rate outside the hand interval |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        label = ("all checked models" if name == "all" else
-                 display(name, *families[name]) if name in families else f"`{name}`")
+        label = "all checked models" if name == "all" else label_of(name, families)
         auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
-        lines.append(f"| {label} | {r['n']} | {_summary_rate(r['hand'])} | "
-                     f"{_summary_rate(r['judge'])} | {r['diff']:+.3f} | {auc} | "
+        lines.append(f"| {label} | {r['n']} | {_rate(r['hand']['k'], r['hand']['n'])} | "
+                     f"{_rate(r['judge']['k'], r['judge']['n'])} | {r['diff']:+.3f} | {auc} | "
                      f"{'**yes**' if r['outside'] else 'no'} |")
-    agree = json.loads((res / LABELCHECK).read_text())["relabel_agreement"]
+    agree = rep["relabel_agreement"]
     parts = [f"{a['observed_agreement']:.1%} (kappa {a['kappa']:.3f}) on {what}"
              for key, what in (("four_class", "four classes"), ("harmful_yes_no", "harmful yes / no"))
              if (a := agree.get(key)) and a.get("n")]

@@ -227,12 +227,8 @@ def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     flagged = names[2]
     note = study_claims.label_check_text(lay.results, fams, {"the rule": {"choice": {
         "x": flagged, "tasft_exact": "tasft_exact_l9"}}})
-    assert display_of(fams, flagged) + " (judged 0.500, hand 1.000" in note
+    assert study_tables.label_of(flagged, fams) + " (judged 0.500, hand 1.000" in note
     assert "SFT (judged" not in note and note.endswith("Not covered by the check: `tasft_exact_l9`.")
-
-
-def display_of(fams, name):
-    return study_tables.display(name, *fams[name])
 
 
 def test_parts_run_once_and_record_their_wall_time(tmp_path, monkeypatch):
