@@ -30,9 +30,10 @@ a part whose output exists is skipped, so rerunning the command continues where 
                           (docs/study/labelcheck/), once every method is chosen
     labelcheck/report     hand labels against the judge on those rows (waits for the labels:
                           `python -m semloss_jax.eval.label`, blind)
-    test/NAME             eval.py run on the TEST sets, only once every method is chosen; right
-                          after the model's judge/ part while its weights are here, otherwise
-                          after a training again, in test_order
+    test/NAME             eval.py run on the TEST sets, only once every method is chosen; first
+                          while the model's weights are here; otherwise, once every method is
+                          chosen, after its training (again) and validation, in test_order
+                          (base, SFT and the choices first)
     plots                 docs/study/plots/ redrawn whenever a file they read changed
                           (experiments/study_plots.py)
     tables                docs/study/tables.md (experiments/study_tables.py) and the paper's
@@ -638,26 +639,34 @@ def alternative_picks(lay: Layout, models: list[Model], sel: dict) -> set[str]:
 
 
 def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
-    """Every part in the order it runs: data; train/val/judge per model, each followed by its
-    test/ part (blocked until every method is chosen) where the model is still to be validated
-    or its weights are here now; select; the blind label check; then per model in test_order,
-    its training again where its weights are gone (results committed, weights lost with a
-    machine) and its test/ part. A model is so tested while its weights exist: a machine
-    replaced before its turn in test_order would otherwise cost a training again."""
+    """Every part in the order it runs: data; the parts left of each model whose weights are
+    here (validated and tested before anything is trained: a replaced machine would cost a
+    training again); while a method is still to be chosen, train/val/judge per model still to
+    be validated, each followed by its test/ part (blocked until every method is chosen); select;
+    the blind label check; then per model in test_order, its training (again, where the weights
+    were lost with a machine), its validation where still to do, and its test/ part. Once every
+    method is chosen no choice reads a validation any more, so the claims' models (base, SFT,
+    the choices) come first instead of the models the selection adds."""
     models = all_models(lay)
     sel = json.loads(lay.selection.read_text()) if lay.selection.exists() else {}
-    early, late = [], []
+    choosing = not selection_complete(sel)
+    here, early, late = [], [], []
     for m in test_order(models, sel, alternative_picks(lay, models, sel)):
         ps = {p.name.split("/")[0]: p for p in model_parts(m, lay, judge_ok)}
         validated = ps["val"].done() and ps["judge"].done()
-        early += [ps[k] for k in ("train", "val", "judge") if k in ps and not (k == "train" and validated)]
-        if not validated or ("train" in ps and ps["train"].done()):
-            early.append(ps["test"])
+        mine = [ps[k] for k in ("train", "val", "judge", "test") if k in ps]
+        if "train" in ps and ps["train"].done():
+            here += mine
+        elif choosing and not validated:
+            early += mine
+        elif validated:        # listed where they ran; trained again right before its test part
+            early += [ps["val"], ps["judge"]]
+            late += [p for p in mine if p.name.split("/")[0] in ("train", "test")]
         else:
-            late += [ps[k] for k in ("train", "test") if k in ps]
+            late += mine
     index = {m.name: i for i, m in enumerate(models)}
     early.sort(key=lambda p: index[p.name.split("/", 1)[1]])
-    return (data_parts(lay) + early + [select_part(lay)] + labelcheck_parts(lay) + late
+    return (data_parts(lay) + here + early + [select_part(lay)] + labelcheck_parts(lay) + late
             + [plots_part(lay), tables_part(lay)])
 
 

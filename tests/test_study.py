@@ -338,41 +338,64 @@ def test_two_runners_recording_at_once_keep_every_entry(tmp_path):
     assert len(times) == 120
 
 
+def in_a_row(parts, name):
+    """Whether the model's train, val, judge and test parts run one after the other."""
+    i = parts.index(f"train/{name}")
+    return parts[i:i + 4] == [f"{k}/{name}" for k in ("train", "val", "judge", "test")]
+
+
+def test_while_choosing_a_model_is_tested_right_after_its_validation(tmp_path):
+    """Before every method is chosen, each model still to be validated is trained, validated,
+    judged and then has its test/ part (blocked until select), all before select."""
+    lay = study.Layout(tmp_path / "out", tmp_path / "res")
+    for m in study.sweep_models()[:3]:
+        fake_val(lay, m, rate=0.5, ce=2.0)
+    parts = [p.name for p in study.all_parts(lay, judge_ok=True)]
+    at, cut = parts.index, parts.index("select")
+    name = study.sweep_models()[5].name
+    assert in_a_row(parts, name) and at(f"test/{name}") < cut
+    assert {n[5:] for n in parts[cut:] if n.startswith("test/")} == {m.name for m in study.sweep_models()[:3]}
+
+
 def test_the_comparisons_models_are_tested_first(tmp_path):
+    """Once every method is chosen no choice reads a validation: base, SFT and the choices are
+    tested first, then the models the selection adds (each trained, validated and judged right
+    before its test part) with the sensitivity rules' picks, then the rest of the frontier."""
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
     sel = judge_everything(lay, rate=lambda m: max(0.0, 0.5 - 0.1 * (m.setting or 0)), ce=lambda m: 2.0)
     parts = [p.name for p in study.all_parts(lay, judge_ok=True)]
     cut = parts.index("select")
-    early, tests = ([n[5:] for n in ps if n.startswith("test/")] for ps in (parts[:cut], parts[cut:]))
-    # the models still to be trained are tested as they are validated (the test above) ...
-    unvalidated = {m.name for m in study.all_models(lay) if not lay.judged(m.name, "harmful_val").exists()}
-    assert set(early) == unvalidated and unvalidated
-    # ... the others (weights gone) in test order: the comparison's models first
+    assert not any(n.startswith(("train/", "test/")) for n in parts[:cut])   # no weights here
+    tests = [n[5:] for n in parts[cut:] if n.startswith("test/")]
     chosen = {"base", "sft"} | {sel[f]["name"] for f in study.SWEEPS}
     assert set(tests[:len(chosen)]) == chosen
-    added = {m.name for m in study.selected_models(sel)} - chosen - unvalidated   # refinements can be chosen
+    added = {m.name for m in study.selected_models(sel)} - chosen   # refinements can be chosen
     added |= study.alternative_picks(lay, study.all_models(lay), sel) - chosen
     assert set(tests[len(chosen):len(chosen) + len(added)]) == added
-    assert len(early + tests) == len(set(early + tests)) == len(study.all_models(lay))
+    assert len(tests) == len(set(tests)) == len(study.all_models(lay))
+    new = next(m.name for m in study.selected_models(sel) if m.name.endswith("_s1") and m.family != "sft")
+    assert in_a_row(parts, new)
 
 
 def test_a_model_whose_weights_are_here_is_tested_before_they_can_be_lost(tmp_path):
-    """Once every method is chosen, a validated model whose weights exist is tested in the
-    first block (no training again if the machine is replaced); one whose weights are gone is
-    trained again right before its test part, in test order; a model still to be validated is
-    tested right after its judge part."""
+    """A model whose weights exist has its validation (where still to do) and its test part
+    before anything is trained (no training again if the machine is replaced); one whose
+    weights are gone is trained again right before its test part, in test order."""
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
     sel = judge_everything(lay, falling_rate, rising_ce)
     chosen = {sel[f]["name"] for f in study.SWEEPS}
     kept, gone = [m.name for m in study.sweep_models() if m.overrides and m.name not in chosen][:2]
-    (lay.model(kept) / "hf").mkdir(parents=True)
-    (lay.model(kept) / "hf" / "config.json").write_text("{}")
+    new = next(m.name for m in study.selected_models(sel) if m.name.endswith("_s2"))
+    for name in (kept, new):
+        (lay.model(name) / "hf").mkdir(parents=True)
+        (lay.model(name) / "hf" / "config.json").write_text("{}")
     order = [p.name for p in study.all_parts(lay, judge_ok=True)]
     at = order.index
-    assert at(f"test/{kept}") < at("select") and f"train/{kept}" not in order
+    first_training = min(i for i, n in enumerate(order)
+                         if n.startswith("train/") and not n.endswith((kept, new)))
+    assert at(f"test/{kept}") < first_training and at(f"test/{kept}") < at("select")
+    assert at(f"val/{new}") < at(f"judge/{new}") < at(f"test/{new}") < first_training
     assert at("select") < at(f"train/{gone}") == at(f"test/{gone}") - 1
-    new = next(m.name for m in study.selected_models(sel) if m.name.endswith("_s1"))
-    assert at(f"judge/{new}") + 1 == at(f"test/{new}") < at("select")
     base_tests = [n for n in order if n.startswith("test/")]
     assert at("test/base") > at("select") and base_tests.count("test/base") == 1
 
