@@ -661,7 +661,7 @@ def all_parts(lay: Layout, judge_ok: bool) -> list[Part]:
             early += mine
         elif validated:        # listed where they ran; trained again right before its test part
             early += [ps["val"], ps["judge"]]
-            late += [p for p in mine if p.name.split("/")[0] in ("train", "test")]
+            late += [ps[k] for k in ("train", "test") if k in ps]
         else:
             late += mine
     index = {m.name: i for i, m in enumerate(models)}
