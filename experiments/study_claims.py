@@ -24,7 +24,9 @@ Each claim is read under the selection rule and under each alternative of amendm
 (study_tables' sensitivity choices; those settings have seed 0 only). docs/study/claims.md and
 claims.json get the verdicts and their figures; with --update FILE, the region between
 `<!-- study_claims -->` and `<!-- /study_claims -->` is replaced (an EvalError if FILE has no
-such region). A claim whose models lack test results says which ("waiting for test/ of ...").
+such region). A claim whose models lack test results says which ("waiting for test/ of ...");
+a verdict read while seed runs it will average over (NAME_s1, NAME_s2 of the settings it reads)
+have no test result yet is marked provisional and names them.
 Below the verdicts, once the blind label check has its report: the settings the claims read whose
 judged validation rate falls outside their hand-labelled interval (amendment 4's flag), with the
 hand labels, and those the check did not cover.
@@ -246,8 +248,24 @@ CLAIMS = {"1 bounded EMD beats NLL ascent and unlikelihood at equal CE": "bounde
           "5 contrastive data costs language ability": "contrastive"}
 
 
+# the settings each claim's verdict reads (SFT where the verdict compares with it)
+VERDICT_READS = {"bounded": ("tasft_lb", "nll_ascent", "unlikelihood"),
+                 "efficiency": ("tasft_lb", "safeinstr"),
+                 "overalignment": ("sft", *METHODS),
+                 "exact": ("tasft_lb", "tasft_exact"),
+                 "contrastive": ("sft", "dpo", "tasft_lb")}
+
+
+def seeds_to_come(res: Path, names: list[str], families: dict) -> list[str]:
+    """The planned seed runs (NAME_s1, NAME_s2 in the study's model list) of these settings that
+    have no test result yet: until they have, a verdict rests on seed 0 alone."""
+    return [run for n in names for run in (f"{n}_s1", f"{n}_s2")
+            if run in families and test_figures(res, run) is None]
+
+
 def read_claims(res: Path, choice: dict[str, str], families: dict, rule_lb: str) -> dict[str, dict]:
-    """Every claim under one choice of settings (method -> model name)."""
+    """Every claim under one choice of settings (method -> model name). A verdict read before
+    the seeds it will average over are tested carries `provisional`: those seed runs."""
     run = {"bounded": lambda: claim_bounded(res, choice, families),
            "efficiency": lambda: claim_efficiency(res, choice, families, rule_lb),
            "overalignment": lambda: claim_overalignment(res, choice),
@@ -259,6 +277,11 @@ def read_claims(res: Path, choice: dict[str, str], families: dict, rule_lb: str)
             out[title] = run[key]()
         except Waiting as e:
             out[title] = {"verdict": "waiting", "reading": f"waiting for test/ of {e}", "figures": {}}
+            continue
+        if out[title]["verdict"] != "not testable here":
+            names = [choice.get(m, m) for m in VERDICT_READS[key] if m in choice or m == "sft"]
+            if pending := seeds_to_come(res, names, families):
+                out[title]["provisional"] = pending
     return out
 
 
@@ -295,7 +318,10 @@ def table(claims: dict[str, dict[str, dict]]) -> str:
     lines = ["| claim | rule | settings | verdict | reading |", "|---|---|---|---|---|"]
     for rule, got in claims.items():
         for title, c in got["claims"].items():
-            lines.append(f"| {title} | {rule} | {got['settings']} | **{c['verdict']}** | {c['reading']} |")
+            verdict = f"**{c['verdict']}**" + (
+                f" (provisional: seed runs {', '.join(c['provisional'])} not tested yet)"
+                if c.get("provisional") else "")
+            lines.append(f"| {title} | {rule} | {got['settings']} | {verdict} | {c['reading']} |")
     return "\n".join(lines)
 
 

@@ -94,3 +94,59 @@ def test_bad_judged_input_names_file_line_and_field(tmp_path):
         label_check.parse_judged(["no_equals_sign"])
     with pytest.raises(EvalError, match="given twice"):
         label_check.parse_judged(["A=x", "A=y"])
+
+
+def _as_generations(path, rows, ids):
+    """`eval.py run` generations: an id per row and harm_score for the judge's probability."""
+    out = [{"id": i, **{k: v for k, v in r.items() if k != "harm_prob"}, "harm_score": r["harm_prob"]}
+           for i, r in zip(ids, rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+
+
+def test_paired_pool_takes_the_same_prompts_from_every_model(tmp_path):
+    a = _judged(tmp_path / "a.jsonl", 40, 2, "x")
+    b = _judged(tmp_path / "b.jsonl", 40, 4, "x")
+    _as_generations(tmp_path / "b.jsonl", b[::-1], [f"id{i}" for i in range(39, -1, -1)])  # other order
+    _as_generations(tmp_path / "a.jsonl", a[:30], [f"id{i}" for i in range(30)])  # answers 30 only
+    judged = label_check.parse_judged([f"A={tmp_path / 'a.jsonl'}", f"B={tmp_path / 'b.jsonl'}"])
+    pool = label_check.sample_pool(judged, per_model=20, seed=0, paired=True)
+    by = {m: {r["pair"]: r for r in pool if r["model"] == m} for m in ("A", "B")}
+    assert sorted(by["A"]) == sorted(by["B"]) == list(range(20))
+    assert all(by["A"][p]["prompt"] == by["B"][p]["prompt"] for p in range(20))
+    assert {by["A"][p]["prompt"] for p in range(20)} <= {f"x request {i}" for i in range(30)}
+    assert all(r["judge_harm_prob"] in (0.1, 0.9) for r in pool)  # harm_score read as harm_prob
+    unpaired = label_check.sample_pool(judged, per_model=20, seed=0)
+    assert {r["prompt"] for r in unpaired if r["model"] == "A"} != \
+        {r["prompt"] for r in unpaired if r["model"] == "B"}
+    assert len(label_check.sample_pool(judged, per_model=99, seed=0, paired=True)) == 60
+    lines = (tmp_path / "b.jsonl").read_text().splitlines()
+    (tmp_path / "b.jsonl").write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(DataError, match=r"b\.jsonl:41: field 'prompt'.*repeats line 3"):
+        label_check.sample_pool(judged, per_model=20, seed=0, paired=True)
+    _judged(tmp_path / "c.jsonl", 5, 2, "other")
+    with pytest.raises(EvalError, match="share no prompt"):
+        label_check.sample_pool(label_check.parse_judged([f"A={tmp_path / 'a.jsonl'}",
+                                                          f"C={tmp_path / 'c.jsonl'}"]), 5, 0, True)
+
+
+def test_paired_report_gives_each_pair_of_models_difference_on_the_same_prompts(tmp_path, capsys):
+    _judged(tmp_path / "a.jsonl", 40, 2, "x")   # harmful on even prompts (20 of 40)
+    _judged(tmp_path / "b.jsonl", 40, 4, "x")   # on every 4th (10 of 40): a subset of A's
+    out = tmp_path / "out"
+    assert label_check.main(["pool", "--judged", f"A={tmp_path / 'a.jsonl'}",
+                             f"B={tmp_path / 'b.jsonl'}", "--out", str(out), "--per-model", "40",
+                             "--size", "30", "--paired"]) == 0
+    _label_all(out)
+    assert label_check.main(["report", "--dir", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    d = rep["paired"]["differences"]["A - B"]
+    assert rep["paired"]["n_prompts"] == 40
+    assert d["hand"]["diff"] == pytest.approx(0.25) and d["judge"]["diff"] == pytest.approx(0.25)
+    lo, hi = d["hand"]["ci"]
+    assert 0 < lo < 0.25 < hi   # the 10 discordant prompts all favour B: the interval stays > 0
+    assert "A - B: hand +0.250" in capsys.readouterr().out
+    pool = [json.loads(x) for x in (out / "pool.jsonl").read_text().splitlines()]
+    pool[0]["pair"] = 99   # a pool whose models no longer answer the same prompts
+    (out / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
+    with pytest.raises(DataError, match="does not answer the same prompts"):
+        label_check.report(out)

@@ -656,6 +656,17 @@ def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_p
     assert c5["ce_minus_sft"]["dpo"]["diff"] == pytest.approx(0.4)
     assert c5["benign_proxies"]["sft"] == {"n": 10, "early_stops": 1, "refusals": 0}
     assert study_claims.is_current(res, fams)
+    assert not any("provisional" in c for c in got.values())     # every seed run tested
+    away = res / "models" / f"{pick['unlikelihood']}_s2" / "test_eval.json"   # one not yet
+    away.rename(away.with_suffix(".away"))
+    got_p = study_claims.write(res, fams, sel)["the rule"]["claims"]
+    assert {t.split()[0]: c.get("provisional") for t, c in got_p.items()} == {
+        "1": [f"{pick['unlikelihood']}_s2"], "2": None, "3": [f"{pick['unlikelihood']}_s2"],
+        "4": None, "5": None}
+    assert got_p["1 bounded EMD beats NLL ascent and unlikelihood at equal CE"]["verdict"] == "reproduced"
+    assert f"**reproduced** (provisional: seed runs {pick['unlikelihood']}_s2 not tested yet)" in (
+        res / "claims.md").read_text()
+    away.with_suffix(".away").rename(away)
     for run in (pick["dpo"], f"{pick['dpo']}_s1", f"{pick['dpo']}_s2"):   # DPO cheaper than TA-SFT
         _fake_test(res, run, 10, 2.03)
     got5 = study_claims.write(res, fams, sel)["the rule"]["claims"][
