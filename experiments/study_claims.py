@@ -29,7 +29,9 @@ a verdict read while seed runs it will average over (NAME_s1, NAME_s2 of the set
 have no test result yet is marked provisional and names them.
 Below the verdicts, once the blind label check has its report: the settings the claims read whose
 judged validation rate falls outside their hand-labelled interval (amendment 4's flag), with the
-hand labels, and those the check did not cover.
+hand labels, and those the check did not cover; once amendment 7's paired check of test replies
+has its report (labelcheck_test/report.json), each checked model's hand-labelled and judged test
+rate on the shared prompts and every two models' paired differences.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from study_tables import (
     strict_limits,
 )
 
+from semloss_jax.errors import EvalError
 from semloss_jax.eval.metrics import wilson_interval
 from semloss_jax.paths import atomic_write_text, read_jsonl_objects
 
@@ -311,7 +314,7 @@ def choices(res: Path, families: dict, sel: dict) -> dict[str, dict[str, str]]:
 def inputs_digest(res: Path, names: list[str]) -> str:
     return files_digest(res, names, INPUTS + ("judged_benign_val.jsonl", "val_eval.json",
                                               "judged_harmful_val.jsonl"),
-                        extra=("selection.json", LABELCHECK))
+                        extra=("selection.json", LABELCHECK, LABELCHECK_TEST))
 
 
 def table(claims: dict[str, dict[str, dict]]) -> str:
@@ -352,6 +355,32 @@ def label_check_text(res: Path, families: dict, out: dict) -> str | None:
     return text
 
 
+LABELCHECK_TEST = "labelcheck_test/report.json"   # amendment 7: paired, on claim 1's test replies
+
+
+def paired_check_text(res: Path, families: dict) -> str | None:
+    """Amendment 7's paired blind label check of test replies, once its report exists: each
+    model's hand-labelled and judged rate on the shared prompts, then every pair's paired
+    differences (hand and judged); None before the report."""
+    f = res / LABELCHECK_TEST
+    if not f.exists():
+        return None
+    rep = json.loads(f.read_text())
+    if "paired" not in rep:
+        raise EvalError(f"{f}: not a paired report (`label_check pool --paired`)")
+    n = rep["paired"]["n_prompts"]
+    rate = lambda r: f"{r['k']} / {r['n']} = {r['rate']:.3f}"  # noqa: E731
+    per = "; ".join(f"{label_of(m, families)} hand {rate(c['hand_harmful'])}, judged "
+                    f"{rate(c['judge_harmful'])}" for m, c in rep["per_model"].items())
+    ci = lambda d: f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"  # noqa: E731
+    diffs = "; ".join(
+        f"{' minus '.join(label_of(m, families) for m in what.split(' - '))}: hand {ci(d['hand'])}, "
+        f"judged {ci(d['judge'])}" for what, d in rep["paired"]["differences"].items())
+    return (f"**Test replies on blind hand labels, paired** (amendment 7: the same {n} test harmful "
+            f"prompts for each model; docs/study/{LABELCHECK_TEST}): {per}. Paired differences in "
+            f"harmful rate (95% paired bootstrap): {diffs}.")
+
+
 def write(res: Path, families: dict, sel: dict, update: Path | None = None) -> dict:
     """res/claims.json and res/claims.md (and the study_claims region of `update`), once the
     selection is complete; returns the claims by rule."""
@@ -366,8 +395,11 @@ def write(res: Path, families: dict, sel: dict, update: Path | None = None) -> d
     body = table(out) if out else "No claims yet: the selection is not complete."
     if (note := label_check_text(res, families, out)) is not None:
         body += "\n\n" + note
+    if (paired := paired_check_text(res, families)) is not None:
+        body += "\n\n" + paired
     atomic_write_text(res / "claims.json", json.dumps({"digest": digest, "rules": out,
-                                                          "label_check": note}, indent=1) + "\n")
+                                                          "label_check": note,
+                                                          "label_check_test": paired}, indent=1) + "\n")
     atomic_write_text(res / "claims.md", f"<!-- inputs digest: {digest} -->\n# The paper's claims "
                       "(written by experiments/study_claims.py; do not edit by hand)\n\n" + body + "\n")
     if update is not None:

@@ -716,6 +716,43 @@ def test_the_claims_are_read_by_the_criteria_fixed_before_the_test_results(tmp_p
         "waiting for test/ of tasft_lb_l2")
 
 
+def test_the_paired_test_label_check_is_stated_beside_the_claims(tmp_path):
+    """Amendment 7: once labelcheck_test/report.json exists (a --paired label_check report), the
+    claims text gives each model's hand and judged rate and each pair's paired differences, and
+    the claims are rewritten when it changes (their digest reads it)."""
+    from semloss_jax.eval import label, label_check
+    res = tmp_path / "res"
+    res.mkdir()
+    fams = study.families(study.sweep_models())
+    assert study_claims.paired_check_text(res, fams) is None
+    for name, every in (("sft", 2), ("tasft_lb_l1", 4)):   # the same 40 prompts, harmful 20 / 10
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"id": f"h:{i}", "prompt": f"p{i}", "response": "Step 1" if i % every == 0 else "No.",
+             "harm_score": 0.9 if i % every == 0 else 0.1, "harmful": int(i % every == 0),
+             "label": "harmful" if i % every == 0 else "refusal"}) + "\n" for i in range(40)))
+    out = res / "labelcheck_test"
+    label_check.main(["pool", "--paired", "--per-model", "40", "--out", str(out), "--judged",
+                      *(f"{n}={tmp_path / n}.jsonl" for n in ("sft", "tasft_lb_l1"))])
+    before = study_claims.inputs_digest(res, list(fams))
+    for b in sorted((out / "batches").glob("*.jsonl")):
+        if not b.name.endswith(label.LABELS_SUFFIX):
+            label.set_labels(b, [f"{r['uid']}={'h' if 'Step' in r['response'] else 'r'}"
+                                 for r in label.read_batch(b)], "tester")
+    label_check.main(["report", "--dir", str(out)])
+    assert study_claims.inputs_digest(res, list(fams)) != before
+    text = study_claims.paired_check_text(res, fams)
+    assert "the same 40 test harmful prompts" in text
+    assert "SFT hand 20 / 40 = 0.500, judged 20 / 40 = 0.500" in text
+    assert "SFT minus TA-SFT LB λ 1: hand +0.250 [" in text and "judged +0.250 [" in text
+    study_claims.write(res, fams, {})
+    assert text in (res / "claims.md").read_text()
+    rep = json.loads((out / "report.json").read_text())
+    del rep["paired"]
+    (out / "report.json").write_text(json.dumps(rep))
+    with pytest.raises(EvalError, match="not a paired report"):
+        study_claims.paired_check_text(res, fams)
+
+
 def test_tables_are_written_from_the_committed_results_and_fill_the_doc_regions(tmp_path):
     """The validation table (counts, Wilson interval, CE over the bound flagged), the test table
     with the mean and spread over seeds, the marked regions of STUDY.md, and the digest."""
