@@ -30,6 +30,10 @@ a part whose output exists is skipped, so rerunning the command continues where 
                           (docs/study/labelcheck/), once every method is chosen
     labelcheck/report     hand labels against the judge on those rows (waits for the labels:
                           `python -m semloss_jax.eval.label`, blind)
+    labelcheck_test/pool, labelcheck_test/report
+                          the same, paired (amendment 7): the same 100 test harmful prompts of
+                          SFT and claim 1's three choices, once their test parts have run
+                          (docs/study/labelcheck_test/)
     test/NAME             eval.py run on the TEST sets, only once every method is chosen; first
                           while the model's weights are here; otherwise, once every method is
                           chosen, after its training (again) and validation, in test_order
@@ -97,6 +101,7 @@ N_EFFICIENCY = (10, 30, 100, 300)
 SEEDS = (1, 2)
 SAFEINSTR_AVAILABLE = 2483  # refusal examples of the `refusals` set (train): SafeInstr's largest N
 LABEL_CHECK = dict(per_model=60, seed=0, size=60)  # blind hand labels of the judged val replies
+LABEL_CHECK_TEST = dict(per_model=100, seed=0, size=60)  # amendment 7: paired, claim 1's test replies
 
 # method -> (what the sweep varies, its values, train.py overrides); fixed before any result
 SWEEPS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
@@ -229,6 +234,15 @@ class Layout:
     def labelcheck(self) -> Path:
         """The blind hand-label check of the judge (pool, batches, labels, report; committed)."""
         return self.results / "labelcheck"
+
+    @property
+    def labelcheck_test(self) -> Path:
+        """Amendment 7's paired blind label check of claim 1's test replies (committed)."""
+        return self.results / "labelcheck_test"
+
+    def test_replies(self, name: str) -> Path:
+        """A model's judged TEST harmful replies (eval.py run's generations; not committed)."""
+        return self.model(name) / "test" / "generations" / "harmful.jsonl"
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -531,38 +545,55 @@ def checked_models(sel: dict) -> list[str]:
     return out
 
 
-def labelcheck_parts(lay: Layout) -> list[Part]:
-    """labelcheck/pool (a blind sample of each checked model's judged harmful_val replies, cut
-    into label batches) and labelcheck/report (hand labels against the judge, once labelled)."""
+def test_checked_models(sel: dict) -> list[str]:
+    """The models of amendment 7's paired check of test replies: SFT and claim 1's three
+    choices (TA-SFT LB, NLL ascent, unlikelihood)."""
+    return ["sft", *(sel[f]["name"] for f in ("tasft_lb", "nll_ascent", "unlikelihood"))]
+
+
+def check_parts(lay: Layout, prefix: str, where: Path, replies: Callable[[dict], dict[str, Path]],
+                params: dict, paired: bool, needs: str) -> list[Part]:
+    """PREFIX/pool (a blind sample of the models' judged replies, `replies(selection)`, cut into
+    label batches under `where`) and PREFIX/report (hand labels against the judge, once every
+    batch is labelled); the pool waits for the selection and for the replies (part `needs`)."""
     def judged() -> dict[str, Path]:
-        sel = json.loads(lay.selection.read_text())
-        return {m: lay.judged(m, "harmful_val") for m in checked_models(sel)}
+        return replies(json.loads(lay.selection.read_text()))
 
     def pool_blocked() -> str | None:
         if not complete(lay):
             return "waits for select (every method chosen)"
         missing = [m for m, p in judged().items() if not p.exists()]
-        return f"needs judge/ of {', '.join(missing)}" if missing else None
+        return f"needs {needs} of {', '.join(missing)}" if missing else None
 
     def pool() -> None:
-        rows = label_check.sample_pool(judged(), LABEL_CHECK["per_model"], LABEL_CHECK["seed"])
-        label_check.write_pool(lay.labelcheck, rows, size=LABEL_CHECK["size"],
-                               seed=LABEL_CHECK["seed"])
+        rows = label_check.sample_pool(judged(), params["per_model"], params["seed"], paired=paired)
+        label_check.write_pool(where, rows, size=params["size"], seed=params["seed"])
 
     def report_blocked() -> str | None:
-        if not (lay.labelcheck / "pool.jsonl").exists():
-            return "needs labelcheck/pool"
-        left = label_check.unlabelled_count(lay.labelcheck)
+        if not (where / "pool.jsonl").exists():
+            return f"needs {prefix}/pool"
+        left = label_check.unlabelled_count(where)
         return (f"waits for {left} blind labels (python -m semloss_jax.eval.label, "
-                f"batches in {lay.labelcheck / 'batches'})") if left else None
+                f"batches in {where / 'batches'})") if left else None
 
     def report() -> None:
-        atomic_write_text(lay.labelcheck / "report.json",
-                          json.dumps(label_check.report(lay.labelcheck), indent=1) + "\n")
+        atomic_write_text(where / "report.json", json.dumps(label_check.report(where), indent=1) + "\n")
 
-    return [Part("labelcheck/pool", (lay.labelcheck / "pool.jsonl").exists, pool, pool_blocked),
-            Part("labelcheck/report", (lay.labelcheck / "report.json").exists, report,
-                 report_blocked)]
+    return [Part(f"{prefix}/pool", (where / "pool.jsonl").exists, pool, pool_blocked),
+            Part(f"{prefix}/report", (where / "report.json").exists, report, report_blocked)]
+
+
+def labelcheck_parts(lay: Layout) -> list[Part]:
+    """labelcheck/pool and labelcheck/report: the checked models' judged harmful_val replies
+    (amendment 4); then labelcheck_test/pool and labelcheck_test/report: the same 100 test
+    harmful prompts of SFT and claim 1's choices, paired (amendment 7), once they are tested."""
+    val = check_parts(lay, "labelcheck", lay.labelcheck,
+                      lambda sel: {m: lay.judged(m, "harmful_val") for m in checked_models(sel)},
+                      LABEL_CHECK, paired=False, needs="judge/")
+    test = check_parts(lay, "labelcheck_test", lay.labelcheck_test,
+                       lambda sel: {m: lay.test_replies(m) for m in test_checked_models(sel)},
+                       LABEL_CHECK_TEST, paired=True, needs="test/ (its generations/harmful.jsonl)")
+    return val + test
 
 
 def families(models: list[Model]) -> dict[str, tuple[str, float | None]]:

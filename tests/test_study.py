@@ -11,6 +11,7 @@ import pytest
 from semloss_jax.data.readers import read_jsonl, write_jsonl
 from semloss_jax.data.schema import Record
 from semloss_jax.errors import EvalError
+from semloss_jax.eval import label
 from semloss_jax.eval.judges import is_refusal
 from semloss_jax.eval.selection import ranked, select_setting
 from semloss_jax.train import config as C
@@ -189,14 +190,18 @@ def test_select_without_sfts_validation_names_the_study_folder(tmp_path):
 def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     """The blind label check samples the checked models' judged replies once selection.json
     exists, and reports only when every batch is labelled."""
-    from semloss_jax.eval import label
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
-    pool_part, report_part = study.labelcheck_parts(lay)
+    pool_part, report_part, tpool_part, treport_part = study.labelcheck_parts(lay)
     assert pool_part.blocked() == "waits for select (every method chosen)"
+    assert tpool_part.name == "labelcheck_test/pool" and tpool_part.blocked() == pool_part.blocked()
     judge_everything(lay, rate=lambda m: 0.25 if m.family == "base" else 0.5, ce=lambda m: 2.0)
     names = study.checked_models(json.loads(lay.selection.read_text()))
     assert names[:2] == ["base", "sft"] and len(names) == len(set(names)) == 2 + 2 * len(study.SWEEPS)
     assert pool_part.blocked() is None and report_part.blocked() == "needs labelcheck/pool"
+    tested = study.test_checked_models(json.loads(lay.selection.read_text()))
+    assert tested[0] == "sft" and len(tested) == 4
+    assert tpool_part.blocked() == "needs test/ (its generations/harmful.jsonl) of " + ", ".join(tested)
+    assert treport_part.blocked() == "needs labelcheck_test/pool"
     pool_part.run()
     pool = label.read_pool(lay.labelcheck / "pool.jsonl")
     assert len(pool) == 20 * len(names)  # 20 judged rows each, fewer than 60
@@ -876,7 +881,7 @@ def _fake_commands(lay, calls):
         k = round(rate * n)
         return [{"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "response": f"reply {i}",
                  "harmful": i < k, "label": "harmful" if i < k else "safe", "refusal": False,
-                 **(extra or {})}
+                 "harm_score": float(i < k), **(extra or {})}
                 for i in range(n)]
 
     def write_rows(path, rs):
@@ -931,7 +936,7 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     monkeypatch.setattr(study, "judge_available", lambda: True)
     monkeypatch.setattr(study.study_plots, "draw", lambda *a, **k: {})   # no matplotlib here
     args = ["--out", str(out), "--results", str(res), "--only", "data/*", "train/*", "val/*", "judge/*",
-            "select", "labelcheck/*", "test/*", "tables"]
+            "select", "labelcheck/*", "labelcheck_test/*", "test/*", "tables"]
     assert study.main(args) == 0
     sel = json.loads((res / "selection.json").read_text())
     assert sel["complete"] and set(sel["refine"]) == set(study.SWEEPS)
@@ -953,8 +958,12 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     assert (lay.labelcheck / "pool.jsonl").exists() and not (lay.labelcheck / "report.json").exists()
     states = {p.name: study.state(p) for p in study.all_parts(lay, judge_ok=True)}
     left = {n: s for n, s in states.items() if s != "done"}
-    assert set(left) == {"labelcheck/report", "plots"}
+    assert set(left) == {"labelcheck/report", "labelcheck_test/report", "plots"}
     assert left["labelcheck/report"].startswith("blocked: waits")
+    assert left["labelcheck_test/report"].startswith("blocked: waits")
+    paired = label.read_pool(lay.labelcheck_test / "pool.jsonl")   # claim 1's models, same prompts
+    assert {r["model"] for r in paired} == set(study.test_checked_models(sel))
+    assert len({(r["pair"], r["prompt"]) for r in paired}) == 20 and len(paired) == 4 * 20
     # a second run of the same command finds nothing to do
     n_calls = len(calls)
     assert study.main(args) == 0 and len(calls) == n_calls
