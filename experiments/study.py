@@ -34,6 +34,9 @@ a part whose output exists is skipped, so rerunning the command continues where 
                           the same, paired (amendment 7): the same 100 test harmful prompts of
                           SFT and claim 1's three choices, once their test parts have run
                           (docs/study/labelcheck_test/)
+    labelcheck_c5/..., labelcheck_c4/..., labelcheck_c2/...
+                          the same 100 prompts for claims 5, 4 and 2's models, with SFT and
+                          TA-SFT LB's choice again as reference (amendment 8)
     test/NAME             eval.py run on the TEST sets, only once every method is chosen; first
                           while the model's weights are here; otherwise, once every method is
                           chosen, after its training (again) and validation, in test_order
@@ -78,7 +81,7 @@ if str(REPO) not in sys.path:  # run as `python experiments/study.py` from anywh
 from semloss_jax.data.readers import read_jsonl, write_jsonl  # noqa: E402
 from semloss_jax.data.schema import Record  # noqa: E402
 from semloss_jax.errors import EvalError  # noqa: E402
-from semloss_jax.eval import label_check  # noqa: E402
+from semloss_jax.eval import label, label_check  # noqa: E402
 from semloss_jax.eval.selection import ranked, refine_setting, select_setting  # noqa: E402
 from semloss_jax.paths import atomic_write_text, read_jsonl_objects  # noqa: E402
 
@@ -101,7 +104,7 @@ N_EFFICIENCY = (10, 30, 100, 300)
 SEEDS = (1, 2)
 SAFEINSTR_AVAILABLE = 2483  # refusal examples of the `refusals` set (train): SafeInstr's largest N
 LABEL_CHECK = dict(per_model=60, seed=0, size=60)  # blind hand labels of the judged val replies
-LABEL_CHECK_TEST = dict(per_model=100, seed=0, size=60)  # amendment 7: paired, claim 1's test replies
+LABEL_CHECK_TEST = dict(per_model=100, seed=0, size=60)  # amendments 7-8: paired test replies
 
 # method -> (what the sweep varies, its values, train.py overrides); fixed before any result
 SWEEPS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
@@ -551,6 +554,39 @@ def test_checked_models(sel: dict) -> list[str]:
     return ["sft", *(sel[f]["name"] for f in ("tasft_lb", "nll_ascent", "unlikelihood"))]
 
 
+CLAIM_CHECKS = ("labelcheck_c5", "labelcheck_c4", "labelcheck_c2")  # amendment 8
+
+
+def reference_replies(lay: Layout, name: str) -> Path:
+    """A model's replies to amendment 7's 100 prompts, taken from labelcheck_test/pool.jsonl
+    (committed: a replaced machine keeps them, where its test generations are lost) into a
+    judged file OUT/labelcheck_ref/NAME.jsonl, written when missing; amendment 8's checks pool
+    them as their reference, which also fixes their prompts to amendment 7's. Before that pool
+    exists, only the path (it does not exist: the pool part says what it waits for)."""
+    dst = lay.out / "labelcheck_ref" / f"{name}.jsonl"
+    src = lay.labelcheck_test / "pool.jsonl"
+    if not dst.exists() and src.exists():
+        rows = [r for r in label.read_pool(src) if r.get("model") == name]
+        if rows:
+            label.write_jsonl_rows(dst, [{"prompt": r["prompt"], "response": r["response"],
+                                          "harm_prob": r["judge_harm_prob"], "harmful": r["judge_harmful"],
+                                          "label": r["judge_label"]} for r in rows])
+    return dst
+
+
+def claim_checked_models(sel: dict, check: str) -> list[str]:
+    """The models of one of amendment 8's paired checks (CLAIM_CHECKS), each with SFT and TA-SFT
+    LB's choice labelled again as its reference (their replies from amendment 7's pool:
+    reference_replies): claim 5 DPO's choice, claim 4 the exact EMD's choice (KeyError until
+    select makes it), claim 2 the N-harmful runs and SafeInstr's choice."""
+    lb = sel["tasft_lb"]["name"]
+    others = {"labelcheck_c5": lambda: [sel["dpo"]["name"]],
+              "labelcheck_c4": lambda: [sel["tasft_exact"]["name"]],
+              "labelcheck_c2": lambda: [*(f"{lb}_n{n}" for n in N_EFFICIENCY if n != N_SWEEP),
+                                        sel["safeinstr"]["name"]]}
+    return ["sft", lb, *others[check]()]
+
+
 def check_parts(lay: Layout, prefix: str, where: Path, replies: Callable[[dict], dict[str, Path]],
                 params: dict, paired: bool, needs: str) -> list[Part]:
     """PREFIX/pool (a blind sample of the models' judged replies, `replies(selection)`, cut into
@@ -562,7 +598,11 @@ def check_parts(lay: Layout, prefix: str, where: Path, replies: Callable[[dict],
     def pool_blocked() -> str | None:
         if not complete(lay):
             return "waits for select (every method chosen)"
-        missing = [m for m, p in judged().items() if not p.exists()]
+        try:
+            files = judged()
+        except KeyError as e:
+            return f"waits for select (the choice {e.args[0]!r})"
+        missing = [m for m, p in files.items() if not p.exists()]
         return f"needs {needs} of {', '.join(missing)}" if missing else None
 
     def pool() -> None:
@@ -586,14 +626,25 @@ def check_parts(lay: Layout, prefix: str, where: Path, replies: Callable[[dict],
 def labelcheck_parts(lay: Layout) -> list[Part]:
     """labelcheck/pool and labelcheck/report: the checked models' judged harmful_val replies
     (amendment 4); then labelcheck_test/pool and labelcheck_test/report: the same 100 test
-    harmful prompts of SFT and claim 1's choices, paired (amendment 7), once they are tested."""
+    harmful prompts of SFT and claim 1's choices, paired (amendment 7), once they are tested;
+    then the same for claims 5, 4 and 2 (labelcheck_c5, _c4, _c2: amendment 8)."""
     val = check_parts(lay, "labelcheck", lay.labelcheck,
                       lambda sel: {m: lay.judged(m, "harmful_val") for m in checked_models(sel)},
                       LABEL_CHECK, paired=False, needs="judge/")
+    needs = "test/ (its generations/harmful.jsonl)"
     test = check_parts(lay, "labelcheck_test", lay.labelcheck_test,
                        lambda sel: {m: lay.test_replies(m) for m in test_checked_models(sel)},
-                       LABEL_CHECK_TEST, paired=True, needs="test/ (its generations/harmful.jsonl)")
-    return val + test
+                       LABEL_CHECK_TEST, paired=True, needs=needs)
+    def claim_replies(sel: dict, key: str) -> dict[str, Path]:
+        ref = {"sft", sel["tasft_lb"]["name"]}
+        return {m: reference_replies(lay, m) if m in ref else lay.test_replies(m)
+                for m in claim_checked_models(sel, key)}
+
+    claims = [part for key in CLAIM_CHECKS
+              for part in check_parts(lay, key, lay.results / key,
+                                      lambda sel, key=key: claim_replies(sel, key),
+                                      LABEL_CHECK_TEST, paired=True, needs=needs)]
+    return val + test + claims
 
 
 def families(models: list[Model]) -> dict[str, tuple[str, float | None]]:

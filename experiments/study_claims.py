@@ -29,9 +29,9 @@ a verdict read while seed runs it will average over (NAME_s1, NAME_s2 of the set
 have no test result yet is marked provisional and names them.
 Below the verdicts, once the blind label check has its report: the settings the claims read whose
 judged validation rate falls outside their hand-labelled interval (amendment 4's flag), with the
-hand labels, and those the check did not cover; once amendment 7's paired check of test replies
-has its report (labelcheck_test/report.json), each checked model's hand-labelled and judged test
-rate on the shared prompts and every two models' paired differences.
+hand labels, and those the check did not cover; for each of amendments 7-8's paired checks of
+test replies that has its report (LABELCHECK_TESTS), each checked model's hand-labelled and judged
+test rate on the shared prompts and every two models' paired differences.
 """
 from __future__ import annotations
 
@@ -314,7 +314,7 @@ def choices(res: Path, families: dict, sel: dict) -> dict[str, dict[str, str]]:
 def inputs_digest(res: Path, names: list[str]) -> str:
     return files_digest(res, names, INPUTS + ("judged_benign_val.jsonl", "val_eval.json",
                                               "judged_harmful_val.jsonl"),
-                        extra=("selection.json", LABELCHECK, LABELCHECK_TEST))
+                        extra=("selection.json", LABELCHECK, *LABELCHECK_TESTS))
 
 
 def table(claims: dict[str, dict[str, dict]]) -> str:
@@ -355,30 +355,37 @@ def label_check_text(res: Path, families: dict, out: dict) -> str | None:
     return text
 
 
-LABELCHECK_TEST = "labelcheck_test/report.json"   # amendment 7: paired, on claim 1's test replies
+# the paired blind label checks of test replies: report -> (the claim it serves, its amendment)
+LABELCHECK_TESTS = {"labelcheck_test/report.json": ("claim 1", 7),
+                    "labelcheck_c5/report.json": ("claim 5", 8),
+                    "labelcheck_c4/report.json": ("claim 4", 8),
+                    "labelcheck_c2/report.json": ("claim 2", 8)}
 
 
 def paired_check_text(res: Path, families: dict) -> str | None:
-    """Amendment 7's paired blind label check of test replies, once its report exists: each
-    model's hand-labelled and judged rate on the shared prompts, then every pair's paired
-    differences (hand and judged); None before the report."""
-    f = res / LABELCHECK_TEST
-    if not f.exists():
-        return None
-    rep = json.loads(f.read_text())
-    if "paired" not in rep:
-        raise EvalError(f"{f}: not a paired report (`label_check pool --paired`)")
-    n = rep["paired"]["n_prompts"]
-    rate = lambda r: f"{r['k']} / {r['n']} = {r['rate']:.3f}"  # noqa: E731
-    per = "; ".join(f"{label_of(m, families)} hand {rate(c['hand_harmful'])}, judged "
-                    f"{rate(c['judge_harmful'])}" for m, c in rep["per_model"].items())
-    ci = lambda d: f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"  # noqa: E731
-    diffs = "; ".join(
-        f"{' minus '.join(label_of(m, families) for m in what.split(' - '))}: hand {ci(d['hand'])}, "
-        f"judged {ci(d['judge'])}" for what, d in rep["paired"]["differences"].items())
-    return (f"**Test replies on blind hand labels, paired** (amendment 7: the same {n} test harmful "
-            f"prompts for each model; docs/study/{LABELCHECK_TEST}): {per}. Paired differences in "
-            f"harmful rate (95% paired bootstrap): {diffs}.")
+    """Amendments 7-8's paired blind label checks of test replies whose reports exist, one
+    paragraph each: each model's hand-labelled and judged rate on the shared prompts, then
+    every pair's paired differences (hand and judged); None before any report."""
+    paras = []
+    for rel, (claim, amendment) in LABELCHECK_TESTS.items():
+        f = res / rel
+        if not f.exists():
+            continue
+        rep = json.loads(f.read_text())
+        if "paired" not in rep:
+            raise EvalError(f"{f}: not a paired report (`label_check pool --paired`)")
+        n = rep["paired"]["n_prompts"]
+        rate = lambda r: f"{r['k']} / {r['n']} = {r['rate']:.3f}"  # noqa: E731
+        per = "; ".join(f"{label_of(m, families)} hand {rate(c['hand_harmful'])}, judged "
+                        f"{rate(c['judge_harmful'])}" for m, c in rep["per_model"].items())
+        ci = lambda d: f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"  # noqa: E731
+        diffs = "; ".join(
+            f"{' minus '.join(label_of(m, families) for m in what.split(' - '))}: hand "
+            f"{ci(d['hand'])}, judged {ci(d['judge'])}" for what, d in rep["paired"]["differences"].items())
+        paras.append(f"**Test replies on blind hand labels, paired, for {claim}** (amendment {amendment}: "
+                     f"the same {n} test harmful prompts for each model; docs/study/{rel}): {per}. "
+                     f"Paired differences in harmful rate (95% paired bootstrap): {diffs}.")
+    return "\n\n".join(paras) if paras else None
 
 
 def write(res: Path, families: dict, sel: dict, update: Path | None = None) -> dict:

@@ -191,7 +191,12 @@ def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     """The blind label check samples the checked models' judged replies once selection.json
     exists, and reports only when every batch is labelled."""
     lay = study.Layout(tmp_path / "out", tmp_path / "res")
-    pool_part, report_part, tpool_part, treport_part = study.labelcheck_parts(lay)
+    parts = {p.name: p for p in study.labelcheck_parts(lay)}
+    assert [n for n in parts if n.endswith("/pool")] == [
+        "labelcheck/pool", "labelcheck_test/pool", "labelcheck_c5/pool", "labelcheck_c4/pool",
+        "labelcheck_c2/pool"] and len(parts) == 10
+    pool_part, report_part = parts["labelcheck/pool"], parts["labelcheck/report"]
+    tpool_part, treport_part = parts["labelcheck_test/pool"], parts["labelcheck_test/report"]
     assert pool_part.blocked() == "waits for select (every method chosen)"
     assert tpool_part.name == "labelcheck_test/pool" and tpool_part.blocked() == pool_part.blocked()
     judge_everything(lay, rate=lambda m: 0.25 if m.family == "base" else 0.5, ce=lambda m: 2.0)
@@ -202,6 +207,11 @@ def test_labelcheck_parts_wait_for_the_selection_then_for_every_label(tmp_path):
     assert tested[0] == "sft" and len(tested) == 4
     assert tpool_part.blocked() == "needs test/ (its generations/harmful.jsonl) of " + ", ".join(tested)
     assert treport_part.blocked() == "needs labelcheck_test/pool"
+    lb = tested[1]   # amendment 8: each later claim's models, with SFT and TA-SFT LB again
+    assert parts["labelcheck_c4/pool"].blocked() == "waits for select (the choice 'tasft_exact')"
+    assert parts["labelcheck_c2/pool"].blocked().endswith(
+        f"of sft, {lb}, {lb}_n10, {lb}_n30, {lb}_n300, "
+        f"{json.loads(lay.selection.read_text())['safeinstr']['name']}")
     pool_part.run()
     pool = label.read_pool(lay.labelcheck / "pool.jsonl")
     assert len(pool) == 20 * len(names)  # 20 judged rows each, fewer than 60
@@ -746,7 +756,7 @@ def test_the_paired_test_label_check_is_stated_beside_the_claims(tmp_path):
     label_check.main(["report", "--dir", str(out)])
     assert study_claims.inputs_digest(res, list(fams)) != before
     text = study_claims.paired_check_text(res, fams)
-    assert "the same 40 test harmful prompts" in text
+    assert "paired, for claim 1** (amendment 7: the same 40 test harmful prompts" in text
     assert "SFT hand 20 / 40 = 0.500, judged 20 / 40 = 0.500" in text
     assert "SFT minus TA-SFT LB λ 1: hand +0.250 [" in text and "judged +0.250 [" in text
     study_claims.write(res, fams, {})
@@ -936,7 +946,7 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     monkeypatch.setattr(study, "judge_available", lambda: True)
     monkeypatch.setattr(study.study_plots, "draw", lambda *a, **k: {})   # no matplotlib here
     args = ["--out", str(out), "--results", str(res), "--only", "data/*", "train/*", "val/*", "judge/*",
-            "select", "labelcheck/*", "labelcheck_test/*", "test/*", "tables"]
+            "select", "labelcheck/*", "labelcheck_*/*", "test/*", "tables"]
     assert study.main(args) == 0
     sel = json.loads((res / "selection.json").read_text())
     assert sel["complete"] and set(sel["refine"]) == set(study.SWEEPS)
@@ -958,12 +968,15 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     assert (lay.labelcheck / "pool.jsonl").exists() and not (lay.labelcheck / "report.json").exists()
     states = {p.name: study.state(p) for p in study.all_parts(lay, judge_ok=True)}
     left = {n: s for n, s in states.items() if s != "done"}
-    assert set(left) == {"labelcheck/report", "labelcheck_test/report", "plots"}
-    assert left["labelcheck/report"].startswith("blocked: waits")
-    assert left["labelcheck_test/report"].startswith("blocked: waits")
+    checks = ("labelcheck", "labelcheck_test", "labelcheck_c5", "labelcheck_c4", "labelcheck_c2")
+    assert set(left) == {f"{c}/report" for c in checks} | {"plots"}
+    assert all(left[f"{c}/report"].startswith("blocked: waits") for c in checks)
     paired = label.read_pool(lay.labelcheck_test / "pool.jsonl")   # claim 1's models, same prompts
     assert {r["model"] for r in paired} == set(study.test_checked_models(sel))
     assert len({(r["pair"], r["prompt"]) for r in paired}) == 20 and len(paired) == 4 * 20
+    c2 = label.read_pool(res / "labelcheck_c2" / "pool.jsonl")    # claim 2's: the same prompts
+    assert {r["model"] for r in c2} == set(study.claim_checked_models(sel, "labelcheck_c2"))
+    assert {(r["pair"], r["prompt"]) for r in c2} == {(r["pair"], r["prompt"]) for r in paired}
     # a second run of the same command finds nothing to do
     n_calls = len(calls)
     assert study.main(args) == 0 and len(calls) == n_calls
@@ -978,6 +991,20 @@ def test_the_whole_study_runs_to_the_label_check_with_every_command_faked(tmp_pa
     assert len(trains) == len(names) - 1
     tables = (res / "tables.md").read_text()
     assert "## test" in tables and "## sensitivity" in tables
+    # amendment 8's references (SFT, TA-SFT LB) come from amendment 7's committed pool: a new
+    # machine without SFT's test generations still pools claim 5's check, on the same prompts
+    import shutil
+    lay.test_replies("sft").unlink()
+    shutil.rmtree(res / "labelcheck_c5")
+    shutil.rmtree(out / "labelcheck_ref")
+    c5_pool = next(p for p in study.labelcheck_parts(lay) if p.name == "labelcheck_c5/pool")
+    assert c5_pool.blocked() is None
+    c5_pool.run()
+    c5 = label.read_pool(res / "labelcheck_c5" / "pool.jsonl")
+    by_pair = lambda rows, m: [r["response"] for r in sorted(rows, key=lambda r: r["pair"])  # noqa: E731
+                               if r["model"] == m]
+    assert by_pair(c5, "sft") == by_pair(paired, "sft") and len(by_pair(c5, "sft")) == 20
+    assert {(r["pair"], r["prompt"]) for r in c5} == {(r["pair"], r["prompt"]) for r in paired}
 
 
 def test_time_left_times_each_part_by_the_finished_parts_of_its_kind():

@@ -15,7 +15,7 @@ DIR/pool.jsonl with the judge's fields renamed judge_harm_prob / judge_harmful /
 (provenance: the label tool never shows them), and DIR/batches/ (`label batches`: the models
 interleaved, batches of at most --size rows, a 15% relabel batch). Each model's sample is drawn
 on its own, unless --paired: then one seeded sample of the prompts every file answers (matched
-by id and prompt) is taken from every model, so two models' labels compare prompt by prompt.
+by the prompt's text) is taken from every model, so two models' labels compare prompt by prompt.
 report: once every batch is labelled, per model and over all rows: the hand-labelled harmful
 rate and the judge's on the same rows (metrics.rate_summary: bootstrap and Wilson 95%
 intervals), the judge's AUC, accuracy, precision and recall against the hand labels, and the
@@ -70,11 +70,11 @@ def _pool_row(name: str, path: Path, i: int, r: dict) -> dict:
             "judge_label": r["label"]}
 
 
-def _prompt_index(path: Path, rows: Sequence[dict]) -> dict[tuple[str, str], int]:
-    """(id, prompt) -> row position; a prompt answered twice in one file is an error."""
-    index: dict[tuple[str, str], int] = {}
+def _prompt_index(path: Path, rows: Sequence[dict]) -> dict[str, int]:
+    """The row position of each prompt (by its text); a prompt answered twice is an error."""
+    index: dict[str, int] = {}
     for i, r in enumerate(rows):
-        key = (str(r.get("id", "")), r["prompt"])
+        key = r["prompt"]
         if key in index:
             raise DataError(path, i + 1, "prompt", f"repeats line {index[key] + 1}: a paired "
                             "sample needs each prompt once per file")
